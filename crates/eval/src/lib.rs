@@ -1,0 +1,1 @@
+//! Evaluation: few-shot metrics (mIoU, FB-IoU, oracle, heuristic baseline), reports and overlays.

@@ -1,0 +1,1 @@
+//! Fast CPU convolution (NCHW, f32).
