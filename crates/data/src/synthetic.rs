@@ -1,0 +1,1 @@
+//! Synthetic few-shot dataset generator (VOC layout).
