@@ -1,0 +1,143 @@
+//! Normalisation layers, softmax and the Mask2Former MLP, built from gradient-carrying candle
+//! primitives (candle's fused softmax / layer-norm kernels have no backward).
+
+use candle_core::{bail, Result, Tensor, D};
+use candle_nn::{Init, Linear, Module, VarBuilder};
+
+use crate::util::ensure_float;
+
+/// Numerically stable softmax over `dim`; gradients flow to `x`.
+///
+/// The row maximum is subtracted first and detached: the shift does not change the result, so
+/// its gradient is exactly zero and tracking it would only cost time.
+pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    ensure_float(x, "softmax")?;
+    if dim >= x.rank() {
+        bail!("softmax: dim {dim} out of range for a tensor of shape {:?}", x.shape());
+    }
+    let max = x.max_keepdim(dim)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(dim)?;
+    e.broadcast_div(&s)
+}
+
+/// Normalises `x` over the dimensions in `dims` (population variance, like torch).
+fn normalize(x: &Tensor, dims: &[usize], eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(dims)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(dims)?;
+    centered.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// `torch.nn.LayerNorm(dim, eps)` over the last dimension, with affine `weight` and `bias`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// `x`: (..., dim) -> (..., dim).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ensure_float(x, "LayerNorm")?;
+        let dim = self.weight.dim(0)?;
+        if x.rank() == 0 || x.dim(D::Minus1)? != dim {
+            bail!("LayerNorm({dim}): input shape {:?} must end in {dim}", x.shape());
+        }
+        normalize(x, &[x.rank() - 1], self.eps)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// `torch.nn.GroupNorm(num_groups, num_channels, eps)` with affine `weight` and `bias`.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(num_groups: usize, num_channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if num_groups == 0 || num_channels % num_groups != 0 {
+            bail!("GroupNorm: {num_channels} channels cannot be split into {num_groups} groups");
+        }
+        let weight = vb.get_with_hints(num_channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(num_channels, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, num_groups, eps })
+    }
+
+    /// `x`: (B, C, H, W) -> (B, C, H, W).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ensure_float(x, "GroupNorm")?;
+        let c = self.weight.dim(0)?;
+        let (b, xc, h, w) = match x.dims() {
+            &[b, xc, h, w] => (b, xc, h, w),
+            _ => bail!("GroupNorm: expected a (B, C, H, W) input, got {:?}", x.shape()),
+        };
+        if xc != c {
+            bail!("GroupNorm: input has {xc} channels, layer has {c}");
+        }
+        let g = self.num_groups;
+        let xg = x.reshape((b, g, (c / g) * h * w))?;
+        normalize(&xg, &[2], self.eps)?
+            .reshape((b, c, h, w))?
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+    }
+}
+
+/// Mask2Former's `MLP`: `num_layers` linear layers `layers.{i}` with ReLU between them
+/// (not after the last one).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    layers: Vec<Linear>,
+}
+
+impl Mlp {
+    pub fn new(
+        in_dim: usize,
+        hidden_dim: usize,
+        out_dim: usize,
+        num_layers: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if num_layers == 0 {
+            bail!("Mlp: num_layers must be at least 1");
+        }
+        let vb = vb.pp("layers");
+        let layers = (0..num_layers)
+            .map(|i| {
+                let n_in = if i == 0 { in_dim } else { hidden_dim };
+                let n_out = if i + 1 == num_layers { out_dim } else { hidden_dim };
+                candle_nn::linear(n_in, n_out, vb.pp(i))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+
+    /// `x`: (..., in_dim) -> (..., out_dim).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let in_dim = self.layers[0].weight().dim(1)?;
+        if x.rank() == 0 || x.dim(D::Minus1)? != in_dim {
+            bail!("Mlp: input shape {:?} must end in {in_dim}", x.shape());
+        }
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x)?;
+            if i + 1 < self.layers.len() {
+                x = x.relu()?;
+            }
+        }
+        Ok(x)
+    }
+}

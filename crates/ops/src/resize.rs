@@ -1,0 +1,120 @@
+//! Spatial resizing with torch `F.interpolate` semantics.
+
+use candle_core::{bail, Result, Tensor};
+
+use crate::util::ensure_float;
+
+fn dims4(x: &Tensor, what: &str) -> Result<(usize, usize, usize, usize)> {
+    match x.dims() {
+        &[b, c, h, w] => Ok((b, c, h, w)),
+        _ => bail!("{what}: expected a (B, C, H, W) input, got {:?}", x.shape()),
+    }
+}
+
+/// The (out, in) matrix of torch's 1-D linear interpolation (`upsample_bilinear2d` along one
+/// axis, no antialiasing, no explicit scale factor), in row-major order.
+fn interp_matrix(n_in: usize, n_out: usize, align_corners: bool) -> Vec<f64> {
+    let mut m = vec![0f64; n_out * n_in];
+    if n_in == n_out {
+        // torch short-circuits equal sizes to a copy in both modes.
+        for i in 0..n_in {
+            m[i * n_in + i] = 1.0;
+        }
+        return m;
+    }
+    let scale = if align_corners {
+        if n_out > 1 {
+            (n_in - 1) as f64 / (n_out - 1) as f64
+        } else {
+            0.0
+        }
+    } else {
+        n_in as f64 / n_out as f64
+    };
+    for o in 0..n_out {
+        let src = if align_corners {
+            scale * o as f64
+        } else {
+            (scale * (o as f64 + 0.5) - 0.5).max(0.0)
+        };
+        let i0 = (src as usize).min(n_in - 1);
+        let lambda = (src - i0 as f64).clamp(0.0, 1.0);
+        let i1 = if i0 < n_in - 1 { i0 + 1 } else { i0 };
+        m[o * n_in + i0] += 1.0 - lambda;
+        m[o * n_in + i1] += lambda;
+    }
+    m
+}
+
+/// Bilinear resize, torch `F.interpolate(x, size=out_hw, mode="bilinear",
+/// align_corners=align_corners)` (antialias off).
+///
+/// `x`: (B, C, H, W) -> (B, C, oh, ow). Computed as `Wh · X · Wwᵀ` with the two 1-D
+/// interpolation matrices, so it runs as two gemms and its gradient is two more.
+pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
+    ensure_float(x, "resize_bilinear")?;
+    let (b, c, h, w) = dims4(x, "resize_bilinear")?;
+    let (oh, ow) = out_hw;
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        bail!("resize_bilinear: cannot resize {h}x{w} to {oh}x{ow} (zero-sized)");
+    }
+    if (oh, ow) == (h, w) {
+        return Ok(x.clone());
+    }
+    let dev = x.device();
+    let dt = x.dtype();
+    // Each axis whose size is unchanged is skipped: torch copies it exactly.
+    let mut y = x.clone();
+    if ow != w {
+        let ww = Tensor::from_vec(interp_matrix(w, ow, align_corners), (ow, w), dev)?.to_dtype(dt)?;
+        y = y.reshape((b * c * h, w))?.matmul(&ww.t()?)?.reshape((b, c, h, ow))?;
+    }
+    if oh != h {
+        let wh = Tensor::from_vec(interp_matrix(h, oh, align_corners), (oh, h), dev)?.to_dtype(dt)?;
+        // (B*C, ow, H) · Whᵀ -> (B*C, ow, oh), then back to rows-first.
+        y = y
+            .reshape((b * c, h, ow))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * c * ow, h))?
+            .matmul(&wh.t()?)?
+            .reshape((b * c, ow, oh))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, c, oh, ow))?;
+    }
+    Ok(y)
+}
+
+/// torch `floor(dst * scale)` source indices for `F.interpolate(mode="nearest")`, with the
+/// scale and product in f32 as torch computes them.
+fn nearest_indices(n_in: usize, n_out: usize) -> Vec<u32> {
+    let scale = n_in as f32 / n_out as f32;
+    (0..n_out)
+        .map(|o| ((o as f32 * scale).floor() as usize).min(n_in - 1) as u32)
+        .collect()
+}
+
+/// Nearest resize, torch `F.interpolate(x, size=out_hw, mode="nearest")`: source index
+/// `floor(dst * in / out)` (not PIL's centre-aligned nearest). Any dtype; meant for label maps,
+/// so no gradient is needed (though `index_select` would provide one).
+///
+/// `x`: (B, C, H, W) -> (B, C, oh, ow).
+pub fn resize_nearest(x: &Tensor, out_hw: (usize, usize)) -> Result<Tensor> {
+    let (_, _, h, w) = dims4(x, "resize_nearest")?;
+    let (oh, ow) = out_hw;
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        bail!("resize_nearest: cannot resize {h}x{w} to {oh}x{ow} (zero-sized)");
+    }
+    let dev = x.device();
+    let mut y = x.clone();
+    if oh != h {
+        let ih = Tensor::new(nearest_indices(h, oh), dev)?;
+        y = y.index_select(&ih, 2)?;
+    }
+    if ow != w {
+        let iw = Tensor::new(nearest_indices(w, ow), dev)?;
+        y = y.index_select(&iw, 3)?;
+    }
+    Ok(y)
+}
