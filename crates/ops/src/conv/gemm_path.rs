@@ -1,0 +1,194 @@
+//! Dense and grouped convolution as tiled gemm: for every (image, group, pixel tile) task,
+//! `out[Cout_g x tile] = W_g[Cout_g x K] * B[K x tile]` with `K = Cin_g * kh * kw`, where `B` is
+//! the input itself for 1x1 stride-1 unpadded convs and an im2col tile otherwise.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::{epilogue, Activation, Geometry, SyncPtr};
+
+/// Floats of im2col scratch per task: 512 KiB keeps the tile and the packed gemm panels inside
+/// this machine's 2 MiB L2, so the tile is written and read back from cache.
+const TILE_BUDGET_FLOATS: usize = 128 * 1024;
+/// Fewer pixels per gemm than this wastes the gemm's weight packing.
+const MIN_TILE: usize = 64;
+/// Upper bound so the output tile (Cout_g x tile) is still cache-resident for the epilogue.
+const MAX_TILE: usize = 4096;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Pixels per task: bounded by the cache budget, and small enough that every thread gets work.
+fn tile_size(geo: &Geometry, k: usize) -> usize {
+    let hw = geo.ho * geo.wo;
+    let threads = rayon::current_num_threads().max(1);
+    let by_cache = (TILE_BUDGET_FLOATS / k).clamp(MIN_TILE, MAX_TILE);
+    let mut tiles = hw.div_ceil(by_cache);
+    let outer = geo.n * geo.spec.groups;
+    // Few tasks in all: round the count up so the threads get equal shares.
+    if outer * tiles < 8 * threads {
+        let total = (outer * tiles).div_ceil(threads) * threads;
+        tiles = total.div_ceil(outer).max(1);
+    }
+    hw.div_ceil(tiles).max(1)
+}
+
+/// For tap offset `off = k * dilation - pad`: the output columns whose input column
+/// `o * stride + off` lies inside `[0, len)`, as a half-open range clamped to `[0, out)`.
+#[inline]
+pub(crate) fn valid_range(off: isize, stride: usize, len: usize, out: usize) -> (usize, usize) {
+    let s = stride as isize;
+    // smallest o with o*s + off >= 0
+    let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+    // largest o with o*s + off <= len - 1, plus one
+    let last = len as isize - 1 - off;
+    let hi = if last < 0 { 0 } else { last / s + 1 };
+    let hi = (hi as usize).min(out);
+    let lo = (lo as usize).min(hi);
+    (lo, hi)
+}
+
+/// Fills `buf` (K rows of `p1 - p0` floats) with the im2col rows of output pixels `[p0, p1)`.
+/// `x` is one image's channels of one group: (Cin_g, H, W).
+fn im2col_tile(x: &[f32], geo: &Geometry, p0: usize, p1: usize, buf: &mut [f32]) {
+    let (h, w, wo) = (geo.h, geo.w, geo.wo);
+    let (sh, sw) = geo.spec.stride;
+    let (dh, dw) = geo.spec.dilation;
+    let [pt, _, pl, _] = geo.spec.padding;
+    let tn = p1 - p0;
+    let mut rows = buf.chunks_exact_mut(tn);
+    for plane in x.chunks_exact(h * w).take(geo.cin_g()) {
+        for ky in 0..geo.kh {
+            let y_off = (ky * dh) as isize - pt as isize;
+            for kx in 0..geo.kw {
+                let x_off = (kx * dw) as isize - pl as isize;
+                let (lo, hi) = valid_range(x_off, sw, w, wo);
+                let row = rows.next().expect("im2col: buffer holds K rows");
+                let mut p = p0;
+                let mut seg_start = 0;
+                while p < p1 {
+                    let oy = p / wo;
+                    let ox0 = p % wo;
+                    let ox1 = wo.min(ox0 + (p1 - p));
+                    let seg = &mut row[seg_start..seg_start + (ox1 - ox0)];
+                    let iy = (oy * sh) as isize + y_off;
+                    if iy < 0 || iy >= h as isize {
+                        seg.fill(0.0);
+                    } else {
+                        let xrow = &plane[iy as usize * w..(iy as usize + 1) * w];
+                        let a = lo.clamp(ox0, ox1);
+                        let b = hi.clamp(a, ox1);
+                        seg[..a - ox0].fill(0.0);
+                        seg[b - ox0..].fill(0.0);
+                        if b > a {
+                            let ix0 = ((a * sw) as isize + x_off) as usize;
+                            let dst = &mut seg[a - ox0..b - ox0];
+                            if sw == 1 {
+                                dst.copy_from_slice(&xrow[ix0..ix0 + (b - a)]);
+                            } else {
+                                for (j, d) in dst.iter_mut().enumerate() {
+                                    *d = xrow[ix0 + j * sw];
+                                }
+                            }
+                        }
+                    }
+                    seg_start += ox1 - ox0;
+                    p += ox1 - ox0;
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m x n] (row stride dst_rs) = lhs[m x k] (row-major) * rhs[k x n] (row stride rhs_rs)`.
+///
+/// # Safety
+/// The pointers must cover the described matrices and `dst` must not alias the inputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, rhs: *const f32, rhs_rs: usize) {
+    gemm19::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        1,
+        k as isize,
+        rhs,
+        1,
+        rhs_rs as isize,
+        0.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        gemm19::Parallelism::None,
+    )
+}
+
+pub(crate) fn conv_gemm(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    geo: &Geometry,
+    act: Activation,
+) -> Vec<f32> {
+    let groups = geo.spec.groups;
+    let (cin_g, cout_g) = (geo.cin_g(), geo.cout_g());
+    let k = cin_g * geo.kh * geo.kw;
+    let hw_in = geo.h * geo.w;
+    let hw = geo.ho * geo.wo;
+    let direct = geo.kh == 1
+        && geo.kw == 1
+        && geo.spec.stride == (1, 1)
+        && geo.spec.padding == [0; 4];
+    let tn = tile_size(geo, k);
+    let tiles = hw.div_ceil(tn);
+    let tasks = geo.n * groups * tiles;
+
+    // Zeroed (not uninitialised) so every slice made below refers to valid floats; fresh
+    // zero pages cost no more than untouched capacity.
+    let mut out = vec![0f32; geo.n * geo.cout * hw];
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+
+    (0..tasks).into_par_iter().for_each(|t| {
+        let img = t / (groups * tiles);
+        let g = (t / tiles) % groups;
+        let p0 = (t % tiles) * tn;
+        let p1 = (p0 + tn).min(hw);
+        let n = p1 - p0;
+        let x_g = &x[img * geo.cin * hw_in + g * cin_g * hw_in..][..cin_g * hw_in];
+        let w_g = &w[g * cout_g * k..][..cout_g * k];
+        let out_off = img * geo.cout * hw + g * cout_g * hw + p0;
+        // SAFETY: task t alone writes rows [g*cout_g, (g+1)*cout_g) x columns [p0, p1) of image
+        // img; the gemm reads x / w slices that outlive this call.
+        let dst = unsafe { out_ptr.get().add(out_off) };
+        if direct {
+            unsafe { sgemm(cout_g, n, k, dst, hw, w_g.as_ptr(), x_g.as_ptr().add(p0), hw_in) };
+        } else {
+            SCRATCH.with(|s| {
+                let mut buf = s.borrow_mut();
+                if buf.len() < k * n {
+                    buf.resize(k * n, 0.0);
+                }
+                im2col_tile(x_g, geo, p0, p1, &mut buf[..k * n]);
+                unsafe { sgemm(cout_g, n, k, dst, hw, w_g.as_ptr(), buf.as_ptr(), n) };
+            });
+        }
+        for co in 0..cout_g {
+            let c = g * cout_g + co;
+            // SAFETY: this row segment belongs to this task and was fully written by the gemm.
+            let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(out_off + co * hw), n) };
+            let b = bias.map_or(0.0, |b| b[c]);
+            let r = residual.map(|r| &r[img * geo.cout * hw + c * hw + p0..][..n]);
+            epilogue(row, b, r, act);
+        }
+    });
+    out
+}
