@@ -1,0 +1,515 @@
+//! The stage boundary: proposal shards.
+//!
+//! Stage 1 (`cache-proposals`) runs the frozen backbone and the Potential Objects Segmenter once
+//! per image view and writes what stage 2 reads: the backbone features the mask-matching module
+//! consumes, the N proposal masks (sigmoid, stride 4) and the label. Stage 2 never loads backbone
+//! or POS weights; it reads these files.
+//!
+//! On disk, a shard folder holds:
+//! - `shard-<k>.mms`: a header (magic, format version, JSON [`ShardSpec`]) followed by record
+//!   payloads, each 64-byte aligned;
+//! - `shard-<k>.idx`: the records of that shard (bincode), written after the shard itself, so a
+//!   shard without its `.idx` is unfinished and is redone;
+//! - `index.bin`: all records of all shards (bincode), merged from the `.idx` files.
+//!
+//! Every file is written to a temporary name and renamed into place. Every record carries a
+//! CRC32 checked on read, and the shard size is checked on open, so a truncated or corrupted
+//! shard is named in an error instead of being read as data. The spec's fingerprints (model
+//! weights and preprocessing) must match what the reader expects, so shards made by another
+//! model or another resize are refused, never silently mixed.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any change of the byte layout.
+pub const SHARD_FORMAT_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"MMFSHARD";
+const ALIGN: u64 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("{path}: shard was made with {what} `{found}`, but this run expects `{expected}`; re-run cache-proposals into a fresh folder")]
+    Mismatch { path: PathBuf, what: &'static str, found: String, expected: String },
+    #[error("shard folder {dir}: no record for image `{image_id}` view {view}")]
+    NoRecord { dir: PathBuf, image_id: String, view: ShardView },
+    #[error("record `{image_id}`: {msg}")]
+    Record { image_id: String, msg: String },
+}
+
+pub type Result<T> = std::result::Result<T, ShardError>;
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> ShardError {
+    ShardError::File { path: path.to_path_buf(), msg: e.to_string() }
+}
+
+/// Storage precision of a stored tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StoredDType {
+    F32,
+    F16,
+    BF16,
+    /// Probabilities in [0, 1] quantised to 0..=255 (masks only).
+    U8Prob,
+    /// Raw bytes (labels).
+    U8,
+}
+
+impl StoredDType {
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::U8Prob | Self::U8 => 1,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(Self::F32),
+            "f16" => Some(Self::F16),
+            "bf16" => Some(Self::BF16),
+            "u8" => Some(Self::U8Prob),
+            _ => None,
+        }
+    }
+}
+
+/// Which view of an image a record holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ShardView {
+    /// The deterministic test view (resize to the model's square size).
+    Test,
+    /// The k-th seeded training augmentation of the image.
+    Augmented(u32),
+}
+
+impl std::fmt::Display for ShardView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Test => write!(f, "test"),
+            Self::Augmented(k) => write!(f, "aug{k}"),
+        }
+    }
+}
+
+/// What made a shard folder; a reader states what it expects and anything else is refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardSpec {
+    /// Hash of the backbone + POS weights that produced the proposals.
+    pub model_fingerprint: String,
+    /// Hash of the preprocessing (input size, normalisation, augmentation config and seed).
+    pub preprocess_fingerprint: String,
+    /// Backbone name and the feature levels stored, in order (e.g. res5, res4, res3).
+    pub backbone: String,
+    pub feature_names: Vec<String>,
+    pub feature_dtype: StoredDType,
+    pub mask_dtype: StoredDType,
+    pub num_queries: usize,
+}
+
+/// A tensor as stored: name, shape, precision and its byte range inside the shard file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredTensorMeta {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: StoredDType,
+    /// Offset of the tensor from the start of the record payload.
+    pub offset: u64,
+    pub nbytes: u64,
+}
+
+/// Index entry of one record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordMeta {
+    pub image_id: String,
+    pub view: ShardView,
+    /// Model input size (H, W) of this view.
+    pub input_hw: (usize, usize),
+    /// Class ids present in the label (for episode building without reading payloads).
+    pub classes: Vec<u8>,
+    pub shard: u32,
+    /// Payload start in the shard file and its length.
+    pub offset: u64,
+    pub len: u64,
+    pub crc32: u32,
+    pub tensors: Vec<StoredTensorMeta>,
+}
+
+/// A record as produced by stage 1 / consumed by stage 2, in f32 (labels in u8).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProposalRecord {
+    pub image_id: String,
+    pub view: ShardView,
+    pub input_hw: (usize, usize),
+    /// Backbone features in `ShardSpec::feature_names` order: (shape (C, h, w), values).
+    pub features: Vec<(Vec<usize>, Vec<f32>)>,
+    /// Proposal probabilities (N, H/4, W/4).
+    pub proposals: (Vec<usize>, Vec<f32>),
+    /// Semantic label at the input size (H, W), 255 = ignore.
+    pub label: Vec<u8>,
+}
+
+fn encode(values: &[f32], dtype: StoredDType, out: &mut Vec<u8>) {
+    match dtype {
+        StoredDType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        StoredDType::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        StoredDType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        StoredDType::U8Prob => values.iter().for_each(|v| out.push((v.clamp(0.0, 1.0) * 255.0).round() as u8)),
+        StoredDType::U8 => values.iter().for_each(|v| out.push(*v as u8)),
+    }
+}
+
+fn decode(bytes: &[u8], dtype: StoredDType) -> Vec<f32> {
+    match dtype {
+        StoredDType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        StoredDType::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        StoredDType::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        StoredDType::U8Prob => bytes.iter().map(|&b| b as f32 / 255.0).collect(),
+        StoredDType::U8 => bytes.iter().map(|&b| b as f32).collect(),
+    }
+}
+
+/// Bytes one record takes on disk for the given shapes (for the disk-space check).
+pub fn record_bytes(spec: &ShardSpec, feature_shapes: &[Vec<usize>], proposal_shape: &[usize], input_hw: (usize, usize)) -> u64 {
+    let pad = |n: u64| n.div_ceil(ALIGN) * ALIGN;
+    let feats: u64 = feature_shapes.iter().map(|s| pad((s.iter().product::<usize>() * spec.feature_dtype.size()) as u64)).sum();
+    let masks = pad((proposal_shape.iter().product::<usize>() * spec.mask_dtype.size()) as u64);
+    let label = pad((input_hw.0 * input_hw.1) as u64);
+    feats + masks + label + 256 // index entry
+}
+
+fn shard_name(k: u32) -> String {
+    format!("shard-{k:05}.mms")
+}
+
+fn idx_name(k: u32) -> String {
+    format!("shard-{k:05}.idx")
+}
+
+fn bincode_cfg() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| io_err(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
+fn header_bytes(spec: &ShardSpec) -> Vec<u8> {
+    let json = serde_json::to_vec(spec).expect("spec serialises");
+    let mut h = Vec::with_capacity(16 + json.len());
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&SHARD_FORMAT_VERSION.to_le_bytes());
+    h.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    h.extend_from_slice(&json);
+    h
+}
+
+fn read_header(path: &Path, bytes: &[u8]) -> Result<(ShardSpec, usize)> {
+    let bad = |msg: &str| io_err(path, msg);
+    if bytes.len() < 16 || &bytes[..8] != MAGIC {
+        return Err(bad("not a proposal shard (bad magic)"));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != SHARD_FORMAT_VERSION {
+        return Err(bad(&format!("shard format version {version}, this build reads {SHARD_FORMAT_VERSION}")));
+    }
+    let n = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    let json = bytes.get(16..16 + n).ok_or_else(|| bad("truncated header"))?;
+    let spec = serde_json::from_slice(json).map_err(|e| bad(&format!("malformed header: {e}")))?;
+    Ok((spec, 16 + n))
+}
+
+/// Writes one shard: records are buffered and the file appears complete or not at all.
+pub struct ShardWriter {
+    dir: PathBuf,
+    index: u32,
+    spec: ShardSpec,
+    bytes: Vec<u8>,
+    records: Vec<RecordMeta>,
+}
+
+impl ShardWriter {
+    pub fn new(dir: &Path, index: u32, spec: ShardSpec) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let mut bytes = header_bytes(&spec);
+        bytes.resize(bytes.len().div_ceil(ALIGN as usize) * ALIGN as usize, 0);
+        Ok(Self { dir: dir.to_path_buf(), index, spec, bytes, records: Vec::new() })
+    }
+
+    pub fn push(&mut self, r: &ProposalRecord) -> Result<()> {
+        let rec_err = |msg: String| ShardError::Record { image_id: r.image_id.clone(), msg };
+        if r.features.len() != self.spec.feature_names.len() {
+            return Err(rec_err(format!("{} feature maps, the spec names {}", r.features.len(), self.spec.feature_names.len())));
+        }
+        if r.proposals.0.first() != Some(&self.spec.num_queries) {
+            return Err(rec_err(format!("proposals of shape {:?}, expected {} queries", r.proposals.0, self.spec.num_queries)));
+        }
+        if r.label.len() != r.input_hw.0 * r.input_hw.1 {
+            return Err(rec_err(format!("label has {} pixels, input is {:?}", r.label.len(), r.input_hw)));
+        }
+        let start = self.bytes.len() as u64;
+        let mut tensors = Vec::new();
+        let mut add = |name: &str, shape: &[usize], values: &[f32], dtype: StoredDType, bytes: &mut Vec<u8>| -> Result<()> {
+            if shape.iter().product::<usize>() != values.len() {
+                return Err(rec_err(format!("`{name}` has {} values for shape {shape:?}", values.len())));
+            }
+            let offset = bytes.len() as u64 - start;
+            encode(values, dtype, bytes);
+            let nbytes = bytes.len() as u64 - start - offset;
+            bytes.resize(bytes.len().div_ceil(ALIGN as usize) * ALIGN as usize, 0);
+            tensors.push(StoredTensorMeta { name: name.to_string(), shape: shape.to_vec(), dtype, offset, nbytes });
+            Ok(())
+        };
+        for (name, (shape, values)) in self.spec.feature_names.iter().zip(&r.features) {
+            add(name, shape, values, self.spec.feature_dtype, &mut self.bytes)?;
+        }
+        add("proposals", &r.proposals.0, &r.proposals.1, self.spec.mask_dtype, &mut self.bytes)?;
+        let label: Vec<f32> = r.label.iter().map(|&b| b as f32).collect();
+        add("label", &[r.input_hw.0, r.input_hw.1], &label, StoredDType::U8, &mut self.bytes)?;
+        let len = self.bytes.len() as u64 - start;
+        let crc32 = crc32fast::hash(&self.bytes[start as usize..]);
+        let mut classes: Vec<u8> = r.label.iter().copied().filter(|&c| c != 255).collect();
+        classes.sort_unstable();
+        classes.dedup();
+        self.records.push(RecordMeta {
+            image_id: r.image_id.clone(),
+            view: r.view,
+            input_hw: r.input_hw,
+            classes,
+            shard: self.index,
+            offset: start,
+            len,
+            crc32,
+            tensors,
+        });
+        Ok(())
+    }
+
+    /// Writes `shard-<k>.mms`, then its `.idx`; returns the number of records.
+    pub fn finish(self) -> Result<usize> {
+        let shard = self.dir.join(shard_name(self.index));
+        write_atomic(&shard, &self.bytes)?;
+        let idx = ShardIdx { spec: self.spec, shard_len: self.bytes.len() as u64, records: self.records };
+        let enc = bincode::serde::encode_to_vec(&idx, bincode_cfg()).expect("index serialises");
+        write_atomic(&self.dir.join(idx_name(self.index)), &enc)?;
+        Ok(idx.records.len())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ShardIdx {
+    spec: ShardSpec,
+    shard_len: u64,
+    records: Vec<RecordMeta>,
+}
+
+/// Is shard `k` complete in `dir` (both files present, size as recorded, same spec)?
+/// `cache-proposals` skips complete shards when it resumes.
+pub fn shard_is_complete(dir: &Path, k: u32, spec: &ShardSpec) -> bool {
+    let Ok(idx) = read_idx(&dir.join(idx_name(k))) else { return false };
+    let len = fs::metadata(dir.join(shard_name(k))).map(|m| m.len()).ok();
+    idx.spec == *spec && len == Some(idx.shard_len)
+}
+
+fn read_idx(path: &Path) -> Result<ShardIdx> {
+    let bytes = fs::read(path).map_err(|e| io_err(path, e))?;
+    let (idx, _) = bincode::serde::decode_from_slice::<ShardIdx, _>(&bytes, bincode_cfg())
+        .map_err(|e| io_err(path, format!("corrupt shard index: {e}")))?;
+    Ok(idx)
+}
+
+/// The merged index of a shard folder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardIndex {
+    pub format_version: u32,
+    pub spec: ShardSpec,
+    /// (shard number, byte length) of every shard.
+    pub shards: Vec<(u32, u64)>,
+    pub records: Vec<RecordMeta>,
+}
+
+impl ShardIndex {
+    /// Merges every `shard-*.idx` in `dir` (whichever process or machine wrote them) into
+    /// `index.bin`. All shards must share one spec.
+    pub fn merge(dir: &Path) -> Result<ShardIndex> {
+        let mut ks: Vec<u32> = fs::read_dir(dir)
+            .map_err(|e| io_err(dir, e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.strip_prefix("shard-")?.strip_suffix(".idx")?.parse().ok()
+            })
+            .collect();
+        ks.sort_unstable();
+        if ks.is_empty() {
+            return Err(io_err(dir, "no finished shards (shard-*.idx) in this folder"));
+        }
+        let mut spec: Option<ShardSpec> = None;
+        let mut shards = Vec::new();
+        let mut records = Vec::new();
+        for k in ks {
+            let path = dir.join(idx_name(k));
+            let idx = read_idx(&path)?;
+            match &spec {
+                None => spec = Some(idx.spec.clone()),
+                Some(s) if *s != idx.spec => {
+                    return Err(ShardError::Mismatch {
+                        path,
+                        what: "spec",
+                        found: format!("{:?}", idx.spec),
+                        expected: format!("{s:?}"),
+                    })
+                }
+                _ => {}
+            }
+            shards.push((k, idx.shard_len));
+            records.extend(idx.records);
+        }
+        let index = ShardIndex { format_version: SHARD_FORMAT_VERSION, spec: spec.expect("non-empty"), shards, records };
+        let enc = bincode::serde::encode_to_vec(&index, bincode_cfg()).expect("index serialises");
+        write_atomic(&dir.join("index.bin"), &enc)?;
+        Ok(index)
+    }
+
+    pub fn load(dir: &Path) -> Result<ShardIndex> {
+        let path = dir.join("index.bin");
+        let bytes = fs::read(&path).map_err(|e| io_err(&path, format!("{e} (run cache-proposals, which writes it)")))?;
+        let (idx, _): (ShardIndex, _) = bincode::serde::decode_from_slice(&bytes, bincode_cfg())
+            .map_err(|e| io_err(&path, format!("corrupt index: {e}")))?;
+        if idx.format_version != SHARD_FORMAT_VERSION {
+            return Err(io_err(&path, format!("index format version {}, this build reads {SHARD_FORMAT_VERSION}", idx.format_version)));
+        }
+        Ok(idx)
+    }
+}
+
+/// What a stage-2 reader requires of the shards it reads.
+#[derive(Clone, Debug, Default)]
+pub struct ShardExpectation {
+    pub model_fingerprint: Option<String>,
+    pub preprocess_fingerprint: Option<String>,
+}
+
+/// Memory-mapped, random-access reader of a shard folder.
+pub struct ShardReader {
+    dir: PathBuf,
+    pub index: ShardIndex,
+    maps: HashMap<u32, memmap2::Mmap>,
+    by_key: HashMap<(String, ShardView), usize>,
+}
+
+impl ShardReader {
+    pub fn open(dir: &Path, expect: &ShardExpectation) -> Result<Self> {
+        let index = ShardIndex::load(dir)?;
+        let index_path = dir.join("index.bin");
+        for (what, want, found) in [
+            ("model weights", &expect.model_fingerprint, &index.spec.model_fingerprint),
+            ("preprocessing", &expect.preprocess_fingerprint, &index.spec.preprocess_fingerprint),
+        ] {
+            if let Some(want) = want {
+                if want != found {
+                    return Err(ShardError::Mismatch { path: index_path.clone(), what, found: found.clone(), expected: want.clone() });
+                }
+            }
+        }
+        let mut maps = HashMap::new();
+        for &(k, len) in &index.shards {
+            let path = dir.join(shard_name(k));
+            let f = fs::File::open(&path).map_err(|e| io_err(&path, e))?;
+            // SAFETY: shard files are immutable once renamed into place; nothing writes them.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| io_err(&path, e))?;
+            if map.len() as u64 != len {
+                return Err(io_err(&path, format!("shard is {} bytes, its index says {len}: truncated or replaced", map.len())));
+            }
+            let (spec, _) = read_header(&path, &map)?;
+            if spec != index.spec {
+                return Err(ShardError::Mismatch { path, what: "spec", found: format!("{spec:?}"), expected: format!("{:?}", index.spec) });
+            }
+            maps.insert(k, map);
+        }
+        let by_key = index.records.iter().enumerate().map(|(i, r)| ((r.image_id.clone(), r.view), i)).collect();
+        Ok(Self { dir: dir.to_path_buf(), index, maps, by_key })
+    }
+
+    pub fn spec(&self) -> &ShardSpec {
+        &self.index.spec
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.records.is_empty()
+    }
+
+    pub fn records(&self) -> &[RecordMeta] {
+        &self.index.records
+    }
+
+    /// The record of `image_id` in `view`, checksum-verified.
+    pub fn get(&self, image_id: &str, view: ShardView) -> Result<ProposalRecord> {
+        let i = *self.by_key.get(&(image_id.to_string(), view)).ok_or_else(|| ShardError::NoRecord {
+            dir: self.dir.clone(),
+            image_id: image_id.to_string(),
+            view,
+        })?;
+        self.get_at(i)
+    }
+
+    /// The `i`-th record of the index, checksum-verified.
+    pub fn get_at(&self, i: usize) -> Result<ProposalRecord> {
+        let meta = self.index.records.get(i).ok_or_else(|| io_err(&self.dir, format!("record {i} out of range")))?;
+        let path = self.dir.join(shard_name(meta.shard));
+        let map = &self.maps[&meta.shard];
+        let payload = map
+            .get(meta.offset as usize..(meta.offset + meta.len) as usize)
+            .ok_or_else(|| io_err(&path, format!("record `{}` lies outside the file", meta.image_id)))?;
+        let crc = crc32fast::hash(payload);
+        if crc != meta.crc32 {
+            return Err(io_err(&path, format!("record `{}` ({}) fails its checksum: the shard is corrupted", meta.image_id, meta.view)));
+        }
+        let tensor = |t: &StoredTensorMeta| decode(&payload[t.offset as usize..(t.offset + t.nbytes) as usize], t.dtype);
+        let n = self.index.spec.feature_names.len();
+        let features = meta.tensors[..n].iter().map(|t| (t.shape.clone(), tensor(t))).collect();
+        let p = &meta.tensors[n];
+        let l = &meta.tensors[n + 1];
+        let label = payload[l.offset as usize..(l.offset + l.nbytes) as usize].to_vec();
+        Ok(ProposalRecord {
+            image_id: meta.image_id.clone(),
+            view: meta.view,
+            input_hw: meta.input_hw,
+            features,
+            proposals: (p.shape.clone(), tensor(p)),
+            label,
+        })
+    }
+}
+
+/// Stable 64-bit FNV-1a fingerprint of byte chunks, printed as hex (model weights, configs).
+pub fn fingerprint<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for c in chunks {
+        for &b in c {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        // Separate chunks so ("ab","c") and ("a","bc") differ.
+        h = (h ^ 0xff).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Which work items (shard numbers) process `i` of `n` handles: `k ≡ i (mod n)`.
+pub fn shards_for_worker(num_shards: u32, worker: u32, workers: u32) -> Vec<u32> {
+    (0..num_shards).filter(|k| k % workers.max(1) == worker).collect()
+}
