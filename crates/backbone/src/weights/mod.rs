@@ -1,0 +1,304 @@
+//! Weight files and the tensor source the models are built from.
+//!
+//! [`StateDict::read`] opens every format users have, told apart by their first bytes:
+//! PyTorch zip (`torch.save` since 1.6, read with `candle_core::pickle`), the legacy PyTorch
+//! pickle (read by [`legacy`]) and safetensors. [`Weights`] is what a model's `new(cfg, vb)`
+//! takes: a prefix-scoped view of a [`StateDict`], of any candle `VarBuilder`, or of
+//! deterministic synthetic values (for timing without a file).
+
+mod legacy;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{BackboneError, Result};
+
+/// How the names of a [`StateDict`] relate to the names in its file, so that an error about a
+/// key can spell it as the file does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileNaming {
+    /// Same names as in the file.
+    Same,
+    /// The file's names carry this prefix (e.g. `backbone.` in an MM-Former checkpoint).
+    Prefixed(String),
+    /// The file uses torchvision ResNet names (see [`crate::names`]).
+    Torchvision,
+}
+
+/// The tensors of one weight file by name, with the file they came from.
+#[derive(Clone, Debug)]
+pub struct StateDict {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    naming: FileNaming,
+}
+
+const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
+
+impl StateDict {
+    /// Every tensor of a weight file (zip or legacy `.pth`, or safetensors), under the names the
+    /// file uses. For a checkpoint dict like detectron2's `{"model": ..., "optimizer": ...}` the
+    /// tensors of `model` are returned (see [`StateDict::read_with_key`]).
+    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
+        Self::read_with_key(path, None)
+    }
+
+    /// As [`StateDict::read`], taking the tensors of the entry `dict_key` of the saved dict.
+    pub fn read_with_key(path: impl AsRef<Path>, dict_key: Option<&str>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| BackboneError::Io { file: path.to_path_buf(), source })?;
+        let tensors = if bytes.starts_with(ZIP_MAGIC) {
+            read_zip(path, dict_key)?
+        } else if legacy::is_legacy(&bytes) {
+            legacy::read_legacy(path, &bytes, dict_key)?
+        } else if looks_like_safetensors(&bytes) {
+            read_safetensors(path, &bytes)?
+        } else {
+            return Err(BackboneError::NotAWeightFile { file: path.to_path_buf(), found: describe_start(&bytes) });
+        };
+        Ok(Self { path: path.to_path_buf(), tensors: tensors.into_iter().collect(), naming: FileNaming::Same })
+    }
+
+    /// Wraps tensors that did not come from a file; `label` stands in for the path in errors.
+    pub fn from_tensors(label: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
+        Self { path: label.into(), tensors, naming: FileNaming::Same }
+    }
+
+    /// The same tensors renamed, remembering how our names map back to the file's names.
+    pub(crate) fn renamed(path: PathBuf, tensors: HashMap<String, Tensor>, naming: FileNaming) -> Self {
+        Self { path, tensors, naming }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn naming(&self) -> &FileNaming {
+        &self.naming
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Names in sorted order.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn tensors(&self) -> &HashMap<String, Tensor> {
+        &self.tensors
+    }
+
+    pub fn into_tensors(self) -> HashMap<String, Tensor> {
+        self.tensors
+    }
+
+    /// How the file spells one of our names (for error messages).
+    pub fn file_key(&self, name: &str) -> String {
+        match &self.naming {
+            FileNaming::Same => name.to_string(),
+            FileNaming::Prefixed(p) => format!("{p}{name}"),
+            FileNaming::Torchvision => crate::names::official_to_torchvision(name).unwrap_or_else(|| name.to_string()),
+        }
+    }
+
+    /// Writes the tensors as safetensors, each name prefixed with `prefix` (e.g. `"backbone."`
+    /// gives the names of an MM-Former state dict).
+    pub fn save_safetensors(&self, path: impl AsRef<Path>, prefix: &str) -> Result<()> {
+        let path = path.as_ref();
+        let named: HashMap<String, Tensor> = self.tensors.iter().map(|(k, v)| (format!("{prefix}{k}"), v.clone())).collect();
+        candle_core::safetensors::save(&named, path).map_err(|e| match e {
+            candle_core::Error::Io(source) => BackboneError::Io { file: path.to_path_buf(), source },
+            e => BackboneError::Corrupt { file: path.to_path_buf(), detail: format!("cannot write: {e}") },
+        })
+    }
+
+    /// One tensor, checked against the shape the model expects, as f32.
+    pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| BackboneError::MissingKey {
+            file: self.path.clone(),
+            key: self.file_key(name),
+            expected: expected.to_vec(),
+        })?;
+        if t.dims() != expected {
+            return Err(BackboneError::ShapeMismatch {
+                file: self.path.clone(),
+                key: self.file_key(name),
+                expected: expected.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        if !t.dtype().is_float() {
+            return Err(BackboneError::BadTensor {
+                file: self.path.clone(),
+                key: self.file_key(name),
+                detail: format!("expected a floating-point tensor, found {:?}", t.dtype()),
+            });
+        }
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}
+
+fn read_zip(path: &Path, dict_key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
+    let corrupt = |e: candle_core::Error| BackboneError::Corrupt { file: path.to_path_buf(), detail: e.to_string() };
+    let keys: Vec<Option<&str>> = match dict_key {
+        Some(k) => vec![Some(k)],
+        // A checkpoint dict holds its tensors one level down.
+        None => vec![None, Some("model"), Some("state_dict")],
+    };
+    for key in keys {
+        let infos = match candle_core::pickle::read_pth_tensor_info(path, false, key) {
+            Ok(infos) => infos,
+            Err(e) if dict_key.is_none() && key.is_some() && e.to_string().contains("not found") => continue,
+            Err(e) => return Err(corrupt(e)),
+        };
+        if infos.is_empty() && dict_key.is_none() {
+            continue;
+        }
+        let pth = candle_core::pickle::PthTensors::new(path, key).map_err(corrupt)?;
+        let mut out = Vec::with_capacity(infos.len());
+        for info in infos {
+            let t = pth
+                .get(&info.name)
+                .map_err(|e| BackboneError::BadTensor { file: path.to_path_buf(), key: info.name.clone(), detail: e.to_string() })?
+                .ok_or_else(|| BackboneError::Corrupt {
+                    file: path.to_path_buf(),
+                    detail: format!("tensor `{}` listed but not readable", info.name),
+                })?;
+            out.push((info.name, t));
+        }
+        return Ok(out);
+    }
+    Err(BackboneError::NotAWeightFile { file: path.to_path_buf(), found: "a torch zip file holding no tensors".into() })
+}
+
+/// An 8-byte little-endian header length followed by a JSON object.
+fn looks_like_safetensors(bytes: &[u8]) -> bool {
+    bytes.len() > 8 && bytes[8] == b'{'
+}
+
+fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+        .map_err(|e| BackboneError::Corrupt { file: path.to_path_buf(), detail: e.to_string() })?;
+    Ok(tensors.into_iter().collect())
+}
+
+/// What a file that is no weight file starts with, for the error message.
+fn describe_start(bytes: &[u8]) -> String {
+    let kind = if bytes.starts_with(b"\x89PNG") {
+        " (a PNG image)"
+    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        " (a JPEG image)"
+    } else if bytes.is_empty() {
+        " (empty file)"
+    } else if bytes.first() == Some(&0x80) {
+        " (a pickle without the torch magic number)"
+    } else {
+        ""
+    };
+    let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("found {} bytes starting with [{}]{kind}", bytes.len(), head.join(" "))
+}
+
+/// Where a model's tensors come from, scoped to a name prefix: the `vb` of `new(cfg, vb)`.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    store: Store<'a>,
+    prefix: String,
+}
+
+#[derive(Clone)]
+enum Store<'a> {
+    File(Arc<StateDict>),
+    Var(VarBuilder<'a>),
+    Synthetic(u64),
+}
+
+impl<'a> Weights<'a> {
+    pub fn from_state_dict(sd: StateDict) -> Self {
+        Self { store: Store::File(Arc::new(sd)), prefix: String::new() }
+    }
+
+    /// Any candle `VarBuilder` (its own prefix applies first).
+    pub fn from_var_builder(vb: VarBuilder<'a>) -> Self {
+        Self { store: Store::Var(vb), prefix: String::new() }
+    }
+
+    /// Deterministic synthetic weights for timing and smoke tests: He-uniform conv / linear
+    /// weights from a hash of (`seed`, name), identity batch norms, zero biases.
+    pub fn synthetic(seed: u64) -> Self {
+        Self { store: Store::Synthetic(seed), prefix: String::new() }
+    }
+
+    /// The view one module deeper (`vb.pp("res2")`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { store: self.store.clone(), prefix }
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// The f32 tensor `name` (relative to this view), which must have `shape`.
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        match &self.store {
+            Store::File(sd) => sd.tensor(&full, shape),
+            Store::Var(vb) => {
+                let t = vb.get(shape, &full).map_err(|e| BackboneError::VarBuilder {
+                    key: format!("{}{}{full}", vb.prefix(), if vb.prefix().is_empty() { "" } else { "." }),
+                    expected: shape.to_vec(),
+                    detail: e.to_string(),
+                })?;
+                Ok(t.to_dtype(DType::F32)?)
+            }
+            Store::Synthetic(seed) => Ok(synthetic_tensor(*seed, &full, shape)?),
+        }
+    }
+}
+
+fn synthetic_tensor(seed: u64, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let fill = |v: f32| Tensor::full(v, shape, &Device::Cpu);
+    if name.ends_with("running_var") || (shape.len() == 1 && name.ends_with("weight")) {
+        return fill(1f32);
+    }
+    if shape.len() == 1 {
+        return fill(0f32);
+    }
+    let fan_in = (n / shape[0]).max(1);
+    let bound = (6.0 / fan_in as f64).sqrt();
+    // FNV-1a of the name, mixed with the seed; SplitMix64 per element.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) ^ seed;
+    let values: Vec<f32> = (0..n as u64)
+        .map(|i| {
+            let mut z = h.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+            ((2.0 * u - 1.0) * bound) as f32
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
