@@ -6,22 +6,24 @@ use candle_nn::{Init, Linear, Module, VarBuilder};
 use crate::nn::softmax;
 use crate::util::{bilinear_taps, ensure_float};
 
-/// The pure-PyTorch `ms_deform_attn_core_pytorch`: per level, bilinear `grid_sample`
-/// (zero padding, align_corners=False, i.e. pixel = loc * size - 0.5) of every head's values,
-/// weighted by the attention weights and summed over levels and points.
-///
-/// - `value`: (B, S, heads, dh) with S = Σ h_l·w_l, levels concatenated in `spatial_shapes` order
-///   (each flattened row-major, y then x);
-/// - `sampling_locations`: (B, Lq, heads, L, P, 2), normalised (x, y) in [0, 1];
-/// - `attention_weights`: (B, Lq, heads, L, P);
-///
-/// returns (B, Lq, heads·dh) with the head index major. Differentiable w.r.t. all three tensors.
-pub fn ms_deform_attn_core(
+mod kernel;
+
+/// Sizes of one core call, after validation.
+struct CoreDims {
+    b: usize,
+    s: usize,
+    heads: usize,
+    dh: usize,
+    lq: usize,
+    points: usize,
+}
+
+fn check_core_inputs(
     value: &Tensor,
     spatial_shapes: &[(usize, usize)],
     sampling_locations: &Tensor,
     attention_weights: &Tensor,
-) -> Result<Tensor> {
+) -> Result<CoreDims> {
     ensure_float(value, "ms_deform_attn_core value")?;
     ensure_float(sampling_locations, "ms_deform_attn_core sampling_locations")?;
     ensure_float(attention_weights, "ms_deform_attn_core attention_weights")?;
@@ -36,19 +38,82 @@ pub fn ms_deform_attn_core(
             "ms_deform_attn_core: spatial shapes {spatial_shapes:?} do not tile the {s} value rows"
         );
     }
-    let (lq, n_points) = match sampling_locations.dims() {
+    let (lq, points) = match sampling_locations.dims() {
         &[lb, lq, lm, ll, p, 2] if lb == b && lm == heads && ll == n_levels => (lq, p),
         _ => bail!(
             "ms_deform_attn_core: sampling_locations must be (B={b}, Lq, heads={heads}, L={n_levels}, P, 2), got {:?}",
             sampling_locations.shape()
         ),
     };
-    if attention_weights.dims() != [b, lq, heads, n_levels, n_points] {
+    if attention_weights.dims() != [b, lq, heads, n_levels, points] {
         bail!(
-            "ms_deform_attn_core: attention_weights must be (B={b}, Lq={lq}, heads={heads}, L={n_levels}, P={n_points}), got {:?}",
+            "ms_deform_attn_core: attention_weights must be (B={b}, Lq={lq}, heads={heads}, L={n_levels}, P={points}), got {:?}",
             attention_weights.shape()
         );
     }
+    Ok(CoreDims { b, s, heads, dh, lq, points })
+}
+
+/// The pure-PyTorch `ms_deform_attn_core_pytorch`: per level, bilinear `grid_sample`
+/// (zero padding, align_corners=False, i.e. pixel = loc * size - 0.5) of every head's values,
+/// weighted by the attention weights and summed over levels and points.
+///
+/// - `value`: (B, S, heads, dh) with S = Σ h_l·w_l, levels concatenated in `spatial_shapes` order
+///   (each flattened row-major, y then x);
+/// - `sampling_locations`: (B, Lq, heads, L, P, 2), normalised (x, y) in [0, 1];
+/// - `attention_weights`: (B, Lq, heads, L, P);
+///
+/// returns (B, Lq, heads·dh) with the head index major. Differentiable w.r.t. all three tensors.
+/// On CPU this runs a dedicated kernel with an analytic backward; on other devices it falls back
+/// to [`ms_deform_attn_core_composed`].
+pub fn ms_deform_attn_core(
+    value: &Tensor,
+    spatial_shapes: &[(usize, usize)],
+    sampling_locations: &Tensor,
+    attention_weights: &Tensor,
+) -> Result<Tensor> {
+    let dims = check_core_inputs(value, spatial_shapes, sampling_locations, attention_weights)?;
+    if !value.device().is_cpu() {
+        return ms_deform_attn_core_composed(value, spatial_shapes, sampling_locations, attention_weights);
+    }
+    let dt = value.dtype();
+    let mut levels = Vec::with_capacity(spatial_shapes.len());
+    let mut start = 0;
+    for &(h, w) in spatial_shapes {
+        levels.push((h, w, start));
+        start += h * w;
+    }
+    let op = kernel::MsDeformCore {
+        b: dims.b,
+        s: dims.s,
+        heads: dims.heads,
+        dh: dims.dh,
+        lq: dims.lq,
+        points: dims.points,
+        levels,
+    };
+    value
+        .contiguous()?
+        .apply_op3(
+            &sampling_locations.to_dtype(dt)?.contiguous()?,
+            &attention_weights.to_dtype(dt)?.contiguous()?,
+            op,
+        )?
+        .reshape((dims.b, dims.lq, dims.heads * dims.dh))
+}
+
+/// [`ms_deform_attn_core`] composed from candle primitives (an `index_select` of every bilinear
+/// tap, weighted and summed), so it runs and differentiates on any device. On CPU it is much
+/// slower and more memory-hungry than the kernel; it also serves as the kernel's cross-check.
+pub fn ms_deform_attn_core_composed(
+    value: &Tensor,
+    spatial_shapes: &[(usize, usize)],
+    sampling_locations: &Tensor,
+    attention_weights: &Tensor,
+) -> Result<Tensor> {
+    let CoreDims { b, s, heads, dh, lq, points: n_points } =
+        check_core_inputs(value, spatial_shapes, sampling_locations, attention_weights)?;
+    let n_levels = spatial_shapes.len();
     if b * heads * s > u32::MAX as usize {
         bail!("ms_deform_attn_core: too many value rows for u32 indices");
     }

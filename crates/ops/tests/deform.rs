@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_close, assert_values, Rng};
-use ops::deform::{ms_deform_attn_core, sampling_offsets_bias_init, MSDeformAttn};
+use ops::deform::{ms_deform_attn_core, ms_deform_attn_core_composed, sampling_offsets_bias_init, MSDeformAttn};
 use ops::sample::grid_sample_bilinear;
 
 /// `ms_deform_attn_core_pytorch` written level by level with grid_sample, as the official code.
@@ -65,9 +65,20 @@ fn core_matches_per_level_grid_sample() {
     // Include locations outside [0, 1] to exercise the zero padding.
     let loc = rng.tensor(&[b, lq, m, 3, p, 2], -0.2, 1.2, DType::F32);
     let attn = rng.tensor(&[b, lq, m, 3, p], 0.0, 1.0, DType::F32);
+    let want = reference_core(&value, &shapes, &loc, &attn);
     let got = ms_deform_attn_core(&value, &shapes, &loc, &attn).unwrap();
     assert_eq!(got.dims(), &[b, lq, m * d]);
-    assert_close(&got, &reference_core(&value, &shapes, &loc, &attn), 1e-5, "core");
+    assert_close(&got, &want, 1e-5, "CPU kernel");
+    let got = ms_deform_attn_core_composed(&value, &shapes, &loc, &attn).unwrap();
+    assert_close(&got, &want, 1e-5, "composed");
+    // Strided inputs and f64 take the same paths.
+    let value64 = value.to_dtype(DType::F64).unwrap();
+    let got = ms_deform_attn_core(&value64, &shapes, &loc, &attn).unwrap();
+    assert_eq!(got.dtype(), DType::F64);
+    assert_close(&got, &want, 1e-5, "CPU kernel f64");
+    let loc_t = loc.transpose(0, 1).unwrap().contiguous().unwrap().transpose(0, 1).unwrap();
+    assert!(!loc_t.is_contiguous());
+    assert_close(&ms_deform_attn_core(&value, &shapes, &loc_t, &attn).unwrap(), &want, 1e-5, "strided");
 }
 
 #[test]
@@ -81,6 +92,9 @@ fn core_rejects_inconsistent_shapes() {
     assert!(ms_deform_attn_core(&value, &[(2, 3), (2, 2), (0, 5)], &loc, &attn).is_err());
     let attn_bad = Tensor::zeros((1, 4, 2, 2, 2), DType::F32, &Device::Cpu).unwrap();
     assert!(ms_deform_attn_core(&value, &[(2, 3), (2, 2)], &loc, &attn_bad).is_err());
+    assert!(ms_deform_attn_core_composed(&value, &[(2, 3), (2, 1)], &loc, &attn).is_err());
+    let value_int = Tensor::zeros((1, 10, 2, 3), DType::U32, &Device::Cpu).unwrap();
+    assert!(ms_deform_attn_core(&value_int, &[(2, 3), (2, 2)], &loc, &attn).is_err());
 }
 
 fn eye(n: usize) -> Tensor {
