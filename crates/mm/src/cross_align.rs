@@ -1,0 +1,164 @@
+//! Cross-alignment (`CrossAT`, spec §3.4): query and support features attend to each other,
+//! with the same layer weights in both directions.
+
+use candle_core::{bail, Result, Tensor};
+use candle_nn::{Init, Linear, Module, VarBuilder};
+use ops::attention::MultiheadAttention;
+use ops::nn::LayerNorm;
+
+use crate::config::MmConfig;
+
+/// LayerNorm epsilon of Mask2Former's attention and FFN layers (torch default).
+const LN_EPS: f64 = 1e-5;
+
+/// Mask2Former's `CrossAttentionLayer` (post-norm, dropout 0):
+/// `x ← LN(x + MHA(q = x + pos_x, k = mem + pos_mem, v = mem))`.
+#[derive(Debug, Clone)]
+pub struct CrossAttentionLayer {
+    multihead_attn: MultiheadAttention,
+    norm: LayerNorm,
+}
+
+impl CrossAttentionLayer {
+    pub fn new(d_model: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+        let multihead_attn = MultiheadAttention::new(d_model, num_heads, vb.pp("multihead_attn"))?;
+        let norm = LayerNorm::new(d_model, LN_EPS, vb.pp("norm"))?;
+        Ok(Self { multihead_attn, norm })
+    }
+
+    /// `x`, `pos_x`: (B, Lq, E); `mem`, `pos_mem`: (B, Lk, E) -> (B, Lq, E).
+    pub fn forward(&self, x: &Tensor, mem: &Tensor, pos_x: &Tensor, pos_mem: &Tensor) -> Result<Tensor> {
+        let attended = self.multihead_attn.forward(&(x + pos_x)?, &(mem + pos_mem)?, mem, None)?;
+        self.norm.forward(&(x + attended)?)
+    }
+}
+
+/// Mask2Former's `FFNLayer` (post-norm, dropout 0): `x ← LN(x + linear2(ReLU(linear1(x))))`.
+#[derive(Debug, Clone)]
+pub struct FfnLayer {
+    linear1: Linear,
+    linear2: Linear,
+    norm: LayerNorm,
+}
+
+/// A `torch.nn.Linear` whose missing weights are initialised as Mask2Former does for its FFNs:
+/// xavier-uniform weight, torch's default U(±1/√fan_in) bias.
+fn xavier_linear(fan_in: usize, fan_out: usize, vb: VarBuilder) -> Result<Linear> {
+    let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+    let w = vb.get_with_hints((fan_out, fan_in), "weight", Init::Uniform { lo: -bound, up: bound })?;
+    let bb = 1.0 / (fan_in as f64).sqrt();
+    let b = vb.get_with_hints(fan_out, "bias", Init::Uniform { lo: -bb, up: bb })?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+impl FfnLayer {
+    pub fn new(d_model: usize, dim_feedforward: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear1: xavier_linear(d_model, dim_feedforward, vb.pp("linear1"))?,
+            linear2: xavier_linear(dim_feedforward, d_model, vb.pp("linear2"))?,
+            norm: LayerNorm::new(d_model, LN_EPS, vb.pp("norm"))?,
+        })
+    }
+
+    /// `x`: (B, L, E) -> (B, L, E).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.linear2.forward(&self.linear1.forward(x)?.relu()?)?;
+        self.norm.forward(&(x + y)?)
+    }
+}
+
+/// The key/value size of an (h, w) map: short side `min_size`, long side scaled with python
+/// `int()` truncation, as `CrossAT.forward` computes it (in f64, left to right).
+pub fn kv_size(h: usize, w: usize, min_size: usize) -> (usize, usize) {
+    if h > w {
+        ((h as f64 * min_size as f64 / w as f64) as usize, min_size)
+    } else {
+        (min_size, (w as f64 * min_size as f64 / h as f64) as usize)
+    }
+}
+
+/// (B, C, H, W) -> (B, H·W, C) tokens, row-major over positions.
+fn tokens(x: &Tensor) -> Result<Tensor> {
+    x.flatten_from(2)?.transpose(1, 2)?.contiguous()
+}
+
+/// `ops::resize::resize_bilinear` (align_corners=False) to `hw`, then tokens.
+fn kv_tokens(x: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
+    tokens(&ops::resize::resize_bilinear(x, hw, false)?)
+}
+
+/// One level's `CrossAT` block (`crossat_{i}`): `num_cross_layers` pairs of
+/// `transformer_cross_attention_layers.{l}` and `transformer_ffn_layers.{l}`.
+#[derive(Debug, Clone)]
+pub struct CrossAt {
+    transformer_cross_attention_layers: Vec<CrossAttentionLayer>,
+    transformer_ffn_layers: Vec<FfnLayer>,
+    kv_min_size: usize,
+}
+
+impl CrossAt {
+    pub fn new(cfg: &MmConfig, vb: VarBuilder) -> Result<Self> {
+        let (vbc, vbf) = (vb.pp("transformer_cross_attention_layers"), vb.pp("transformer_ffn_layers"));
+        let mut attn = Vec::with_capacity(cfg.num_cross_layers);
+        let mut ffn = Vec::with_capacity(cfg.num_cross_layers);
+        for l in 0..cfg.num_cross_layers {
+            attn.push(CrossAttentionLayer::new(cfg.hidden_dim, cfg.num_heads, vbc.pp(l))?);
+            ffn.push(FfnLayer::new(cfg.hidden_dim, cfg.dim_feedforward, vbf.pp(l))?);
+        }
+        Ok(Self { transformer_cross_attention_layers: attn, transformer_ffn_layers: ffn, kv_min_size: cfg.kv_min_size })
+    }
+
+    /// Runs the layers on `x` with `(mem, pos_mem)` as keys/values.
+    fn attend(&self, x: &Tensor, pos_x: &Tensor, mem: &Tensor, pos_mem: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (attn, ffn) in self.transformer_cross_attention_layers.iter().zip(&self.transformer_ffn_layers) {
+            x = ffn.forward(&attn.forward(&x, mem, pos_x, pos_mem)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Cross-aligns one level.
+    ///
+    /// `query`, `pos_query`: (B, C, h, w); `support`, `pos_support`: (B, C, sh, sw), the support
+    /// already masked. Keys/values are both maps resized (bilinear, align_corners=False) to
+    /// [`kv_size`] of their own shape, unless a side of the *query* equals the minimum size, in
+    /// which case neither is resized. The query attends to the support; the support then
+    /// attends to the original (pre-update) query.
+    ///
+    /// Returns the aligned `(query (B, C, h, w), support (B, C, sh, sw))`.
+    pub fn forward(
+        &self,
+        query: &Tensor,
+        support: &Tensor,
+        pos_query: &Tensor,
+        pos_support: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, c, h, w) = query.dims4()?;
+        let (sb, sc, sh, sw) = support.dims4()?;
+        if (sb, sc) != (b, c) {
+            bail!("CrossAT: support {:?} does not match query {:?} in batch/channels", support.shape(), query.shape());
+        }
+        if pos_query.dims() != query.dims() || pos_support.dims() != support.dims() {
+            bail!(
+                "CrossAT: positional encodings {:?}/{:?} must match the features {:?}/{:?}",
+                pos_query.shape(),
+                pos_support.shape(),
+                query.shape(),
+                support.shape()
+            );
+        }
+        let m = self.kv_min_size;
+        let (q_kv, pq_kv, s_kv, ps_kv) = if h == m || w == m {
+            (tokens(query)?, tokens(pos_query)?, tokens(support)?, tokens(pos_support)?)
+        } else {
+            let (qs, ss) = (kv_size(h, w, m), kv_size(sh, sw, m));
+            (kv_tokens(query, qs)?, kv_tokens(pos_query, qs)?, kv_tokens(support, ss)?, kv_tokens(pos_support, ss)?)
+        };
+        let (q, pq) = (tokens(query)?, tokens(pos_query)?);
+        let (s, ps) = (tokens(support)?, tokens(pos_support)?);
+        let q_out = self.attend(&q, &pq, &s_kv, &ps_kv)?;
+        let s_out = self.attend(&s, &ps, &q_kv, &pq_kv)?;
+        let back = |t: Tensor, hh: usize, ww: usize| t.transpose(1, 2)?.reshape((b, c, hh, ww));
+        Ok((back(q_out, h, w)?, back(s_out, sh, sw)?))
+    }
+}

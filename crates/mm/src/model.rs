@@ -1,0 +1,455 @@
+//! The mask-matching module (`MMFormer` minus the frozen POS, spec §3).
+
+use std::collections::BTreeMap;
+
+use candle_core::{bail, DType, Result, Tensor};
+use candle_nn::{Init, Linear, Module, VarBuilder};
+
+use crate::config::MmConfig;
+use crate::cross_align::CrossAt;
+use crate::prototype::{cosine_similarity, query_prototypes, support_prototype};
+use crate::self_align::self_align;
+
+/// Backbone features of one image at the three matching levels, low to high resolution:
+/// `[l0, l1, l2]` = `[res5, res4, res3]`, each (B, C_i, h_i, w_i).
+pub type LevelFeatures = [Tensor; 3];
+
+/// A 1×1 convolution without bias (`conv_{i}`), applied as a matmul over channels.
+#[derive(Debug, Clone)]
+pub struct Conv1x1 {
+    /// (C_out, C_in)
+    weight: Tensor,
+}
+
+impl Conv1x1 {
+    /// Loads `weight` [C_out, C_in, 1, 1]; missing weights get torch's default conv init
+    /// U(±1/√C_in).
+    pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let bound = 1.0 / (in_channels as f64).sqrt();
+        let weight = vb
+            .get_with_hints((out_channels, in_channels, 1, 1), "weight", Init::Uniform { lo: -bound, up: bound })?
+            .reshape((out_channels, in_channels))?;
+        Ok(Self { weight })
+    }
+
+    /// `x`: (B, C_in, H, W) -> (B, C_out, H, W).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (c_out, c_in) = self.weight.dims2()?;
+        let (b, c, h, w) = x.dims4()?;
+        if c != c_in {
+            bail!("conv 1x1: input has {c} channels, layer expects {c_in}");
+        }
+        self.weight.broadcast_matmul(&x.reshape((b, c, h * w))?)?.reshape((b, c_out, h, w))
+    }
+}
+
+/// The matching MLP `fc2(ReLU(fc1(s)))` over the whole similarity vector (`fc1`, `fc2` at the
+/// model root): each coefficient depends on every similarity and on the slot order.
+#[derive(Debug, Clone)]
+pub struct MatchingMlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// `torch.nn.Linear` with torch's default init for missing weights (U(±1/√fan_in) for both).
+fn torch_linear(fan_in: usize, fan_out: usize, vb: VarBuilder) -> Result<Linear> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let init = Init::Uniform { lo: -bound, up: bound };
+    let w = vb.get_with_hints((fan_out, fan_in), "weight", init)?;
+    let b = vb.get_with_hints(fan_out, "bias", init)?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+impl MatchingMlp {
+    pub fn new(cfg: &MmConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: torch_linear(cfg.num_queries, cfg.mlp_hidden(), vb.pp("fc1"))?,
+            fc2: torch_linear(cfg.mlp_hidden(), cfg.num_queries, vb.pp("fc2"))?,
+        })
+    }
+
+    /// `cosine`: (B, N) -> (`fc1` output before the ReLU (B, 5N), coefficients (B, N)).
+    pub fn forward(&self, cosine: &Tensor) -> Result<(Tensor, Tensor)> {
+        let hidden = self.fc1.forward(cosine)?;
+        let coefficients = self.fc2.forward(&hidden.relu()?)?;
+        Ok((hidden, coefficients))
+    }
+}
+
+/// Named intermediate tensors of one forward pass, for parity checks and debugging.
+///
+/// Names follow the parity fixture without its `mm.` / `mm.{K}shot.` prefix:
+/// `query.self_aligned.l{i}`, `query.conv.l{i}`, `query.pos.l{i}`,
+/// `shot{s}.support.{self_aligned,conv,masked,pos_masked}.l{i}`,
+/// `shot{s}.cross_aligned.{query,support}.l{i}`, `shot{s}.{query_prototypes,support_prototype}`,
+/// `query_prototypes`, `support_prototype`, `cosine`, `fc1_out`, `coefficients`, `out`.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl Trace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    fn record(trace: &mut Option<&mut Trace>, name: impl FnOnce() -> String, t: &Tensor) {
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.tensors.insert(name(), t.clone());
+        }
+    }
+}
+
+/// The result of one episode.
+#[derive(Debug, Clone)]
+pub struct MmOutput {
+    /// (B, 1, H, W) `Σ_q c_q · M_q` at the padded input size, unbounded; foreground ⇔ > 0.5.
+    pub out: Tensor,
+    /// (B, N) cosine similarity of each query prototype with the support prototype.
+    pub cosine: Tensor,
+    /// (B, N) matching coefficients (MLP output, or the one-hot argmax of the heuristic).
+    pub coefficients: Tensor,
+    /// (B, N, 3·hidden) query prototypes, averaged over shots.
+    pub query_prototypes: Tensor,
+    /// (B, 1, 3·hidden) support prototype, averaged over shots.
+    pub support_prototype: Tensor,
+    /// (B, N, H, W) sigmoid proposals upsampled to the input size (bilinear,
+    /// align_corners=False); the stage-2 IoU targets are computed on these.
+    pub proposals: Tensor,
+}
+
+impl MmOutput {
+    /// (B, 2, H, W) the official `few_shot_result` `[1 − out, out]`.
+    pub fn two_channel(&self) -> Result<Tensor> {
+        Tensor::cat(&[&self.out.affine(-1.0, 1.0)?, &self.out], 1)
+    }
+
+    /// (B, H, W) u8 foreground prediction: the argmax over `[1 − out, out]`, i.e. `out > 0.5`.
+    pub fn foreground(&self) -> Result<Tensor> {
+        self.out.squeeze(1)?.gt(0.5)
+    }
+}
+
+/// The query's per-level features after self-alignment and channel reduction, with their
+/// positional encodings. Computed once per episode whatever the shot count.
+struct QuerySide {
+    feats: Vec<Tensor>,
+    pos: Vec<Tensor>,
+}
+
+/// The mask-matching module: `conv_{0,1,2}`, `crossat_{0,1,2}`, `fc1`, `fc2` (official names,
+/// top level of the state dict).
+#[derive(Debug, Clone)]
+pub struct MaskMatching {
+    conv: Vec<Conv1x1>,
+    /// Empty when cross-alignment is ablated.
+    crossat: Vec<CrossAt>,
+    /// `None` for the heuristic (highest-cosine) matching ablation.
+    matcher: Option<MatchingMlp>,
+    cfg: MmConfig,
+}
+
+impl MaskMatching {
+    /// `vb` at the model root (names `conv_0.weight`, `crossat_0.…`, `fc1.weight`, …).
+    pub fn new(cfg: &MmConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let conv = (0..3)
+            .map(|i| Conv1x1::new(cfg.in_channels[i], cfg.hidden_dim, vb.pp(format!("conv_{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let crossat = if cfg.cross_alignment {
+            (0..3).map(|i| CrossAt::new(cfg, vb.pp(format!("crossat_{i}")))).collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        let matcher = if cfg.learnable_matching { Some(MatchingMlp::new(cfg, vb.clone())?) } else { None };
+        Ok(Self { conv, crossat, matcher, cfg: cfg.clone() })
+    }
+
+    pub fn config(&self) -> &MmConfig {
+        &self.cfg
+    }
+
+    /// One episode.
+    ///
+    /// - `query_feats`: the query's backbone features `[res5, res4, res3]`, (B, C_i, h_i, w_i).
+    /// - `support_feats`: one `[res5, res4, res3]` per shot (K ≥ 1), batch B.
+    /// - `support_labels`: one (B, H_s, W_s) label per shot, 1 = foreground; 255 (ignore) is
+    ///   treated as background. Any numeric dtype.
+    /// - `proposal_logits`: (B, N, h, w) POS mask logits (`pred_masks`), N = `num_queries`.
+    /// - `input_hw`: the padded input size (H, W) at which `out` is produced.
+    pub fn forward(
+        &self,
+        query_feats: &LevelFeatures,
+        support_feats: &[LevelFeatures],
+        support_labels: &[Tensor],
+        proposal_logits: &Tensor,
+        input_hw: (usize, usize),
+    ) -> Result<MmOutput> {
+        self.run(query_feats, support_feats, support_labels, proposal_logits, input_hw, None)
+    }
+
+    /// [`Self::forward`], also recording the intermediates listed at [`Trace`].
+    pub fn forward_traced(
+        &self,
+        query_feats: &LevelFeatures,
+        support_feats: &[LevelFeatures],
+        support_labels: &[Tensor],
+        proposal_logits: &Tensor,
+        input_hw: (usize, usize),
+        trace: &mut Trace,
+    ) -> Result<MmOutput> {
+        self.run(query_feats, support_feats, support_labels, proposal_logits, input_hw, Some(trace))
+    }
+
+    fn run(
+        &self,
+        query_feats: &LevelFeatures,
+        support_feats: &[LevelFeatures],
+        support_labels: &[Tensor],
+        proposal_logits: &Tensor,
+        input_hw: (usize, usize),
+        mut trace: Option<&mut Trace>,
+    ) -> Result<MmOutput> {
+        let b = self.check_levels(query_feats, "query", None)?;
+        if support_feats.is_empty() {
+            bail!("MaskMatching: at least one support shot is needed");
+        }
+        if support_labels.len() != support_feats.len() {
+            bail!(
+                "MaskMatching: {} support feature sets but {} support labels",
+                support_feats.len(),
+                support_labels.len()
+            );
+        }
+        let (pb, n, _, _) = match proposal_logits.dims() {
+            &[pb, n, h, w] => (pb, n, h, w),
+            _ => bail!("MaskMatching: proposal logits must be (B, N, h, w), got {:?}", proposal_logits.shape()),
+        };
+        if pb != b || n != self.cfg.num_queries {
+            bail!(
+                "MaskMatching: proposal logits {:?} must be (B={b}, N={}, h, w)",
+                proposal_logits.shape(),
+                self.cfg.num_queries
+            );
+        }
+        if input_hw.0 == 0 || input_hw.1 == 0 {
+            bail!("MaskMatching: input size {input_hw:?} must be positive");
+        }
+        let dtype = query_feats[0].dtype();
+        let proposals = candle_nn::ops::sigmoid(&proposal_logits.to_dtype(dtype)?)?;
+
+        let query = self.query_side(query_feats, &mut trace)?;
+        let mut sum: Option<(Tensor, Tensor)> = None;
+        for (s, (feats, label)) in support_feats.iter().zip(support_labels).enumerate() {
+            self.check_levels(feats, &format!("support shot {s}"), Some(b))?;
+            let (qp, sp) = self.shot_prototypes(s, &query, feats, label, &proposals, &mut trace)?;
+            sum = Some(match sum {
+                None => (qp, sp),
+                Some((aq, asup)) => ((aq + qp)?, (asup + sp)?),
+            });
+        }
+        let (qsum, ssum) = sum.expect("at least one shot was checked above");
+        let k = support_feats.len() as f64;
+        let query_prototypes = (qsum / k)?;
+        let support_prototype = (ssum / k)?;
+        Trace::record(&mut trace, || "query_prototypes".into(), &query_prototypes);
+        Trace::record(&mut trace, || "support_prototype".into(), &support_prototype);
+
+        let head = self.match_prototypes(&query_prototypes, &support_prototype, &proposals, input_hw)?;
+        if let Some(h) = &head.fc1_out {
+            Trace::record(&mut trace, || "fc1_out".into(), h);
+        }
+        Trace::record(&mut trace, || "cosine".into(), &head.cosine);
+        Trace::record(&mut trace, || "coefficients".into(), &head.coefficients);
+        Trace::record(&mut trace, || "out".into(), &head.out);
+        Ok(MmOutput {
+            out: head.out,
+            cosine: head.cosine,
+            coefficients: head.coefficients,
+            query_prototypes,
+            support_prototype,
+            proposals: head.proposals,
+        })
+    }
+
+    /// The matching head on given (shot-averaged) prototypes: cosine, coefficients and the
+    /// final mask (spec §3.6).
+    ///
+    /// `query_prototypes`: (B, N, D); `support_prototype`: (B, 1, D); `proposals`: (B, N, h, w)
+    /// sigmoid probabilities; `input_hw`: output size.
+    pub fn match_prototypes(
+        &self,
+        query_prototypes: &Tensor,
+        support_prototype: &Tensor,
+        proposals: &Tensor,
+        input_hw: (usize, usize),
+    ) -> Result<MatchOutput> {
+        let (b, n, d) = query_prototypes.dims3()?;
+        if support_prototype.dims() != [b, 1, d] {
+            bail!(
+                "match_prototypes: support prototype {:?} must be (B={b}, 1, D={d})",
+                support_prototype.shape()
+            );
+        }
+        if n != self.cfg.num_queries || proposals.dims().len() != 4 || proposals.dims()[..2] != [b, n] {
+            bail!(
+                "match_prototypes: prototypes {:?} and proposals {:?} must share (B, N={})",
+                query_prototypes.shape(),
+                proposals.shape(),
+                self.cfg.num_queries
+            );
+        }
+        let cosine = cosine_similarity(query_prototypes, support_prototype)?;
+        let (fc1_out, coefficients) = match &self.matcher {
+            Some(mlp) => {
+                let (h, c) = mlp.forward(&cosine)?;
+                (Some(h), c)
+            }
+            None => (None, one_hot_argmax(&cosine)?),
+        };
+        let (h, w) = input_hw;
+        let up = ops::resize::resize_bilinear(proposals, input_hw, false)?;
+        let out = coefficients
+            .unsqueeze(1)?
+            .matmul(&up.reshape((b, n, h * w))?)?
+            .reshape((b, 1, h, w))?;
+        Ok(MatchOutput { cosine, fc1_out, coefficients, out, proposals: up })
+    }
+
+    /// Batch size of a level triple, checking ranks, channels and (if given) the batch.
+    fn check_levels(&self, feats: &LevelFeatures, what: &str, batch: Option<usize>) -> Result<usize> {
+        let mut b0 = batch;
+        for (i, f) in feats.iter().enumerate() {
+            let (b, c) = match f.dims() {
+                &[b, c, h, w] if h > 0 && w > 0 => (b, c),
+                _ => bail!("MaskMatching: {what} level l{i} must be a non-empty (B, C, h, w) map, got {:?}", f.shape()),
+            };
+            if c != self.cfg.in_channels[i] {
+                bail!(
+                    "MaskMatching: {what} level l{i} has {c} channels, config expects {} (levels are [res5, res4, res3])",
+                    self.cfg.in_channels[i]
+                );
+            }
+            match b0 {
+                Some(b0) if b0 != b => bail!("MaskMatching: {what} level l{i} has batch {b}, expected {b0}"),
+                _ => b0 = Some(b),
+            }
+            if !matches!(f.dtype(), DType::F32 | DType::F64) {
+                bail!("MaskMatching: {what} level l{i} must be f32 or f64, got {:?}", f.dtype());
+            }
+        }
+        Ok(b0.expect("three levels"))
+    }
+
+    fn query_side(&self, feats: &LevelFeatures, trace: &mut Option<&mut Trace>) -> Result<QuerySide> {
+        let mut out = QuerySide { feats: Vec::with_capacity(3), pos: Vec::with_capacity(3) };
+        for (i, f) in feats.iter().enumerate() {
+            let x = self.reduce(f, i, trace, "query")?;
+            let (b, _, h, w) = x.dims4()?;
+            let pos = self.position(b, h, w, &x)?;
+            Trace::record(trace, || format!("query.pos.l{i}"), &pos);
+            out.feats.push(x);
+            out.pos.push(pos);
+        }
+        Ok(out)
+    }
+
+    /// Self-alignment (unless ablated) and `conv_{i}`, recording both under `prefix`.
+    fn reduce(&self, f: &Tensor, i: usize, trace: &mut Option<&mut Trace>, prefix: &str) -> Result<Tensor> {
+        let x = if self.cfg.self_alignment { self_align(f)? } else { f.clone() };
+        Trace::record(trace, || format!("{prefix}.self_aligned.l{i}"), &x);
+        let x = self.conv[i].forward(&x)?;
+        Trace::record(trace, || format!("{prefix}.conv.l{i}"), &x);
+        Ok(x)
+    }
+
+    fn position(&self, b: usize, h: usize, w: usize, like: &Tensor) -> Result<Tensor> {
+        ops::position::sine_position_encoding(b, h, w, self.cfg.hidden_dim / 2, like.device())?.to_dtype(like.dtype())
+    }
+
+    /// One shot: support features through self-alignment, reduction, masking (`addmask`),
+    /// cross-alignment with the query, then both prototype sets concatenated over levels.
+    /// Returns (query prototypes (B, N, 3C), support prototype (B, 1, 3C)).
+    fn shot_prototypes(
+        &self,
+        s: usize,
+        query: &QuerySide,
+        feats: &LevelFeatures,
+        label: &Tensor,
+        proposals: &Tensor,
+        trace: &mut Option<&mut Trace>,
+    ) -> Result<(Tensor, Tensor)> {
+        let b = query.feats[0].dim(0)?;
+        let mask = binary_mask(label, b, query.feats[0].dtype())
+            .map_err(|e| candle_core::Error::Msg(format!("MaskMatching: support label of shot {s}: {e}")))?;
+        let (mut qps, mut sps) = (Vec::with_capacity(3), Vec::with_capacity(3));
+        for (i, f) in feats.iter().enumerate() {
+            let x = self.reduce(f, i, trace, &format!("shot{s}.support"))?;
+            let (_, _, h, w) = x.dims4()?;
+            // addmask: features and positions times the label resized with align_corners=False.
+            let m = ops::resize::resize_bilinear(&mask, (h, w), false)?;
+            let x = x.broadcast_mul(&m)?;
+            let pos = self.position(b, h, w, &x)?.broadcast_mul(&m)?;
+            Trace::record(trace, || format!("shot{s}.support.masked.l{i}"), &x);
+            Trace::record(trace, || format!("shot{s}.support.pos_masked.l{i}"), &pos);
+            let (qa, sa) = match self.crossat.get(i) {
+                Some(cat) => cat.forward(&query.feats[i], &x, &query.pos[i], &pos)?,
+                None => (query.feats[i].clone(), x),
+            };
+            Trace::record(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &qa);
+            Trace::record(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &sa);
+            sps.push(support_prototype(&sa, &mask)?);
+            qps.push(query_prototypes(&qa, proposals)?);
+        }
+        let qp = Tensor::cat(&qps, 2)?;
+        let sp = Tensor::cat(&sps, 1)?.unsqueeze(1)?;
+        Trace::record(trace, || format!("shot{s}.query_prototypes"), &qp);
+        Trace::record(trace, || format!("shot{s}.support_prototype"), &sp);
+        Ok((qp, sp))
+    }
+}
+
+/// The matching head's outputs (see [`MaskMatching::match_prototypes`]).
+#[derive(Debug, Clone)]
+pub struct MatchOutput {
+    /// (B, N)
+    pub cosine: Tensor,
+    /// (B, 5N) `fc1` output before the ReLU; `None` for the heuristic matching.
+    pub fc1_out: Option<Tensor>,
+    /// (B, N)
+    pub coefficients: Tensor,
+    /// (B, 1, H, W)
+    pub out: Tensor,
+    /// (B, N, H, W) proposals upsampled to the output size.
+    pub proposals: Tensor,
+}
+
+/// (B, N) one-hot of the row argmax: the heuristic baseline keeps the best-matching proposal.
+fn one_hot_argmax(scores: &Tensor) -> Result<Tensor> {
+    let (_, n) = scores.dims2()?;
+    let best = scores.argmax_keepdim(1)?; // (B, 1) u32
+    let slots = Tensor::arange(0u32, n as u32, scores.device())?.unsqueeze(0)?;
+    slots.broadcast_eq(&best)?.to_dtype(scores.dtype())
+}
+
+/// A (B, H, W) support label as a (B, 1, H, W) float 0/1 mask, 255 (ignore) → 0.
+fn binary_mask(label: &Tensor, batch: usize, dtype: DType) -> Result<Tensor> {
+    let (b, h, w) = match label.dims() {
+        &[b, h, w] if h > 0 && w > 0 => (b, h, w),
+        _ => bail!("expected a non-empty (B, H, W) label, got {:?}", label.shape()),
+    };
+    if b != batch {
+        bail!("label batch {b} differs from the query batch {batch}");
+    }
+    let l = label.to_dtype(dtype)?;
+    let keep = l.ne(255f64)?;
+    keep.where_cond(&l, &l.zeros_like()?)?.reshape((b, 1, h, w))
+}

@@ -1,0 +1,53 @@
+//! Masked global average pooling (spec §3.5) and the cosine matching score (§3.6).
+
+use candle_core::{bail, Result, Tensor, D};
+
+/// Epsilon added to the support mask area (official `get_sup_propotype`).
+const SUPPORT_AREA_EPS: f64 = 1e-7;
+/// `F.cosine_similarity`'s default norm floor.
+const COSINE_EPS: f64 = 1e-8;
+
+/// Support prototype `Σ(S·m) / (Σm + 1e-7)` with `m` the support mask resized bilinearly
+/// (align_corners=True) to the feature size.
+///
+/// `features`: (B, C, h, w); `mask`: (B, 1, H, W) float 0/1 -> (B, C).
+pub fn support_prototype(features: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = features.dims4()?;
+    if mask.dims().len() != 4 || mask.dim(0)? != b || mask.dim(1)? != 1 {
+        bail!("support_prototype: mask must be (B={b}, 1, H, W), got {:?}", mask.shape());
+    }
+    let m = ops::resize::resize_bilinear(mask, (h, w), true)?.reshape((b, h * w, 1))?;
+    let area = m.sum(1)?; // (B, 1)
+    let pooled = features.reshape((b, c, h * w))?.matmul(&m)?.squeeze(2)?; // (B, C)
+    pooled.broadcast_div(&(area + SUPPORT_AREA_EPS)?)
+}
+
+/// Query prototypes, one per proposal: `Σ(Q·m_q) / Σm_q` with the soft proposals resized
+/// bilinearly (align_corners=True) to the feature size. No epsilon, as in the official code:
+/// soft sigmoid masks are never exactly zero everywhere.
+///
+/// `features`: (B, C, h, w); `proposals`: (B, N, H', W') probabilities -> (B, N, C).
+pub fn query_prototypes(features: &Tensor, proposals: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = features.dims4()?;
+    let (pb, n, _, _) = proposals.dims4()?;
+    if pb != b {
+        bail!("query_prototypes: {pb} proposal sets for a batch of {b}");
+    }
+    let m = ops::resize::resize_bilinear(proposals, (h, w), true)?.reshape((b, n, h * w))?;
+    let area = m.sum_keepdim(2)?; // (B, N, 1)
+    let pooled = m.matmul(&features.reshape((b, c, h * w))?.transpose(1, 2)?)?; // (B, N, C)
+    pooled.broadcast_div(&area)
+}
+
+/// `F.cosine_similarity(a, b, dim=-1, eps=1e-8)`: each side divided by max(‖·‖, eps).
+///
+/// `a`: (B, N, D), `b`: (B, 1, D) (broadcast over N) -> (B, N).
+pub fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let unit = |x: &Tensor| -> Result<Tensor> {
+        // max(√s, eps) taken as √max(s, eps²): same value, and a zero vector (empty support
+        // mask) gets a zero gradient instead of the NaN of √ at 0.
+        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.maximum(COSINE_EPS * COSINE_EPS)?.sqrt()?;
+        x.broadcast_div(&norm)
+    };
+    unit(a)?.broadcast_mul(&unit(b)?)?.sum(D::Minus1)
+}
