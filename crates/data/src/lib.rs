@@ -1,3 +1,63 @@
-//! Few-shot data: dataset readers (PASCAL-5i, COCO-20i, FSS-1000, user folders), the synthetic dataset, episode samplers, augmentation and the stage-1/stage-2 shard format.
+//! Few-shot segmentation data for MM-Former: dataset readers (PASCAL-5i and anything in the VOC
+//! layout, COCO-20i, COCO->PASCAL, FSS-1000, users' own folders, a few real VOC photos for smoke
+//! tests), the synthetic dataset, PFENet fold lists, training episode sampling with the paper's
+//! augmentation, and fixed, exportable test episodes.
+//!
+//! The crate stays free of any tensor library: images come out as [`NormalizedImage`] (CHW
+//! `f32`, ImageNet mean/std on the 0–255 scale) and labels as [`Label`] (`u8` per pixel, 255 =
+//! ignore); callers turn them into tensors.
+//!
+//! ```no_run
+//! # fn main() -> data::Result<()> {
+//! use data::{AugmentConfig, FewShotDataset, TestEpisodes, TrainEpisodeSampler, VocOptions};
+//! let ds = FewShotDataset::open_voc("VOC2012".as_ref(), &VocOptions::default())?;
+//! let mut sampler = TrainEpisodeSampler::new(&ds, 0, 1, 123, AugmentConfig::paper())?;
+//! let batch = sampler.next_batch(8)?; // query/support images + binary labels, class ids
+//! let test = TestEpisodes::generate_default(&ds, 0, 1)?; // 1000 episodes, official seed
+//! let first = test.load(&ds, 0, 480)?;
+//! # let _ = (batch, first); Ok(()) }
+//! ```
+//!
+//! # Your own data: the folder layout
+//!
+//! ```text
+//! <root>/<class name>/<name>.jpg    an image (.jpg, .jpeg or .png)
+//! <root>/<class name>/<name>.png    its mask, same size, next to it
+//! ```
+//!
+//! One folder per class; class ids follow the sorted folder names (1..K); at least 4 classes (4
+//! folds, contiguous blocks). A mask is a single-channel PNG: 8-bit grayscale (0 = background,
+//! any other value = the object, so 0/1 and 0/255 masks both work) or a palette PNG (index 0 =
+//! background, 255 = ignore, any other index = the object); an RGB mask counts a non-black pixel
+//! as the object. An image whose stem ends in `_mask` is never taken as an image. Every image is
+//! in both the train and the val split; folds separate the classes. Open it with
+//! [`FewShotDataset::open_folder`]. FSS-1000 uses the same layout with numbered files and is
+//! opened with [`FewShotDataset::open_fss`].
 
+pub mod augment;
+pub mod coco;
+pub mod dataset;
+pub mod episodes;
+pub mod error;
+pub mod folders;
+pub mod label;
+pub mod photos;
+pub mod rng;
+pub mod shard;
 pub mod synthetic;
+pub mod voc;
+
+pub use augment::{
+    augment_train, test_view, AugmentConfig, NormalizedImage, IMAGENET_MEAN, IMAGENET_STD, PAPER_CROP_SIZE,
+};
+pub use coco::{CocoOptions, CocoSplitFiles};
+pub use dataset::{
+    build_fold_list, ClassId, ClassPresence, DatasetKind, FewShotDataset, FoldList, FoldScheme, SampleRecord,
+    SampleSource, Split, COCO_TEST_SEEDS, COCO_TO_PASCAL_TEST_SEED, PASCAL_TEST_SEEDS, PFENET_MIN_CLASS_PIXELS,
+    VOC_CLASSES,
+};
+pub use episodes::{Episode, EpisodeSpec, PreparedView, TestEpisodes, TrainEpisodeSampler, DEFAULT_TEST_EPISODES};
+pub use error::{DataError, Result};
+pub use label::{read_label_png, write_label_png, Label, MaskEncoding, IGNORE};
+pub use rng::SeededRng;
+pub use voc::VocOptions;
