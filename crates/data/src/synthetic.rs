@@ -152,7 +152,7 @@ pub struct SyntheticSummary {
     pub train_images_per_class: Vec<usize>,
     /// Same for val.
     pub val_images_per_class: Vec<usize>,
-    /// Fraction of all label pixels that are 255 (the ignore band).
+    /// Fraction of all label pixels that are 255 (the ignore band), to 6 decimals.
     pub ignore_fraction: f64,
 }
 
@@ -376,8 +376,15 @@ fn read_manifest_value(out: &Path) -> Result<Option<serde_json::Value>, Syntheti
     }
 }
 
-/// The stored summary if `out` holds a complete dataset generated from exactly `cfg`.
-fn reusable(cfg: &SyntheticConfig, out: &Path) -> Result<Option<SyntheticSummary>, SyntheticError> {
+/// The stored summary if `out` holds a complete dataset generated from exactly `cfg` (what
+/// [`generate`] would reuse), else `None`. Reads only the manifest and the list files.
+pub fn existing_summary(
+    cfg: &SyntheticConfig,
+    out: &Path,
+) -> Result<Option<SyntheticSummary>, SyntheticError> {
+    if !out.is_dir() {
+        return Ok(None);
+    }
     let Some(value) = read_manifest_value(out)? else {
         return Ok(None);
     };
@@ -453,7 +460,10 @@ pub fn generate(
     progress: Option<&(dyn Fn(usize, usize) + Sync)>,
 ) -> Result<SyntheticSummary, SyntheticError> {
     cfg.validate()?;
-    if let Some(summary) = reusable(cfg, out)? {
+    if out.exists() && !out.is_dir() {
+        return Err(SyntheticError::NotSynthetic(out.to_path_buf()));
+    }
+    if let Some(summary) = existing_summary(cfg, out)? {
         return Ok(summary);
     }
     if !replaceable(out)? {
@@ -560,7 +570,10 @@ fn write_dataset(
         bytes_on_disk: dir_size(root)?,
         train_images_per_class: train_counts,
         val_images_per_class: val_counts,
-        ignore_fraction: ignore as f64 / (total as f64 * w as f64 * h as f64),
+        // Rounded to 6 decimals: short decimals survive the JSON round trip bit-exactly, so a
+        // reused summary compares equal to the one first returned.
+        ignore_fraction: libm::round(1e6 * ignore as f64 / (total as f64 * w as f64 * h as f64))
+            / 1e6,
     };
     let manifest = Manifest {
         generator: GENERATOR_TAG.into(),

@@ -188,13 +188,14 @@ fn synthetic_every_class_is_listed_in_both_splits() {
     );
     assert!(summary.bytes_on_disk > 0);
 
-    write_contact_sheet(
-        &root,
-        Split::Train,
-        8,
-        &std::env::temp_dir().join("synthetic_contact_test.png"),
-    )
-    .unwrap();
+    let sheet = tmp.path().join("contact.png");
+    write_contact_sheet(&root, Split::Train, 3, &sheet).unwrap();
+    let sheet = image::open(&sheet).unwrap();
+    // Three panels (image, label, overlay) per row, one row per image, 4 px gaps.
+    assert_eq!(
+        (sheet.width(), sheet.height()),
+        (3 * 256 + 8, 3 * (256 + 4))
+    );
 }
 
 #[test]
@@ -506,4 +507,36 @@ fn synthetic_default_generation_report() {
         &std::env::temp_dir().join("synthetic_contact.png"),
     )
     .unwrap();
+}
+
+#[test]
+fn synthetic_existing_summary_reports_reusable_folders_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ds");
+    let cfg = small_cfg(12);
+    assert_eq!(
+        data::synthetic::existing_summary(&cfg, &root).unwrap(),
+        None
+    );
+    let s = generate(&cfg, &root, None).unwrap();
+    assert_eq!(
+        data::synthetic::existing_summary(&cfg, &root).unwrap(),
+        Some(s)
+    );
+    let other = SyntheticConfig {
+        num_val: 7,
+        ..cfg.clone()
+    };
+    assert_eq!(
+        data::synthetic::existing_summary(&other, &root).unwrap(),
+        None
+    );
+    // A plain file where the folder should be is refused, not overwritten.
+    let file = tmp.path().join("file");
+    fs::write(&file, b"data").unwrap();
+    assert!(matches!(
+        generate(&cfg, &file, None),
+        Err(SyntheticError::NotSynthetic(_))
+    ));
+    assert_eq!(fs::read(&file).unwrap(), b"data");
 }
