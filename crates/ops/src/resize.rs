@@ -1,6 +1,6 @@
 //! Spatial resizing with torch `F.interpolate` semantics.
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 use crate::util::ensure_float;
 
@@ -12,17 +12,13 @@ fn dims4(x: &Tensor, what: &str) -> Result<(usize, usize, usize, usize)> {
 }
 
 /// The (out, in) matrix of torch's 1-D linear interpolation (`upsample_bilinear2d` along one
-/// axis, no antialiasing, no explicit scale factor), in row-major order.
-fn interp_matrix(n_in: usize, n_out: usize, align_corners: bool) -> Vec<f64> {
+/// axis, no antialiasing, no explicit scale factor), in row-major order. `single` computes the
+/// source positions in f32 as torch does for f32 tensors (its "opmath" type), so the weights
+/// round the same way.
+fn interp_matrix(n_in: usize, n_out: usize, align_corners: bool, single: bool) -> Vec<f64> {
+    let round = |v: f64| if single { v as f32 as f64 } else { v };
     let mut m = vec![0f64; n_out * n_in];
-    if n_in == n_out {
-        // torch short-circuits equal sizes to a copy in both modes.
-        for i in 0..n_in {
-            m[i * n_in + i] = 1.0;
-        }
-        return m;
-    }
-    let scale = if align_corners {
+    let scale = round(if align_corners {
         if n_out > 1 {
             (n_in - 1) as f64 / (n_out - 1) as f64
         } else {
@@ -30,17 +26,18 @@ fn interp_matrix(n_in: usize, n_out: usize, align_corners: bool) -> Vec<f64> {
         }
     } else {
         n_in as f64 / n_out as f64
-    };
+    });
     for o in 0..n_out {
         let src = if align_corners {
-            scale * o as f64
+            round(scale * o as f64)
         } else {
-            (scale * (o as f64 + 0.5) - 0.5).max(0.0)
+            // Each f32 operation of `scale * (o + 0.5) - 0.5` rounded like torch's.
+            round(round(scale * (o as f64 + 0.5)) - 0.5).max(0.0)
         };
-        let i0 = (src as usize).min(n_in - 1);
-        let lambda = (src - i0 as f64).clamp(0.0, 1.0);
+        let i0 = (src.floor() as usize).min(n_in - 1);
+        let lambda = round(src - i0 as f64).clamp(0.0, 1.0);
         let i1 = if i0 < n_in - 1 { i0 + 1 } else { i0 };
-        m[o * n_in + i0] += 1.0 - lambda;
+        m[o * n_in + i0] += round(1.0 - lambda);
         m[o * n_in + i1] += lambda;
     }
     m
@@ -63,27 +60,20 @@ pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) 
     }
     let dev = x.device();
     let dt = x.dtype();
-    // Each axis whose size is unchanged is skipped: torch copies it exactly.
-    let mut y = x.clone();
-    if ow != w {
-        let ww = Tensor::from_vec(interp_matrix(w, ow, align_corners), (ow, w), dev)?.to_dtype(dt)?;
-        y = y.reshape((b * c * h, w))?.matmul(&ww.t()?)?.reshape((b, c, h, ow))?;
-    }
+    let single = dt == DType::F32;
+    // Each axis whose size is unchanged is skipped: torch copies it exactly. Rows first, as a
+    // batched Wh · X_bc; then columns as one big (B·C·oh, W) · Wwᵀ gemm. This order needs no
+    // transposed copies of the (large) output.
+    let mut y = x.reshape((b * c, h, w))?;
     if oh != h {
-        let wh = Tensor::from_vec(interp_matrix(h, oh, align_corners), (oh, h), dev)?.to_dtype(dt)?;
-        // (B*C, ow, H) · Whᵀ -> (B*C, ow, oh), then back to rows-first.
-        y = y
-            .reshape((b * c, h, ow))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * c * ow, h))?
-            .matmul(&wh.t()?)?
-            .reshape((b * c, ow, oh))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, c, oh, ow))?;
+        let wh = Tensor::from_vec(interp_matrix(h, oh, align_corners, single), (oh, h), dev)?.to_dtype(dt)?;
+        y = wh.broadcast_left(b * c)?.matmul(&y)?;
     }
-    Ok(y)
+    if ow != w {
+        let ww = Tensor::from_vec(interp_matrix(w, ow, align_corners, single), (ow, w), dev)?.to_dtype(dt)?;
+        y = y.reshape((b * c * oh, w))?.matmul(&ww.t()?)?;
+    }
+    y.reshape((b, c, oh, ow))
 }
 
 /// torch `floor(dst * scale)` source indices for `F.interpolate(mode="nearest")`, with the
