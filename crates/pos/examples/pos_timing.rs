@@ -1,0 +1,91 @@
+//! POS speed on CPU: forward of the paper preset at a 480² input and forward + backward of the
+//! CPU preset, with a per-stage split.
+//!
+//! `cargo run --release -p pos --example pos_timing [-- <cpu-preset input side, default 480>]`
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use pos::{scratch_init_overrides, MSDeformAttnPixelDecoder, MultiScaleMaskedTransformerDecoder, Pos, PosConfig};
+
+fn features(cfg: &PosConfig, side: usize, dev: &Device) -> Result<Vec<Tensor>> {
+    [4usize, 8, 16, 32]
+        .iter()
+        .zip(cfg.in_channels)
+        .map(|(&stride, c)| Tensor::randn(0f32, 1.0, (1, c, side / stride, side / stride), dev)?.relu())
+        .collect()
+}
+
+fn build(cfg: &PosConfig, dev: &Device) -> Result<(VarMap, VarBuilder<'static>)> {
+    let mut varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    // Create the variables once so the overrides have something to replace.
+    Pos::new(cfg, vb.clone())?;
+    for (name, value) in scratch_init_overrides(cfg, dev)? {
+        varmap.set_one(name, value)?;
+    }
+    Ok((varmap, vb))
+}
+
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+fn main() -> Result<()> {
+    let dev = Device::Cpu;
+    let cpu_side: usize = match std::env::args().nth(1) {
+        Some(s) => s
+            .parse()
+            .map_err(|_| candle_core::Error::Msg(format!("input side must be a positive integer, got `{s}`")))?,
+        None => 480,
+    };
+    if cpu_side < 32 || cpu_side % 32 != 0 {
+        candle_core::bail!("input side must be a positive multiple of 32, got {cpu_side}");
+    }
+
+    // Paper preset, 480² input, forward only, with the split between the two halves.
+    let cfg = PosConfig::paper();
+    let (_vm, vb) = build(&cfg, &dev)?;
+    let vbh = vb.pp("sem_seg_head");
+    let pd = MSDeformAttnPixelDecoder::new(&cfg, vbh.pp("pixel_decoder"))?;
+    let dec = MultiScaleMaskedTransformerDecoder::new(&cfg, vbh.pp("predictor"))?;
+    let feats = features(&cfg, 480, &dev)?;
+    for run in 0..3 {
+        let t = Instant::now();
+        let p = pd.forward(&feats)?;
+        let t_pd = secs(t);
+        let t = Instant::now();
+        let o = dec.forward(&p.multi_scale, &p.mask_features, None)?;
+        let t_dec = secs(t);
+        let _ = o.decoder_output_final.sum_all()?.to_scalar::<f32>()?;
+        println!(
+            "paper preset 480² forward (run {run}): pixel decoder {t_pd:.3}s + transformer decoder {t_dec:.3}s = {:.3}s",
+            t_pd + t_dec
+        );
+    }
+
+    // CPU preset, forward + backward of a deep-supervision-like loss.
+    let cfg = PosConfig::cpu();
+    let (_vm, vb) = build(&cfg, &dev)?;
+    let pos = Pos::new(&cfg, vb)?;
+    let feats = features(&cfg, cpu_side, &dev)?;
+    for run in 0..3 {
+        let t = Instant::now();
+        let out = pos.forward(&feats)?;
+        let t_fwd = secs(t);
+        let t = Instant::now();
+        let mut loss = Tensor::new(0f32, &dev)?;
+        for p in out.all_predictions() {
+            loss = (loss + candle_nn::ops::sigmoid(&p)?.mean_all()?)?;
+        }
+        let grads = loss.backward()?;
+        let t_bwd = secs(t);
+        drop(grads);
+        println!(
+            "cpu preset {cpu_side}² forward {t_fwd:.3}s + backward {t_bwd:.3}s = {:.3}s (run {run})",
+            t_fwd + t_bwd
+        );
+    }
+    Ok(())
+}
