@@ -1,0 +1,218 @@
+//! Behaviour of the mask-matching module beyond the fixture: K-shot averaging, batching,
+//! ablations, ignore labels, self-alignment's definition and input validation.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use mm::cross_align::kv_size;
+use mm::self_align::self_align;
+use mm::{MaskMatching, MmConfig, MmOutput, Trace};
+use parity::{assert_close, FormulaWeights};
+
+const QH: usize = 64;
+const QW: usize = 96;
+const SH: usize = 96;
+const SW: usize = 64;
+
+fn model(cfg: &MmConfig) -> MaskMatching {
+    MaskMatching::new(cfg, FormulaWeights::formula_only().var_builder()).unwrap()
+}
+
+fn run(m: &MaskMatching, batch: usize, shots: &[&str]) -> MmOutput {
+    let cfg = m.config();
+    let query = common::features("q", cfg, batch, QH, QW);
+    let supports: Vec<_> = shots.iter().map(|s| common::features(s, cfg, batch, SH, SW)).collect();
+    let labels: Vec<_> = shots.iter().map(|_| common::label(batch, SH, SW)).collect();
+    let logits = common::proposal_logits("p", cfg, batch, QH, QW);
+    m.forward(&query, &supports, &labels, &logits, (QH, QW)).unwrap()
+}
+
+#[test]
+fn kv_size_follows_the_official_int_truncation() {
+    // README §2: query levels (4,5), (8,10), (16,20) → (15,18); supports (5,4)… → (18,15).
+    for (hw, kv) in [((4, 5), (15, 18)), ((8, 10), (15, 18)), ((16, 20), (15, 18)), ((5, 4), (18, 15)), ((20, 16), (18, 15))] {
+        assert_eq!(kv_size(hw.0, hw.1, 15), kv, "{hw:?}");
+    }
+    assert_eq!(kv_size(30, 30, 15), (15, 15));
+    assert_eq!(kv_size(60, 45, 15), (20, 15));
+}
+
+#[test]
+fn self_align_matches_its_definition() {
+    let x = common::pseudo("sa", &[2, 3, 2, 3]).to_dtype(DType::F64).unwrap();
+    let ours = self_align(&x).unwrap();
+    let xs = x.flatten_from(2).unwrap().to_vec3::<f64>().unwrap();
+    let mut expected = Vec::new();
+    for sample in &xs {
+        let n = sample[0].len();
+        let mean: Vec<f64> = (0..n).map(|j| sample.iter().map(|ch| ch[j]).sum::<f64>() / sample.len() as f64).collect();
+        let mx = mean.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = mean.iter().map(|m| (m - mx).exp()).collect();
+        let s: f64 = e.iter().sum();
+        for ch in sample {
+            let z: f64 = ch.iter().zip(&e).map(|(v, a)| v * a / s).sum();
+            let gate = 1.0 / (1.0 + (-z).exp());
+            expected.extend(ch.iter().map(|v| v * gate));
+        }
+    }
+    let expected = Tensor::from_vec(expected, (2, 3, 2, 3), &Device::Cpu).unwrap();
+    assert_close("self_align", &ours, &expected, 0.0, 1e-12);
+    assert!(self_align(&x.flatten_from(2).unwrap()).is_err());
+}
+
+#[test]
+fn repeated_shot_equals_one_shot() {
+    // K-shot averages per-shot prototypes, so K copies of one support give the 1-shot result.
+    let m = model(&common::small_config());
+    let one = run(&m, 1, &["s"]);
+    let three = run(&m, 1, &["s", "s", "s"]);
+    assert_close("out", &three.out, &one.out, 1e-5, 1e-6);
+    assert_close("cosine", &three.cosine, &one.cosine, 1e-5, 1e-6);
+    // A different second shot changes the result.
+    let mixed = run(&m, 1, &["s", "t"]);
+    let (d, _) = parity::max_abs_diff(&mixed.cosine, &one.cosine).unwrap();
+    assert!(d > 1e-4, "the second shot had no effect ({d})");
+}
+
+#[test]
+fn shot_average_is_the_mean_of_per_shot_prototypes() {
+    let m = model(&common::small_config());
+    let cfg = m.config();
+    let query = common::features("q", cfg, 1, QH, QW);
+    let supports = [common::features("s", cfg, 1, SH, SW), common::features("t", cfg, 1, SH, SW)];
+    let labels = [common::label(1, SH, SW), common::label(1, SH, SW)];
+    let logits = common::proposal_logits("p", cfg, 1, QH, QW);
+    let mut trace = Trace::new();
+    let out = m.forward_traced(&query, &supports, &labels, &logits, (QH, QW), &mut trace).unwrap();
+    for (name, avg) in [("query_prototypes", &out.query_prototypes), ("support_prototype", &out.support_prototype)] {
+        let a = trace.get(&format!("shot0.{name}")).unwrap();
+        let b = trace.get(&format!("shot1.{name}")).unwrap();
+        let mean = ((a + b).unwrap() / 2.0).unwrap();
+        assert_close(name, avg, &mean, 1e-6, 1e-7);
+        assert_eq!(trace.get(name).unwrap().dims(), avg.dims());
+    }
+    assert_eq!(out.query_prototypes.dims(), &[1, 6, 48]);
+    assert_eq!(out.support_prototype.dims(), &[1, 1, 48]);
+    assert_eq!(out.proposals.dims(), &[1, 6, QH, QW]);
+}
+
+#[test]
+fn batch_elements_are_independent() {
+    let m = model(&common::small_config());
+    let cfg = m.config();
+    let batched = run(&m, 2, &["s"]);
+    // Element 1 alone: slice every input.
+    let pick = |t: &Tensor| t.narrow(0, 1, 1).unwrap();
+    let query = common::features("q", cfg, 2, QH, QW).map(|t| pick(&t));
+    let support = common::features("s", cfg, 2, SH, SW).map(|t| pick(&t));
+    let label = pick(&common::label(2, SH, SW));
+    let logits = pick(&common::proposal_logits("p", cfg, 2, QH, QW));
+    let single = m.forward(&query, &[support], &[label], &logits, (QH, QW)).unwrap();
+    assert_close("out[1]", &pick(&batched.out), &single.out, 1e-5, 1e-6);
+    assert_close("coefficients[1]", &pick(&batched.coefficients), &single.coefficients, 1e-5, 1e-6);
+}
+
+#[test]
+fn ignore_pixels_in_the_support_label_count_as_background() {
+    let m = model(&common::small_config());
+    let cfg = m.config();
+    let query = common::features("q", cfg, 1, QH, QW);
+    let support = common::features("s", cfg, 1, SH, SW);
+    let logits = common::proposal_logits("p", cfg, 1, QH, QW);
+    let with_ignore = common::label(1, SH, SW);
+    let zeroed = with_ignore.ne(255f64).unwrap().where_cond(&with_ignore, &with_ignore.zeros_like().unwrap()).unwrap();
+    let a = m.forward(&query, &[support.clone()], &[with_ignore.clone()], &logits, (QH, QW)).unwrap();
+    let b = m.forward(&query, &[support.clone()], &[zeroed], &logits, (QH, QW)).unwrap();
+    assert_close("out", &a.out, &b.out, 0.0, 0.0);
+    // Integer labels are accepted too.
+    let c = m.forward(&query, &[support], &[with_ignore.to_dtype(DType::U8).unwrap()], &logits, (QH, QW)).unwrap();
+    assert_close("out (u8 label)", &c.out, &a.out, 0.0, 0.0);
+}
+
+#[test]
+fn heuristic_matching_keeps_the_highest_cosine_proposal() {
+    let cfg = MmConfig { learnable_matching: false, ..common::small_config() };
+    let varmap = VarMap::new();
+    let m = MaskMatching::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    assert!(varmap.data().lock().unwrap().keys().all(|k| !k.starts_with("fc")), "no matching MLP");
+    let out = run(&m, 2, &["s"]);
+    let best = out.cosine.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    for (b, &q) in best.iter().enumerate() {
+        let c = out.coefficients.get(b).unwrap().to_vec1::<f32>().unwrap();
+        let expected: Vec<f32> = (0..cfg.num_queries).map(|i| if i == q as usize { 1.0 } else { 0.0 }).collect();
+        assert_eq!(c, expected);
+        let chosen = out.proposals.get(b).unwrap().get(q as usize).unwrap();
+        assert_close("out = best proposal", &out.out.get(b).unwrap().get(0).unwrap(), &chosen, 0.0, 1e-6);
+    }
+}
+
+#[test]
+fn ablations_drop_their_modules() {
+    let cfg = MmConfig { cross_alignment: false, self_alignment: false, ..common::small_config() };
+    let varmap = VarMap::new();
+    let m = MaskMatching::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    {
+        let vars = varmap.data().lock().unwrap();
+        assert!(vars.keys().all(|k| !k.starts_with("crossat")), "no cross-alignment weights");
+        assert_eq!(vars.len(), 3 + 4, "convs and the matching MLP only");
+    }
+    let q = common::features("q", &cfg, 1, QH, QW);
+    let s = common::features("s", &cfg, 1, SH, SW);
+    let mut trace = Trace::new();
+    let logits = common::proposal_logits("p", &cfg, 1, QH, QW);
+    m.forward_traced(&q, &[s], &[common::label(1, SH, SW)], &logits, (QH, QW), &mut trace).unwrap();
+    // Without self-alignment the conv sees the raw features; without cross-alignment the
+    // prototypes pool the reduced (and, for the support, masked) features.
+    assert_close("no self-align", trace.get("query.self_aligned.l0").unwrap(), &q[0], 0.0, 0.0);
+    assert_close("no cross-align (query)", trace.get("shot0.cross_aligned.query.l2").unwrap(), trace.get("query.conv.l2").unwrap(), 0.0, 0.0);
+    assert_close("no cross-align (support)", trace.get("shot0.cross_aligned.support.l1").unwrap(), trace.get("shot0.support.masked.l1").unwrap(), 0.0, 0.0);
+    // The full model has them and gives a different answer.
+    let full = run(&model(&common::small_config()), 1, &["s"]);
+    let ablated = run(&model(&cfg), 1, &["s"]);
+    assert!(parity::max_abs_diff(&full.cosine, &ablated.cosine).unwrap().0 > 1e-4);
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let m = model(&common::small_config());
+    let cfg = m.config().clone();
+    let q = common::features("q", &cfg, 1, QH, QW);
+    let s = common::features("s", &cfg, 1, SH, SW);
+    let l = common::label(1, SH, SW);
+    let p = common::proposal_logits("p", &cfg, 1, QH, QW);
+    let err = |r: candle_core::Result<MmOutput>| r.unwrap_err().to_string();
+
+    let swapped = [q[2].clone(), q[1].clone(), q[0].clone()];
+    assert!(err(m.forward(&swapped, &[s.clone()], &[l.clone()], &p, (QH, QW))).contains("channels"));
+    assert!(err(m.forward(&q, &[], &[], &p, (QH, QW))).contains("at least one support"));
+    assert!(err(m.forward(&q, &[s.clone()], &[], &p, (QH, QW))).contains("support labels"));
+    let p7 = common::pseudo("p7", &[1, 7, QH / 4, QW / 4]);
+    assert!(err(m.forward(&q, &[s.clone()], &[l.clone()], &p7, (QH, QW))).contains("N=6"));
+    let l2 = common::label(2, SH, SW);
+    assert!(err(m.forward(&q, &[s.clone()], &[l2], &p, (QH, QW))).contains("batch"));
+    let l4 = l.unsqueeze(0).unwrap();
+    assert!(err(m.forward(&q, &[s.clone()], &[l4], &p, (QH, QW))).contains("(B, H, W)"));
+    let s2 = common::features("s", &cfg, 2, SH, SW);
+    assert!(err(m.forward(&q, &[s2], &[l.clone()], &p, (QH, QW))).contains("batch"));
+    assert!(err(m.forward(&q, &[s], &[l], &p, (0, QW))).contains("input size"));
+
+    for bad in [
+        MmConfig { hidden_dim: 30, ..common::small_config() },
+        MmConfig { num_heads: 3, ..common::small_config() },
+        MmConfig { num_queries: 0, ..common::small_config() },
+        MmConfig { in_channels: [24, 0, 8], ..common::small_config() },
+    ] {
+        let e = MaskMatching::new(&bad, FormulaWeights::formula_only().var_builder()).unwrap_err().to_string();
+        assert!(e.contains("MmConfig"), "{e}");
+    }
+}
+
+#[test]
+fn presets_have_the_documented_channels() {
+    assert_eq!(MmConfig::resnet50().in_channels, [2048, 1024, 512]);
+    assert_eq!(MmConfig::efficientnet_lite0().in_channels, [320, 112, 40]);
+    let c = MmConfig::default();
+    assert_eq!((c.hidden_dim, c.num_heads, c.dim_feedforward, c.num_queries, c.mlp_hidden()), (256, 4, 512, 100, 500));
+    assert!(c.validate().is_ok());
+}
