@@ -23,12 +23,17 @@ impl MultiheadAttention {
     /// Mask2Former's attention layers apply after construction.
     pub fn new(embed_dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
         if num_heads == 0 || embed_dim % num_heads != 0 {
-            bail!("MultiheadAttention: embed_dim {embed_dim} not divisible by num_heads {num_heads}");
+            bail!(
+                "MultiheadAttention: embed_dim {embed_dim} not divisible by num_heads {num_heads}"
+            );
         }
         let e = embed_dim;
         let xavier = |fan_in: usize, fan_out: usize| {
             let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
-            Init::Uniform { lo: -bound, up: bound }
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            }
         };
         let in_proj_weight = vb.get_with_hints((3 * e, e), "in_proj_weight", xavier(e, 3 * e))?;
         let in_proj_bias = vb.get_with_hints(3 * e, "in_proj_bias", Init::Const(0.0))?;
@@ -75,14 +80,23 @@ impl MultiheadAttention {
         let dh = e / nh;
         let (b, lq) = match q.dims() {
             &[b, lq, qe] if qe == e => (b, lq),
-            _ => bail!("MultiheadAttention: q must be (B, Lq, {e}), got {:?}", q.shape()),
+            _ => bail!(
+                "MultiheadAttention: q must be (B, Lq, {e}), got {:?}",
+                q.shape()
+            ),
         };
         let lk = match k.dims() {
             &[kb, lk, ke] if kb == b && ke == e => lk,
-            _ => bail!("MultiheadAttention: k must be (B={b}, Lk, {e}), got {:?}", k.shape()),
+            _ => bail!(
+                "MultiheadAttention: k must be (B={b}, Lk, {e}), got {:?}",
+                k.shape()
+            ),
         };
         if v.dims() != [b, lk, e] {
-            bail!("MultiheadAttention: v must be (B={b}, Lk={lk}, {e}), got {:?}", v.shape());
+            bail!(
+                "MultiheadAttention: v must be (B={b}, Lk={lk}, {e}), got {:?}",
+                v.shape()
+            );
         }
         let project = |x: &Tensor, i: usize| -> Result<Tensor> {
             let w = self.in_proj_weight.narrow(0, i * e, e)?;
@@ -98,11 +112,11 @@ impl MultiheadAttention {
         let vh = split(project(v, 2)?, lk)?;
         let mut logits = qh.matmul(&kh.t()?)?; // (B, heads, Lq, Lk)
         if let Some(mask) = attn_mask {
-            let mask = match mask.dims() {
-                &[mb, mq, mk] if mb == b && mq == lq && mk == lk => {
+            let mask = match *mask.dims() {
+                [mb, mq, mk] if mb == b && mq == lq && mk == lk => {
                     mask.unsqueeze(1)?.broadcast_as((b, nh, lq, lk))?
                 }
-                &[mb, mq, mk] if mb == b * nh && mq == lq && mk == lk => {
+                [mb, mq, mk] if mb == b * nh && mq == lq && mk == lk => {
                     mask.reshape((b, nh, lq, lk))?
                 }
                 _ => bail!(
@@ -124,10 +138,7 @@ impl MultiheadAttention {
             };
         }
         let weights = softmax(&logits, 3)?;
-        let out = weights
-            .matmul(&vh)?
-            .transpose(1, 2)?
-            .reshape((b, lq, e))?;
+        let out = weights.matmul(&vh)?.transpose(1, 2)?.reshape((b, lq, e))?;
         Ok((self.out_proj.forward(&out)?, weights))
     }
 }

@@ -29,7 +29,10 @@ fn check_core_inputs(
     ensure_float(attention_weights, "ms_deform_attn_core attention_weights")?;
     let (b, s, heads, dh) = match value.dims() {
         &[b, s, m, d] => (b, s, m, d),
-        _ => bail!("ms_deform_attn_core: value must be (B, S, heads, dh), got {:?}", value.shape()),
+        _ => bail!(
+            "ms_deform_attn_core: value must be (B, S, heads, dh), got {:?}",
+            value.shape()
+        ),
     };
     let n_levels = spatial_shapes.len();
     let total: usize = spatial_shapes.iter().map(|&(h, w)| h * w).sum();
@@ -51,7 +54,14 @@ fn check_core_inputs(
             attention_weights.shape()
         );
     }
-    Ok(CoreDims { b, s, heads, dh, lq, points })
+    Ok(CoreDims {
+        b,
+        s,
+        heads,
+        dh,
+        lq,
+        points,
+    })
 }
 
 /// The pure-PyTorch `ms_deform_attn_core_pytorch`: per level, bilinear `grid_sample`
@@ -74,7 +84,12 @@ pub fn ms_deform_attn_core(
 ) -> Result<Tensor> {
     let dims = check_core_inputs(value, spatial_shapes, sampling_locations, attention_weights)?;
     if !value.device().is_cpu() {
-        return ms_deform_attn_core_composed(value, spatial_shapes, sampling_locations, attention_weights);
+        return ms_deform_attn_core_composed(
+            value,
+            spatial_shapes,
+            sampling_locations,
+            attention_weights,
+        );
     }
     let dt = value.dtype();
     let mut levels = Vec::with_capacity(spatial_shapes.len());
@@ -111,8 +126,14 @@ pub fn ms_deform_attn_core_composed(
     sampling_locations: &Tensor,
     attention_weights: &Tensor,
 ) -> Result<Tensor> {
-    let CoreDims { b, s, heads, dh, lq, points: n_points } =
-        check_core_inputs(value, spatial_shapes, sampling_locations, attention_weights)?;
+    let CoreDims {
+        b,
+        s,
+        heads,
+        dh,
+        lq,
+        points: n_points,
+    } = check_core_inputs(value, spatial_shapes, sampling_locations, attention_weights)?;
     let n_levels = spatial_shapes.len();
     if b * heads * s > u32::MAX as usize {
         bail!("ms_deform_attn_core: too many value rows for u32 indices");
@@ -188,7 +209,10 @@ pub fn sampling_offsets_bias_init(
 /// Xavier-uniform init hint for a (fan_out, fan_in) weight.
 fn xavier(fan_in: usize, fan_out: usize) -> Init {
     let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
-    Init::Uniform { lo: -bound, up: bound }
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
 }
 
 /// Deformable-DETR `MSDeformAttn` (no padding mask).
@@ -254,7 +278,11 @@ impl MSDeformAttn {
     ) -> Result<Tensor> {
         let (b, lq, c) = match query.dims() {
             &[b, lq, c] if c == self.d_model => (b, lq, c),
-            _ => bail!("MSDeformAttn: query must be (B, Lq, {}), got {:?}", self.d_model, query.shape()),
+            _ => bail!(
+                "MSDeformAttn: query must be (B, Lq, {}), got {:?}",
+                self.d_model,
+                query.shape()
+            ),
         };
         let s = match input_flatten.dims() {
             &[ib, s, ic] if ib == b && ic == c => s,
@@ -278,16 +306,29 @@ impl MSDeformAttn {
             );
         }
         let (m, l, p) = (self.n_heads, self.n_levels, self.n_points);
-        let value = self.value_proj.forward(input_flatten)?.reshape((b, s, m, c / m))?;
-        let offsets = self.sampling_offsets.forward(query)?.reshape((b, lq, m, l, p, 2))?;
-        let attn = softmax(&self.attention_weights.forward(query)?.reshape((b, lq, m, l * p))?, 3)?
-            .reshape((b, lq, m, l, p))?;
+        let value = self
+            .value_proj
+            .forward(input_flatten)?
+            .reshape((b, s, m, c / m))?;
+        let offsets = self
+            .sampling_offsets
+            .forward(query)?
+            .reshape((b, lq, m, l, p, 2))?;
+        let attn = softmax(
+            &self
+                .attention_weights
+                .forward(query)?
+                .reshape((b, lq, m, l * p))?,
+            3,
+        )?
+        .reshape((b, lq, m, l, p))?;
         // offset_normalizer = (w_l, h_l) per level.
         let norm: Vec<f32> = spatial_shapes
             .iter()
             .flat_map(|&(h, w)| [w as f32, h as f32])
             .collect();
-        let norm = Tensor::from_vec(norm, (1, 1, 1, l, 1, 2), query.device())?.to_dtype(query.dtype())?;
+        let norm =
+            Tensor::from_vec(norm, (1, 1, 1, l, 1, 2), query.device())?.to_dtype(query.dtype())?;
         let locations = reference_points
             .to_dtype(query.dtype())?
             .reshape((b, lq, 1, l, 1, 2))?

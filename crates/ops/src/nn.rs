@@ -13,7 +13,10 @@ use crate::util::ensure_float;
 pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     ensure_float(x, "softmax")?;
     if dim >= x.rank() {
-        bail!("softmax: dim {dim} out of range for a tensor of shape {:?}", x.shape());
+        bail!(
+            "softmax: dim {dim} out of range for a tensor of shape {:?}",
+            x.shape()
+        );
     }
     let max = x.max_keepdim(dim)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
@@ -49,7 +52,10 @@ impl LayerNorm {
         ensure_float(x, "LayerNorm")?;
         let dim = self.weight.dim(0)?;
         if x.rank() == 0 || x.dim(D::Minus1)? != dim {
-            bail!("LayerNorm({dim}): input shape {:?} must end in {dim}", x.shape());
+            bail!(
+                "LayerNorm({dim}): input shape {:?} must end in {dim}",
+                x.shape()
+            );
         }
         normalize(x, &[x.rank() - 1], self.eps)?
             .broadcast_mul(&self.weight)?
@@ -73,7 +79,12 @@ impl GroupNorm {
         }
         let weight = vb.get_with_hints(num_channels, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(num_channels, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias, num_groups, eps })
+        Ok(Self {
+            weight,
+            bias,
+            num_groups,
+            eps,
+        })
     }
 
     /// `x`: (B, C, H, W) -> (B, C, H, W).
@@ -82,7 +93,10 @@ impl GroupNorm {
         let c = self.weight.dim(0)?;
         let (b, xc, h, w) = match x.dims() {
             &[b, xc, h, w] => (b, xc, h, w),
-            _ => bail!("GroupNorm: expected a (B, C, H, W) input, got {:?}", x.shape()),
+            _ => bail!(
+                "GroupNorm: expected a (B, C, H, W) input, got {:?}",
+                x.shape()
+            ),
         };
         if xc != c {
             bail!("GroupNorm: input has {xc} channels, layer has {c}");
@@ -118,7 +132,11 @@ impl Mlp {
         let layers = (0..num_layers)
             .map(|i| {
                 let n_in = if i == 0 { in_dim } else { hidden_dim };
-                let n_out = if i + 1 == num_layers { out_dim } else { hidden_dim };
+                let n_out = if i + 1 == num_layers {
+                    out_dim
+                } else {
+                    hidden_dim
+                };
                 candle_nn::linear(n_in, n_out, vb.pp(i))
             })
             .collect::<Result<Vec<_>>>()?;

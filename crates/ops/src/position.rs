@@ -16,7 +16,9 @@ pub fn sine_position_encoding(
     device: &Device,
 ) -> Result<Tensor> {
     if num_pos_feats == 0 || num_pos_feats % 2 != 0 {
-        bail!("sine_position_encoding: num_pos_feats must be even and positive, got {num_pos_feats}");
+        bail!(
+            "sine_position_encoding: num_pos_feats must be even and positive, got {num_pos_feats}"
+        );
     }
     const TEMPERATURE: f32 = 10000.0;
     const EPS: f32 = 1e-6;
@@ -41,7 +43,7 @@ pub fn sine_position_encoding(
     let mut out = Vec::with_capacity(2 * f * h * w);
     for k in 0..f {
         for y in 0..h {
-            out.extend(std::iter::repeat(ty[k * h + y]).take(w));
+            out.extend(std::iter::repeat_n(ty[k * h + y], w));
         }
     }
     for k in 0..f {

@@ -66,11 +66,13 @@ pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) 
     // transposed copies of the (large) output.
     let mut y = x.reshape((b * c, h, w))?;
     if oh != h {
-        let wh = Tensor::from_vec(interp_matrix(h, oh, align_corners, single), (oh, h), dev)?.to_dtype(dt)?;
+        let wh = Tensor::from_vec(interp_matrix(h, oh, align_corners, single), (oh, h), dev)?
+            .to_dtype(dt)?;
         y = wh.broadcast_left(b * c)?.matmul(&y)?;
     }
     if ow != w {
-        let ww = Tensor::from_vec(interp_matrix(w, ow, align_corners, single), (ow, w), dev)?.to_dtype(dt)?;
+        let ww = Tensor::from_vec(interp_matrix(w, ow, align_corners, single), (ow, w), dev)?
+            .to_dtype(dt)?;
         y = y.reshape((b * c * oh, w))?.matmul(&ww.t()?)?;
     }
     y.reshape((b, c, oh, ow))

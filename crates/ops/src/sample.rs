@@ -15,7 +15,10 @@ pub fn grid_sample_bilinear(input: &Tensor, grid: &Tensor) -> Result<Tensor> {
     ensure_float(grid, "grid_sample_bilinear grid")?;
     let (b, c, h, w) = match input.dims() {
         &[b, c, h, w] => (b, c, h, w),
-        _ => bail!("grid_sample_bilinear: input must be (B, C, H, W), got {:?}", input.shape()),
+        _ => bail!(
+            "grid_sample_bilinear: input must be (B, C, H, W), got {:?}",
+            input.shape()
+        ),
     };
     let (ho, wo) = match grid.dims() {
         &[gb, ho, wo, 2] if gb == b => (ho, wo),
@@ -58,7 +61,10 @@ pub fn point_sample(input: &Tensor, coords: &Tensor) -> Result<Tensor> {
     ensure_float(coords, "point_sample coords")?;
     let (b, p) = match coords.dims() {
         &[b, p, 2] => (b, p),
-        _ => bail!("point_sample: coords must be (B, P, 2), got {:?}", coords.shape()),
+        _ => bail!(
+            "point_sample: coords must be (B, P, 2), got {:?}",
+            coords.shape()
+        ),
     };
     let grid = coords.affine(2.0, -1.0)?.reshape((b, 1, p, 2))?;
     grid_sample_bilinear(input, &grid)?.squeeze(D::Minus2)

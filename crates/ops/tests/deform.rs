@@ -6,11 +6,18 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_close, assert_values, Rng};
-use ops::deform::{ms_deform_attn_core, ms_deform_attn_core_composed, sampling_offsets_bias_init, MSDeformAttn};
+use ops::deform::{
+    ms_deform_attn_core, ms_deform_attn_core_composed, sampling_offsets_bias_init, MSDeformAttn,
+};
 use ops::sample::grid_sample_bilinear;
 
 /// `ms_deform_attn_core_pytorch` written level by level with grid_sample, as the official code.
-fn reference_core(value: &Tensor, shapes: &[(usize, usize)], loc: &Tensor, attn: &Tensor) -> Tensor {
+fn reference_core(
+    value: &Tensor,
+    shapes: &[(usize, usize)],
+    loc: &Tensor,
+    attn: &Tensor,
+) -> Tensor {
     let (b, _s, m, d) = value.dims4().unwrap();
     let (lq, p) = (loc.dim(1).unwrap(), loc.dim(4).unwrap());
     let mut start = 0;
@@ -76,9 +83,20 @@ fn core_matches_per_level_grid_sample() {
     let got = ms_deform_attn_core(&value64, &shapes, &loc, &attn).unwrap();
     assert_eq!(got.dtype(), DType::F64);
     assert_close(&got, &want, 1e-5, "CPU kernel f64");
-    let loc_t = loc.transpose(0, 1).unwrap().contiguous().unwrap().transpose(0, 1).unwrap();
+    let loc_t = loc
+        .transpose(0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap();
     assert!(!loc_t.is_contiguous());
-    assert_close(&ms_deform_attn_core(&value, &shapes, &loc_t, &attn).unwrap(), &want, 1e-5, "strided");
+    assert_close(
+        &ms_deform_attn_core(&value, &shapes, &loc_t, &attn).unwrap(),
+        &want,
+        1e-5,
+        "strided",
+    );
 }
 
 #[test]
@@ -120,10 +138,16 @@ fn module_samples_at_reference_plus_pixel_offsets() {
     vm.set_one("da.sampling_offsets.bias", bias).unwrap();
     // Input: level 0 (2x3) then level 1 (3x2); channel k of pixel n = 100k + n.
     let s = 12;
-    let v: Vec<f32> = (0..s).flat_map(|n| (0..c).map(move |k| (100 * k + n) as f32)).collect();
+    let v: Vec<f32> = (0..s)
+        .flat_map(|n| (0..c).map(move |k| (100 * k + n) as f32))
+        .collect();
     let input = Tensor::from_vec(v, (1, s, c), &Device::Cpu).unwrap();
     // Reference: level 0 pixel (y=0, x=1), level 1 pixel (y=1, x=0) (normalised centres).
-    let r = Tensor::new(&[[[[1.5f32 / 3.0, 0.5 / 2.0], [0.5 / 2.0, 1.5 / 3.0]]]], &Device::Cpu).unwrap();
+    let r = Tensor::new(
+        &[[[[1.5f32 / 3.0, 0.5 / 2.0], [0.5 / 2.0, 1.5 / 3.0]]]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let query = Tensor::zeros((1, 1, c), DType::F32, &Device::Cpu).unwrap();
     let out = attn_mod.forward(&query, &r, &input, &shapes).unwrap();
     assert_eq!(out.dims(), &[1, 1, c]);
@@ -131,10 +155,17 @@ fn module_samples_at_reference_plus_pixel_offsets() {
     // Head 1 (channels 2,3): level 0 at (0, 1) = pixel 1, level 1 at (2, 0) = pixel 6 + 4.
     let h0 = (2.0 + 8.0) / 2.0;
     let h1 = (1.0 + 10.0) / 2.0;
-    assert_values(&out, &[h0, 100.0 + h0, 200.0 + h1, 300.0 + h1], 1e-4, "MSDeformAttn");
+    assert_values(
+        &out,
+        &[h0, 100.0 + h0, 200.0 + h1, 300.0 + h1],
+        1e-4,
+        "MSDeformAttn",
+    );
     // Wrong level count / shapes are errors, not panics.
     assert!(attn_mod.forward(&query, &r, &input, &shapes[..1]).is_err());
-    assert!(attn_mod.forward(&query, &r, &input.narrow(1, 0, 11).unwrap(), &shapes).is_err());
+    assert!(attn_mod
+        .forward(&query, &r, &input.narrow(1, 0, 11).unwrap(), &shapes)
+        .is_err());
 }
 
 #[test]

@@ -35,7 +35,14 @@ fn softmax_gradient() {
     let mut rng = Rng::new(100);
     let x = rng.var(&[3, 4, 5], -3.0, 3.0);
     for dim in 0..3 {
-        check_grads(&format!("softmax dim {dim}"), &[("x", &x)], || softmax(&x, dim), 60, EPS, TOL);
+        check_grads(
+            &format!("softmax dim {dim}"),
+            &[("x", &x)],
+            || softmax(&x, dim),
+            60,
+            EPS,
+            TOL,
+        );
     }
 }
 
@@ -130,8 +137,19 @@ fn ms_deform_attn_core_gradient() {
     let value = rng.var(&[b, s, m, d], -1.0, 1.0);
     let loc = rng.var(&[b, lq, m, 2, p, 2], -0.1, 1.1);
     let attn = rng.var(&[b, lq, m, 2, p], 0.0, 1.0);
-    let vars = [("value", &value), ("sampling_locations", &loc), ("attention_weights", &attn)];
-    check_grads("ms_deform_attn_core (CPU kernel)", &vars, || ms_deform_attn_core(&value, &shapes, &loc, &attn), 60, EPS, TOL);
+    let vars = [
+        ("value", &value),
+        ("sampling_locations", &loc),
+        ("attention_weights", &attn),
+    ];
+    check_grads(
+        "ms_deform_attn_core (CPU kernel)",
+        &vars,
+        || ms_deform_attn_core(&value, &shapes, &loc, &attn),
+        60,
+        EPS,
+        TOL,
+    );
     check_grads(
         "ms_deform_attn_core_composed",
         &vars,
@@ -156,8 +174,19 @@ fn ms_deform_attn_module_gradient() {
     let refp = rng.var(&[1, 5, levels, 2], 0.1, 0.9);
     let input = rng.var(&[1, s, c], -1.0, 1.0);
     let mut all: Vec<(&str, &Var)> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    all.extend([("query", &query), ("reference_points", &refp), ("input_flatten", &input)]);
-    check_grads("MSDeformAttn", &all, || da.forward(&query, &refp, &input, &shapes), 25, EPS, TOL);
+    all.extend([
+        ("query", &query),
+        ("reference_points", &refp),
+        ("input_flatten", &input),
+    ]);
+    check_grads(
+        "MSDeformAttn",
+        &all,
+        || da.forward(&query, &refp, &input, &shapes),
+        25,
+        EPS,
+        TOL,
+    );
 }
 
 #[test]
@@ -167,7 +196,11 @@ fn multihead_attention_gradient() {
     let vm = VarMap::new();
     let mha = MultiheadAttention::new(e, heads, f64_vb(&vm).pp("mha")).unwrap();
     let vars = randomized_vars(&vm, &mut rng, -0.6, 0.6);
-    assert_eq!(vars.len(), 4, "in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias");
+    assert_eq!(
+        vars.len(),
+        4,
+        "in_proj_weight, in_proj_bias, out_proj.weight, out_proj.bias"
+    );
     let q = rng.var(&[b, lq, e], -1.0, 1.0);
     let k = rng.var(&[b, lk, e], -1.0, 1.0);
     let v = rng.var(&[b, lk, e], -1.0, 1.0);
@@ -175,8 +208,22 @@ fn multihead_attention_gradient() {
     let mask = Tensor::from_vec(mask, (b, lq, lk), &Device::Cpu).unwrap();
     let mut all: Vec<(&str, &Var)> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
     all.extend([("q", &q), ("k", &k), ("v", &v)]);
-    check_grads("MHA unmasked", &all, || mha.forward(&q, &k, &v, None), 30, EPS, TOL);
-    check_grads("MHA masked", &all, || mha.forward(&q, &k, &v, Some(&mask)), 30, EPS, TOL);
+    check_grads(
+        "MHA unmasked",
+        &all,
+        || mha.forward(&q, &k, &v, None),
+        30,
+        EPS,
+        TOL,
+    );
+    check_grads(
+        "MHA masked",
+        &all,
+        || mha.forward(&q, &k, &v, Some(&mask)),
+        30,
+        EPS,
+        TOL,
+    );
 }
 
 /// The checker itself must be able to fail: `x * detach(x)` reports half the true derivative.
@@ -185,7 +232,14 @@ fn multihead_attention_gradient() {
 fn checker_detects_a_wrong_gradient() {
     let mut rng = Rng::new(109);
     let x = rng.var(&[4], 0.5, 1.5);
-    check_grads("wrong", &[("x", &x)], || x.as_tensor().mul(&x.as_tensor().detach()), 4, EPS, TOL);
+    check_grads(
+        "wrong",
+        &[("x", &x)],
+        || x.as_tensor().mul(&x.as_tensor().detach()),
+        4,
+        EPS,
+        TOL,
+    );
 }
 
 /// ... and must refuse an input that no gradient reaches.
@@ -195,5 +249,12 @@ fn checker_detects_a_missing_gradient() {
     let mut rng = Rng::new(110);
     let x = rng.var(&[2, 3], -1.0, 1.0);
     let x32 = x.as_tensor().clone();
-    check_grads("stock softmax", &[("x", &x)], || candle_nn::ops::softmax_last_dim(&x32), 4, EPS, TOL);
+    check_grads(
+        "stock softmax",
+        &[("x", &x)],
+        || candle_nn::ops::softmax_last_dim(&x32),
+        4,
+        EPS,
+        TOL,
+    );
 }

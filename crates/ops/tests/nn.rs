@@ -14,16 +14,32 @@ fn softmax_matches_candle_on_every_dim() {
     let x = rng.tensor(&[3, 4, 7], -5.0, 5.0, DType::F32);
     for dim in 0..3 {
         let want = candle_nn::ops::softmax(&x, dim).unwrap();
-        assert_close(&softmax(&x, dim).unwrap(), &want, 1e-6, &format!("softmax dim {dim}"));
+        assert_close(
+            &softmax(&x, dim).unwrap(),
+            &want,
+            1e-6,
+            &format!("softmax dim {dim}"),
+        );
     }
     let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
-    assert_close(&softmax(&x, 2).unwrap(), &want, 1e-6, "softmax vs softmax_last_dim");
+    assert_close(
+        &softmax(&x, 2).unwrap(),
+        &want,
+        1e-6,
+        "softmax vs softmax_last_dim",
+    );
 }
 
 #[test]
 fn softmax_is_stable_for_large_logits() {
-    let x = Tensor::new(&[[1000f32, 1001.0, 1002.0], [-1000.0, -1000.0, f32::NEG_INFINITY]], &Device::Cpu)
-        .unwrap();
+    let x = Tensor::new(
+        &[
+            [1000f32, 1001.0, 1002.0],
+            [-1000.0, -1000.0, f32::NEG_INFINITY],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
     let e = [1.0f64, std::f64::consts::E, std::f64::consts::E.powi(2)];
     let s: f64 = e.iter().sum();
     assert_values(
@@ -50,10 +66,23 @@ fn stock_softmax_last_dim_has_no_gradient() {
     let x = rng.var(&[2, 5], -1.0, 1.0);
     let x32 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
     let w = rng.tensor(&[2, 5], -1.0, 1.0, DType::F32);
-    let loss = candle_nn::ops::softmax_last_dim(&x32).unwrap().mul(&w).unwrap().sum_all().unwrap();
+    let loss = candle_nn::ops::softmax_last_dim(&x32)
+        .unwrap()
+        .mul(&w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
-    assert!(grads.get(x32.as_tensor()).is_none(), "candle's softmax_last_dim now has a backward");
-    let loss = softmax(&x32, 1).unwrap().mul(&w).unwrap().sum_all().unwrap();
+    assert!(
+        grads.get(x32.as_tensor()).is_none(),
+        "candle's softmax_last_dim now has a backward"
+    );
+    let loss = softmax(&x32, 1)
+        .unwrap()
+        .mul(&w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
     assert!(grads.get(x32.as_tensor()).is_some());
 }
@@ -84,7 +113,9 @@ fn layer_norm_matches_candle() {
     let xt = x.transpose(0, 1).unwrap();
     let want = candle_nn::ops::layer_norm(&xt.contiguous().unwrap(), &w, &b, 1e-5).unwrap();
     assert_close(&ln.forward(&xt).unwrap(), &want, 2e-6, "LayerNorm strided");
-    assert!(ln.forward(&rng.tensor(&[2, 15], 0.0, 1.0, DType::F32)).is_err());
+    assert!(ln
+        .forward(&rng.tensor(&[2, 15], 0.0, 1.0, DType::F32))
+        .is_err());
 }
 
 #[test]
@@ -95,7 +126,12 @@ fn layer_norm_defaults_are_identity_affine() {
     let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0]], &Device::Cpu).unwrap();
     // mean 2.5, population variance 1.25.
     let s = 1.25f64.sqrt();
-    assert_values(&ln.forward(&x).unwrap(), &[-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s], 1e-6, "LN");
+    assert_values(
+        &ln.forward(&x).unwrap(),
+        &[-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s],
+        1e-6,
+        "LN",
+    );
 }
 
 #[test]
@@ -110,25 +146,49 @@ fn group_norm_matches_candle() {
     let reference = candle_nn::GroupNorm::new(w, b, 8, 4, 1e-5).unwrap();
     let want = candle_nn::Module::forward(&reference, &x).unwrap();
     assert_close(&gn.forward(&x).unwrap(), &want, 2e-6, "GroupNorm");
-    assert!(gn.forward(&rng.tensor(&[2, 6, 5, 3], 0.0, 1.0, DType::F32)).is_err());
-    assert!(gn.forward(&rng.tensor(&[2, 8, 5], 0.0, 1.0, DType::F32)).is_err());
+    assert!(gn
+        .forward(&rng.tensor(&[2, 6, 5, 3], 0.0, 1.0, DType::F32))
+        .is_err());
+    assert!(gn
+        .forward(&rng.tensor(&[2, 8, 5], 0.0, 1.0, DType::F32))
+        .is_err());
     let vm = VarMap::new();
-    assert!(GroupNorm::new(3, 8, 1e-5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).is_err());
+    assert!(GroupNorm::new(
+        3,
+        8,
+        1e-5,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)
+    )
+    .is_err());
 }
 
 #[test]
 fn mlp_names_and_relu_placement() {
     // layers.0: 2->2 identity with bias (0, -5); layers.1: 2->1 sum, bias 1.
     let vm = varmap_with(&[
-        ("m.layers.0.weight", Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap()),
-        ("m.layers.0.bias", Tensor::new(&[0f32, -5.0], &Device::Cpu).unwrap()),
-        ("m.layers.1.weight", Tensor::new(&[[1f32, 1.0]], &Device::Cpu).unwrap()),
-        ("m.layers.1.bias", Tensor::new(&[-10f32], &Device::Cpu).unwrap()),
+        (
+            "m.layers.0.weight",
+            Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap(),
+        ),
+        (
+            "m.layers.0.bias",
+            Tensor::new(&[0f32, -5.0], &Device::Cpu).unwrap(),
+        ),
+        (
+            "m.layers.1.weight",
+            Tensor::new(&[[1f32, 1.0]], &Device::Cpu).unwrap(),
+        ),
+        (
+            "m.layers.1.bias",
+            Tensor::new(&[-10f32], &Device::Cpu).unwrap(),
+        ),
     ]);
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let mlp = Mlp::new(2, 2, 1, 2, vb.pp("m")).unwrap();
     let x = Tensor::new(&[[[3f32, 4.0]], [[-3.0, 7.0]]], &Device::Cpu).unwrap();
     // relu after the first layer only: [3, 0] -> -7 ; [0, 2] -> -8 (last layer not rectified).
     assert_values(&mlp.forward(&x).unwrap(), &[-7.0, -8.0], 1e-6, "Mlp");
-    assert!(mlp.forward(&Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap()).is_err());
+    assert!(mlp
+        .forward(&Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap())
+        .is_err());
 }

@@ -21,7 +21,11 @@ fn sine_position_encoding_parity_with_fixture() {
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()));
     let mut checked = 0;
-    for key in ["mm.1shot.shot0.query.pos.l0", "mm.1shot.shot0.query.pos.l1", "mm.1shot.shot0.query.pos.l2"] {
+    for key in [
+        "mm.1shot.shot0.query.pos.l0",
+        "mm.1shot.shot0.query.pos.l1",
+        "mm.1shot.shot0.query.pos.l2",
+    ] {
         let Some(want) = tensors.get(key) else {
             assert_ne!(key, "mm.1shot.shot0.query.pos.l0", "fixture lacks {key}");
             continue;
@@ -42,7 +46,9 @@ fn sine_position_encoding_layout() {
     // Channel 0: sin of the normalised row index; it varies along y only.
     let y_embed = |i: usize| (i + 1) as f64 / (3.0 + 1e-6) * scale;
     let x_embed = |j: usize| (j + 1) as f64 / (4.0 + 1e-6) * scale;
-    let v = |c: usize, i: usize, j: usize| pos.i((1, c, i, j)).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let v = |c: usize, i: usize, j: usize| {
+        pos.i((1, c, i, j)).unwrap().to_scalar::<f32>().unwrap() as f64
+    };
     for i in 0..3 {
         for j in 0..4 {
             assert!((v(0, i, j) - y_embed(i).sin()).abs() < 1e-5);

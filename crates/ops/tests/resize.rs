@@ -14,7 +14,12 @@ fn t4(v: &[f32], h: usize, w: usize) -> Tensor {
 fn bilinear_1d_known_values() {
     // torch: F.interpolate([0, 1] -> 4, align_corners=False) = [0, .25, .75, 1]
     let x = t4(&[0.0, 1.0], 1, 2);
-    assert_values(&resize_bilinear(&x, (1, 4), false).unwrap(), &[0.0, 0.25, 0.75, 1.0], 1e-7, "2->4 ac=F");
+    assert_values(
+        &resize_bilinear(&x, (1, 4), false).unwrap(),
+        &[0.0, 0.25, 0.75, 1.0],
+        1e-7,
+        "2->4 ac=F",
+    );
     // align_corners=True: endpoints fixed, evenly spaced.
     assert_values(
         &resize_bilinear(&x, (1, 4), true).unwrap(),
@@ -24,14 +29,39 @@ fn bilinear_1d_known_values() {
     );
     // 3 -> 5, align_corners=False: src = (d + .5) * .6 - .5 clamped at 0 and at the last pixel.
     let x = t4(&[0.0, 1.0, 2.0], 3, 1);
-    assert_values(&resize_bilinear(&x, (5, 1), false).unwrap(), &[0.0, 0.4, 1.0, 1.6, 2.0], 1e-6, "3->5");
+    assert_values(
+        &resize_bilinear(&x, (5, 1), false).unwrap(),
+        &[0.0, 0.4, 1.0, 1.6, 2.0],
+        1e-6,
+        "3->5",
+    );
     // Downsampling 4 -> 2 averages pairs (no antialias); align_corners=True picks the ends.
     let x = t4(&[0.0, 1.0, 2.0, 3.0], 1, 4);
-    assert_values(&resize_bilinear(&x, (1, 2), false).unwrap(), &[0.5, 2.5], 1e-7, "4->2 ac=F");
-    assert_values(&resize_bilinear(&x, (1, 2), true).unwrap(), &[0.0, 3.0], 1e-7, "4->2 ac=T");
+    assert_values(
+        &resize_bilinear(&x, (1, 2), false).unwrap(),
+        &[0.5, 2.5],
+        1e-7,
+        "4->2 ac=F",
+    );
+    assert_values(
+        &resize_bilinear(&x, (1, 2), true).unwrap(),
+        &[0.0, 3.0],
+        1e-7,
+        "4->2 ac=T",
+    );
     // A single output pixel: ac=True takes pixel 0, ac=False the centre sample.
-    assert_values(&resize_bilinear(&x, (1, 1), true).unwrap(), &[0.0], 1e-7, "4->1 ac=T");
-    assert_values(&resize_bilinear(&x, (1, 1), false).unwrap(), &[1.5], 1e-7, "4->1 ac=F");
+    assert_values(
+        &resize_bilinear(&x, (1, 1), true).unwrap(),
+        &[0.0],
+        1e-7,
+        "4->1 ac=T",
+    );
+    assert_values(
+        &resize_bilinear(&x, (1, 1), false).unwrap(),
+        &[1.5],
+        1e-7,
+        "4->1 ac=F",
+    );
 }
 
 /// On f(y, x) = 10y + x, bilinear interpolation reproduces f at the (clamped) source
@@ -40,7 +70,10 @@ fn bilinear_1d_known_values() {
 fn bilinear_2d_on_a_linear_ramp() {
     let (h, w) = (3usize, 4usize);
     let v: Vec<f32> = (0..h * w).map(|i| (10 * (i / w) + i % w) as f32).collect();
-    let x = Tensor::from_vec(v, (1, 1, h, w), &Device::Cpu).unwrap().repeat((2, 3, 1, 1)).unwrap();
+    let x = Tensor::from_vec(v, (1, 1, h, w), &Device::Cpu)
+        .unwrap()
+        .repeat((2, 3, 1, 1))
+        .unwrap();
     for &(oh, ow) in &[(7usize, 5usize), (2, 9), (5, 2), (3, 6)] {
         for ac in [false, true] {
             let src = |d: usize, n_in: usize, n_out: usize| -> f64 {
@@ -50,7 +83,8 @@ fn bilinear_2d_on_a_linear_ramp() {
                 if ac {
                     d as f64 * (n_in - 1) as f64 / (n_out - 1) as f64
                 } else {
-                    ((d as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).clamp(0.0, (n_in - 1) as f64)
+                    ((d as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5)
+                        .clamp(0.0, (n_in - 1) as f64)
                 }
             };
             let mut want = Vec::new();
@@ -70,7 +104,9 @@ fn bilinear_2d_on_a_linear_ramp() {
 
 #[test]
 fn bilinear_identity_f64_and_errors() {
-    let x = t4(&[1.0, 2.0, 3.0, 4.0], 2, 2).to_dtype(DType::F64).unwrap();
+    let x = t4(&[1.0, 2.0, 3.0, 4.0], 2, 2)
+        .to_dtype(DType::F64)
+        .unwrap();
     let y = resize_bilinear(&x, (2, 2), false).unwrap();
     assert_eq!(y.dtype(), DType::F64);
     assert_values(&y, &[1.0, 2.0, 3.0, 4.0], 0.0, "identity");
@@ -83,10 +119,20 @@ fn bilinear_identity_f64_and_errors() {
 fn nearest_uses_torch_floor_mapping() {
     // 3 -> 5: floor(d * 0.6) = [0, 0, 1, 1, 2] (PIL's centre rule would give [0, 1, 1, 2, 2]).
     let x = t4(&[0.0, 1.0, 2.0], 1, 3);
-    assert_values(&resize_nearest(&x, (1, 5)).unwrap(), &[0.0, 0.0, 1.0, 1.0, 2.0], 0.0, "3->5");
+    assert_values(
+        &resize_nearest(&x, (1, 5)).unwrap(),
+        &[0.0, 0.0, 1.0, 1.0, 2.0],
+        0.0,
+        "3->5",
+    );
     // 5 -> 3: floor(d * 5/3) = [0, 1, 3].
     let x = t4(&[0.0, 1.0, 2.0, 3.0, 4.0], 5, 1);
-    assert_values(&resize_nearest(&x, (3, 1)).unwrap(), &[0.0, 1.0, 3.0], 0.0, "5->3");
+    assert_values(
+        &resize_nearest(&x, (3, 1)).unwrap(),
+        &[0.0, 1.0, 3.0],
+        0.0,
+        "5->3",
+    );
     // Integer labels keep their dtype; both axes at once.
     let lab = Tensor::new(&[[[[1u8, 2], [3, 255]]]], &Device::Cpu).unwrap();
     let y = resize_nearest(&lab, (3, 4)).unwrap();

@@ -49,11 +49,18 @@ fn bilinear_downsample_parity_with_decoder_attention_mask() {
             if z.abs() < 1e-5 {
                 continue;
             }
-            assert_eq!((z < 0.0) as u8 as f64, row[j], "query {q} key {j}: logit {z}");
+            assert_eq!(
+                (z < 0.0) as u8 as f64,
+                row[j],
+                "query {q} key {j}: logit {z}"
+            );
             compared += 1;
         }
     }
-    assert!(nonuniform_rows > 10 && compared > 200, "too few informative entries ({compared})");
+    assert!(
+        nonuniform_rows > 10 && compared > 200,
+        "too few informative entries ({compared})"
+    );
 }
 
 /// `support.masked.l{i}` = `support.conv.l{i}` · bilinear(support label with 255→0,
@@ -63,7 +70,13 @@ fn bilinear_downsample_parity_with_masked_support() {
     let fwd = load("forward.safetensors");
     let inputs = load("inputs.safetensors");
     let label = inputs["support.labels"].i(0).unwrap(); // (160, 128), values {0, 1, 255}
-    let label = label.ne(255f32).unwrap().to_dtype(label.dtype()).unwrap().mul(&label).unwrap();
+    let label = label
+        .ne(255f32)
+        .unwrap()
+        .to_dtype(label.dtype())
+        .unwrap()
+        .mul(&label)
+        .unwrap();
     let label = label.unsqueeze(0).unwrap().unsqueeze(0).unwrap();
     for l in 0..3 {
         let conv = &fwd[&format!("mm.1shot.shot0.support.conv.l{l}")];
@@ -72,11 +85,21 @@ fn bilinear_downsample_parity_with_masked_support() {
         let mask = resize_bilinear(&label, (h, w), false).unwrap();
         let got = conv.broadcast_mul(&mask).unwrap();
         let scale = to_vec(want).iter().fold(0f64, |m, v| m.max(v.abs()));
-        assert_close(&got, want, 1e-6 * scale.max(1.0), &format!("masked support l{l}"));
+        assert_close(
+            &got,
+            want,
+            1e-6 * scale.max(1.0),
+            &format!("masked support l{l}"),
+        );
         if l == 0 {
             let pos = sine_position_encoding(1, h, w, 128, &Device::Cpu).unwrap();
             let got = pos.broadcast_mul(&mask).unwrap();
-            assert_close(&got, &fwd["mm.1shot.shot0.support.pos_masked.l0"], 2e-6, "masked support pos");
+            assert_close(
+                &got,
+                &fwd["mm.1shot.shot0.support.pos_masked.l0"],
+                2e-6,
+                "masked support pos",
+            );
         }
     }
 }

@@ -10,7 +10,11 @@ use ops::sample::{grid_sample_bilinear, point_sample};
 /// 2×3 image [[1, 2, 3], [4, 5, 6]], channel 2 = 10× channel 1.
 fn image() -> Tensor {
     let c0 = [1f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-    let v: Vec<f32> = c0.iter().copied().chain(c0.iter().map(|x| 10.0 * x)).collect();
+    let v: Vec<f32> = c0
+        .iter()
+        .copied()
+        .chain(c0.iter().map(|x| 10.0 * x))
+        .collect();
     Tensor::from_vec(v, (1, 2, 2, 3), &Device::Cpu).unwrap()
 }
 
@@ -21,15 +25,15 @@ fn grid_sample_known_points() {
     let cx = |j: f32| (2.0 * j + 1.0) / w - 1.0;
     let cy = |i: f32| (2.0 * i + 1.0) / h - 1.0;
     let pts = [
-        (cx(0.0), cy(0.0)), // pixel (0,0) -> 1
-        (cx(2.0), cy(1.0)), // pixel (1,2) -> 6
-        (cx(0.5), cy(0.0)), // between 1 and 2 -> 1.5
-        (0.0, 0.0),         // image centre: pixel (0.5, 1) -> (2 + 5) / 2
-        (-1.0, cy(0.0)),    // left border: half of pixel (0,0), half zero padding -> 0.5
-        (-1.0, -1.0),       // corner: a quarter of pixel (0,0) -> 0.25
-        (1.0, 1.0),         // opposite corner -> 6 / 4
-        (5.0, 0.0),         // far outside -> 0
-        (0.0, -3.0),        // far outside -> 0
+        (cx(0.0), cy(0.0)),   // pixel (0,0) -> 1
+        (cx(2.0), cy(1.0)),   // pixel (1,2) -> 6
+        (cx(0.5), cy(0.0)),   // between 1 and 2 -> 1.5
+        (0.0, 0.0),           // image centre: pixel (0.5, 1) -> (2 + 5) / 2
+        (-1.0, cy(0.0)),      // left border: half of pixel (0,0), half zero padding -> 0.5
+        (-1.0, -1.0),         // corner: a quarter of pixel (0,0) -> 0.25
+        (1.0, 1.0),           // opposite corner -> 6 / 4
+        (5.0, 0.0),           // far outside -> 0
+        (0.0, -3.0),          // far outside -> 0
         (cx(1.25), cy(0.75)), // (y, x) = (0.75, 1.25): bilinear of 2, 3, 5, 6
     ];
     let g: Vec<f32> = pts.iter().flat_map(|&(x, y)| [x, y]).collect();
@@ -38,7 +42,11 @@ fn grid_sample_known_points() {
     assert_eq!(out.dims(), &[1, 2, 2, 5]);
     let last = 0.25 * 0.75 * 2.0 + 0.25 * 0.25 * 3.0 + 0.75 * 0.75 * 5.0 + 0.75 * 0.25 * 6.0;
     let c0 = [1.0, 6.0, 1.5, 3.5, 0.5, 0.25, 1.5, 0.0, 0.0, last];
-    let want: Vec<f64> = c0.iter().copied().chain(c0.iter().map(|x| 10.0 * x)).collect();
+    let want: Vec<f64> = c0
+        .iter()
+        .copied()
+        .chain(c0.iter().map(|x| 10.0 * x))
+        .collect();
     assert_values(&out, &want, 1e-5, "grid_sample");
 }
 
@@ -56,20 +64,37 @@ fn grid_sample_agrees_with_bilinear_resize_inside() {
             g.push((2.0 * i as f32 + 1.0) / oh as f32 - 1.0);
         }
     }
-    let grid = Tensor::from_vec(g, (1, oh, ow, 2), &Device::Cpu).unwrap().repeat((2, 1, 1, 1)).unwrap();
+    let grid = Tensor::from_vec(g, (1, oh, ow, 2), &Device::Cpu)
+        .unwrap()
+        .repeat((2, 1, 1, 1))
+        .unwrap();
     let gs = grid_sample_bilinear(&x, &grid).unwrap();
     let rs = resize_bilinear(&x, (oh, ow), false).unwrap();
     // Rows/cols 1..n-1 sample strictly inside the source.
-    let inner = |t: &Tensor| t.narrow(2, 1, oh - 2).unwrap().narrow(3, 1, ow - 2).unwrap();
+    let inner = |t: &Tensor| {
+        t.narrow(2, 1, oh - 2)
+            .unwrap()
+            .narrow(3, 1, ow - 2)
+            .unwrap()
+    };
     assert_close(&inner(&gs), &inner(&rs), 1e-5, "grid_sample vs resize");
 }
 
 #[test]
 fn point_sample_is_grid_sample_of_unit_coords() {
-    let coords = Tensor::new(&[[[0.5f32 / 3.0, 0.25], [0.5, 0.5], [0.0, 0.0], [1.2, 0.5]]], &Device::Cpu).unwrap();
+    let coords = Tensor::new(
+        &[[[0.5f32 / 3.0, 0.25], [0.5, 0.5], [0.0, 0.0], [1.2, 0.5]]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let out = point_sample(&image(), &coords).unwrap();
     assert_eq!(out.dims(), &[1, 2, 4]);
-    assert_values(&out, &[1.0, 3.5, 0.25, 0.0, 10.0, 35.0, 2.5, 0.0], 1e-5, "point_sample");
+    assert_values(
+        &out,
+        &[1.0, 3.5, 0.25, 0.0, 10.0, 35.0, 2.5, 0.0],
+        1e-5,
+        "point_sample",
+    );
 }
 
 #[test]
@@ -79,5 +104,9 @@ fn sampling_rejects_bad_shapes() {
     assert!(grid_sample_bilinear(&img, &bad_grid).is_err());
     let wrong_batch = Tensor::zeros((2, 2, 5, 2), DType::F32, &Device::Cpu).unwrap();
     assert!(grid_sample_bilinear(&img, &wrong_batch).is_err());
-    assert!(point_sample(&img, &Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap()).is_err());
+    assert!(point_sample(
+        &img,
+        &Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap()
+    )
+    .is_err());
 }

@@ -41,7 +41,8 @@ fn timings_at_model_sizes() {
     let shapes = [(15usize, 15usize), (30, 30), (60, 60)];
     let s: usize = shapes.iter().map(|(h, w)| h * w).sum();
     let vm = VarMap::new();
-    let da = MSDeformAttn::new(256, 3, 8, 4, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let da =
+        MSDeformAttn::new(256, 3, 8, 4, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     vm.data().lock().unwrap()["sampling_offsets.weight"]
         .set(&rng.tensor(&[192, 256], -0.05, 0.05, DType::F32))
         .unwrap();
@@ -54,22 +55,34 @@ fn timings_at_model_sizes() {
             }
         }
     }
-    let refp = Tensor::from_vec(refp, (1, s, 1, 2), &dev).unwrap().repeat((1, 1, 3, 1)).unwrap();
-    fwd_bwd("MSDeformAttn S=Lq=4725", &[&src], || da.forward(&src, &refp, &src, &shapes).unwrap());
+    let refp = Tensor::from_vec(refp, (1, s, 1, 2), &dev)
+        .unwrap()
+        .repeat((1, 1, 3, 1))
+        .unwrap();
+    fwd_bwd("MSDeformAttn S=Lq=4725", &[&src], || {
+        da.forward(&src, &refp, &src, &shapes).unwrap()
+    });
 
     // Cross-alignment attention: 60² queries against 15² keys, 4 heads.
     let vm = VarMap::new();
-    let mha = MultiheadAttention::new(256, 4, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let mha =
+        MultiheadAttention::new(256, 4, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     let q = Var::from_tensor(&rng.tensor(&[1, 3600, 256], -1.0, 1.0, DType::F32)).unwrap();
     let kv = Var::from_tensor(&rng.tensor(&[1, 225, 256], -1.0, 1.0, DType::F32)).unwrap();
-    fwd_bwd("MHA 3600x225", &[&q, &kv], || mha.forward(&q, &kv, &kv, None).unwrap());
+    fwd_bwd("MHA 3600x225", &[&q, &kv], || {
+        mha.forward(&q, &kv, &kv, None).unwrap()
+    });
 
     // Final proposals upsampled to the input size.
     let m = Var::from_tensor(&rng.tensor(&[1, 100, 120, 120], -1.0, 1.0, DType::F32)).unwrap();
-    fwd_bwd("resize_bilinear 100x120²->480²", &[&m], || resize_bilinear(&m, (480, 480), false).unwrap());
+    fwd_bwd("resize_bilinear 100x120²->480²", &[&m], || {
+        resize_bilinear(&m, (480, 480), false).unwrap()
+    });
 
     // Stage-1 point losses: 20 matched masks, 12544 points each.
     let masks = Var::from_tensor(&rng.tensor(&[20, 1, 120, 120], -1.0, 1.0, DType::F32)).unwrap();
     let coords = rng.tensor(&[20, 12544, 2], 0.0, 1.0, DType::F32);
-    fwd_bwd("point_sample 20x12544", &[&masks], || point_sample(&masks, &coords).unwrap());
+    fwd_bwd("point_sample 20x12544", &[&masks], || {
+        point_sample(&masks, &coords).unwrap()
+    });
 }

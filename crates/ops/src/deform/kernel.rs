@@ -30,7 +30,12 @@ struct Corner<T> {
 /// grid_sample (align_corners=False, zero padding) corners of location (lx, ly) in [0, 1] on a
 /// level, pixel = loc·size − 0.5. Out-of-bounds corners are dropped (they read zeros).
 #[inline]
-fn corners<T: WithDType>(lx: T, ly: T, level: (usize, usize, usize), out: &mut [Corner<T>; 4]) -> usize {
+fn corners<T: WithDType>(
+    lx: T,
+    ly: T,
+    level: (usize, usize, usize),
+    out: &mut [Corner<T>; 4],
+) -> usize {
     let (h, w, start) = level;
     let half = T::from_f64(0.5);
     let one = T::from_f64(1.0);
@@ -92,13 +97,23 @@ impl MsDeformCore {
         out.par_chunks_mut(m * d).enumerate().for_each(|(bq, o)| {
             let b = bq / self.lq;
             let vb = &value[b * self.s * m * d..(b + 1) * self.s * m * d];
-            let mut cs = [Corner { row: 0, w: T::from_f64(0.0), dx: T::from_f64(0.0), dy: T::from_f64(0.0) }; 4];
+            let mut cs = [Corner {
+                row: 0,
+                w: T::from_f64(0.0),
+                dx: T::from_f64(0.0),
+                dy: T::from_f64(0.0),
+            }; 4];
             for head in 0..m {
                 let oh = &mut o[head * d..(head + 1) * d];
                 for lp in 0..nlp {
                     let i = (bq * m + head) * nlp + lp;
                     let a = attn[i];
-                    let n = corners(loc[2 * i], loc[2 * i + 1], self.levels[lp / self.points], &mut cs);
+                    let n = corners(
+                        loc[2 * i],
+                        loc[2 * i + 1],
+                        self.levels[lp / self.points],
+                        &mut cs,
+                    );
                     for c in &cs[..n] {
                         let v = &vb[(c.row * m + head) * d..][..d];
                         axpy(a * c.w, v, oh);
@@ -110,10 +125,21 @@ impl MsDeformCore {
     }
 
     /// Gradients w.r.t. value (B, S, heads, dh), locations and attention weights.
-    fn backward<T: WithDType>(&self, value: &[T], loc: &[T], attn: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    fn backward<T: WithDType>(
+        &self,
+        value: &[T],
+        loc: &[T],
+        attn: &[T],
+        grad: &[T],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (m, d, nlp, s) = (self.heads, self.dh, self.n_lp(), self.s);
         let zero = T::from_f64(0.0);
-        let blank = Corner { row: 0, w: zero, dx: zero, dy: zero };
+        let blank = Corner {
+            row: 0,
+            w: zero,
+            dx: zero,
+            dy: zero,
+        };
         // Locations and weights: each (b, q) owns its slices.
         let mut g_loc = vec![zero; loc.len()];
         let mut g_attn = vec![zero; attn.len()];
@@ -130,7 +156,12 @@ impl MsDeformCore {
                     for lp in 0..nlp {
                         let i = (bq * m + head) * nlp + lp;
                         let a = attn[i];
-                        let n = corners(loc[2 * i], loc[2 * i + 1], self.levels[lp / self.points], &mut cs);
+                        let n = corners(
+                            loc[2 * i],
+                            loc[2 * i + 1],
+                            self.levels[lp / self.points],
+                            &mut cs,
+                        );
                         let (mut sa, mut sx, mut sy) = (zero, zero, zero);
                         for c in &cs[..n] {
                             let vg = dot(&vb[(c.row * m + head) * d..][..d], g);
@@ -147,32 +178,43 @@ impl MsDeformCore {
             });
         // Values: scattered per (b, head) into a (B, heads, S, dh) buffer so tasks never overlap.
         let mut g_val_bm = vec![zero; value.len()];
-        g_val_bm.par_chunks_mut(s * d).enumerate().for_each(|(bm, gv)| {
-            let (b, head) = (bm / m, bm % m);
-            let mut cs = [blank; 4];
-            for q in 0..self.lq {
-                let bq = b * self.lq + q;
-                let g = &grad[(bq * m + head) * d..][..d];
-                for lp in 0..nlp {
-                    let i = (bq * m + head) * nlp + lp;
-                    let a = attn[i];
-                    let n = corners(loc[2 * i], loc[2 * i + 1], self.levels[lp / self.points], &mut cs);
-                    for c in &cs[..n] {
-                        axpy(a * c.w, g, &mut gv[c.row * d..(c.row + 1) * d]);
+        g_val_bm
+            .par_chunks_mut(s * d)
+            .enumerate()
+            .for_each(|(bm, gv)| {
+                let (b, head) = (bm / m, bm % m);
+                let mut cs = [blank; 4];
+                for q in 0..self.lq {
+                    let bq = b * self.lq + q;
+                    let g = &grad[(bq * m + head) * d..][..d];
+                    for lp in 0..nlp {
+                        let i = (bq * m + head) * nlp + lp;
+                        let a = attn[i];
+                        let n = corners(
+                            loc[2 * i],
+                            loc[2 * i + 1],
+                            self.levels[lp / self.points],
+                            &mut cs,
+                        );
+                        for c in &cs[..n] {
+                            axpy(a * c.w, g, &mut gv[c.row * d..(c.row + 1) * d]);
+                        }
                     }
                 }
-            }
-        });
+            });
         // (B, heads, S, dh) -> (B, S, heads, dh).
         let mut g_val = vec![zero; value.len()];
-        g_val.par_chunks_mut(s * m * d).enumerate().for_each(|(b, out)| {
-            for row in 0..s {
-                for head in 0..m {
-                    out[(row * m + head) * d..][..d]
-                        .copy_from_slice(&g_val_bm[((b * m + head) * s + row) * d..][..d]);
+        g_val
+            .par_chunks_mut(s * m * d)
+            .enumerate()
+            .for_each(|(b, out)| {
+                for row in 0..s {
+                    for head in 0..m {
+                        out[(row * m + head) * d..][..d]
+                            .copy_from_slice(&g_val_bm[((b * m + head) * s + row) * d..][..d]);
+                    }
                 }
-            }
-        });
+            });
         (g_val, g_loc, g_attn)
     }
 }
@@ -204,16 +246,20 @@ impl CustomOp3 for MsDeformCore {
     ) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from((self.b, self.lq, self.heads, self.dh));
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(v), CpuStorage::F32(l), CpuStorage::F32(a)) => CpuStorage::F32(self.forward(
-                slice(v, l1, "value")?,
-                slice(l, l2, "locations")?,
-                slice(a, l3, "weights")?,
-            )),
-            (CpuStorage::F64(v), CpuStorage::F64(l), CpuStorage::F64(a)) => CpuStorage::F64(self.forward(
-                slice(v, l1, "value")?,
-                slice(l, l2, "locations")?,
-                slice(a, l3, "weights")?,
-            )),
+            (CpuStorage::F32(v), CpuStorage::F32(l), CpuStorage::F32(a)) => {
+                CpuStorage::F32(self.forward(
+                    slice(v, l1, "value")?,
+                    slice(l, l2, "locations")?,
+                    slice(a, l3, "weights")?,
+                ))
+            }
+            (CpuStorage::F64(v), CpuStorage::F64(l), CpuStorage::F64(a)) => {
+                CpuStorage::F64(self.forward(
+                    slice(v, l1, "value")?,
+                    slice(l, l2, "locations")?,
+                    slice(a, l3, "weights")?,
+                ))
+            }
             _ => bail!("ms_deform_attn_core kernel: all inputs must be f32 or all f64"),
         };
         Ok((out, shape))

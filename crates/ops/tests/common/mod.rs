@@ -43,7 +43,12 @@ impl Rng {
 }
 
 pub fn to_vec(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// Asserts elementwise `|a - b| <= tol`, reporting the worst element.
@@ -55,15 +60,26 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
         .zip(&vb)
         .map(|(x, y)| (x - y).abs())
         .enumerate()
-        .fold((0, 0.0f64), |m, (i, d)| if d > m.1 || d.is_nan() { (i, d) } else { m });
-    assert!(d <= tol, "{what}: max |diff| {d:e} at flat index {i} ({} vs {}), tol {tol:e}", va[i], vb[i]);
+        .fold(
+            (0, 0.0f64),
+            |m, (i, d)| if d > m.1 || d.is_nan() { (i, d) } else { m },
+        );
+    assert!(
+        d <= tol,
+        "{what}: max |diff| {d:e} at flat index {i} ({} vs {}), tol {tol:e}",
+        va[i],
+        vb[i]
+    );
 }
 
 pub fn assert_values(a: &Tensor, expected: &[f64], tol: f64, what: &str) {
     let va = to_vec(a);
     assert_eq!(va.len(), expected.len(), "{what}: element count");
     for (i, (x, y)) in va.iter().zip(expected).enumerate() {
-        assert!((x - y).abs() <= tol, "{what}: element {i} is {x}, expected {y}");
+        assert!(
+            (x - y).abs() <= tol,
+            "{what}: element {i} is {x}, expected {y}"
+        );
     }
 }
 
@@ -82,11 +98,20 @@ pub fn check_grads(
     tol: f64,
 ) -> f64 {
     let out = f().unwrap();
-    assert_eq!(out.dtype(), DType::F64, "{what}: gradient checks run in f64");
+    assert_eq!(
+        out.dtype(),
+        DType::F64,
+        "{what}: gradient checks run in f64"
+    );
     let mut rng = Rng::new(0xC0FFEE);
     let proj = rng.tensor(out.dims(), -1.0, 1.0, DType::F64);
     let loss_of = |t: Tensor| -> f64 {
-        t.mul(&proj).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        t.mul(&proj)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     };
     let loss = out.mul(&proj).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
@@ -102,18 +127,23 @@ pub fn check_grads(
         let picks: Vec<usize> = if n <= max_elems {
             (0..n).collect()
         } else {
-            (0..max_elems).map(|_| (rng.next_u64() % n as u64) as usize).collect()
+            (0..max_elems)
+                .map(|_| (rng.next_u64() % n as u64) as usize)
+                .collect()
         };
         let mut nonzero = false;
         for &i in &picks {
             let mut v = base.clone();
             v[i] = base[i] + eps;
-            var.set(&Tensor::from_vec(v.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(v.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let lp = loss_of(f().unwrap());
             v[i] = base[i] - eps;
-            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let lm = loss_of(f().unwrap());
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let numeric = (lp - lm) / (2.0 * eps);
             let err = (g[i] - numeric).abs() / numeric.abs().max(1.0);
             worst = worst.max(err);
@@ -124,7 +154,10 @@ pub fn check_grads(
                 g[i]
             );
         }
-        assert!(nonzero, "{what}: every checked derivative w.r.t. `{name}` is zero; the check is vacuous");
+        assert!(
+            nonzero,
+            "{what}: every checked derivative w.r.t. `{name}` is zero; the check is vacuous"
+        );
     }
     worst
 }
