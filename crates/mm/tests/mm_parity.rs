@@ -173,3 +173,44 @@ fn mm_1shot_output_parity() {
     let expected = out.out.squeeze(1).unwrap().gt(0.5).unwrap().to_dtype(DType::F32).unwrap();
     assert_close("foreground", &fg, &expected, 0.0, 0.0);
 }
+
+/// The full 5-shot episode: the formula-weight ResNet-50 computes the features of supports
+/// 0–4 (the fixture stores only support 0's), then every stored 5-shot tensor is compared.
+#[test]
+fn mm_5shot_full_episode_parity() {
+    use backbone::{preprocess, Backbone, ResNet50, ResNetConfig, Weights};
+    let f = &fixtures().fwd;
+    let vb = FormulaWeights::with_calibration().unwrap().var_builder();
+    let resnet = ResNet50::new(&ResNetConfig::r50(), Weights::from_var_builder(vb).pp("backbone")).unwrap();
+    let images = fixtures().inputs.get("support.images").unwrap();
+    let supports: Vec<LevelFeatures> = (0..5)
+        .map(|s| {
+            let x = preprocess(&images.get(s).unwrap()).unwrap();
+            let feats = resnet.forward(&x).unwrap();
+            [feats.res5, feats.res4, feats.res3]
+        })
+        .collect();
+    // The backbone's support 0 is the fixture's support 0 (its own parity test holds it to
+    // the same tolerance); this guards the wiring.
+    for (i, r) in ["res5", "res4", "res3"].iter().enumerate() {
+        let name = format!("backbone.support0.{r}");
+        assert_close(&name, &supports[0][i], &f.get(&name).unwrap(), REL_TOL, ABS_TOL);
+    }
+    let labels: Vec<Tensor> = (0..5).map(support_label).collect();
+    let logits = f.get("decoder.pred_masks.9").unwrap();
+    let mut trace = Trace::new();
+    model().forward_traced(&levels("backbone.query"), &supports, &labels, &logits, query_hw(), &mut trace).unwrap();
+    let mut pairs = Vec::new();
+    for s in 0..5 {
+        for n in ["cross_aligned.query.l0", "cross_aligned.support.l0", "query_prototypes", "support_prototype"] {
+            pairs.push((format!("shot{s}.{n}"), format!("mm.5shot.shot{s}.{n}")));
+        }
+    }
+    for n in ["query_prototypes", "support_prototype", "cosine", "fc1_out", "coefficients", "out"] {
+        pairs.push((n.to_string(), format!("mm.5shot.{n}")));
+    }
+    compare(&trace, &pairs);
+    let ours = trace.get("cosine").unwrap().argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    let theirs = f.get("mm.5shot.cosine").unwrap().argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    assert_eq!(ours, theirs, "argmax of the 5-shot cosine");
+}
