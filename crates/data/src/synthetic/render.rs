@@ -455,15 +455,12 @@ impl Background {
         let half = 0.5 * (w * self.dir.0.abs() + h * self.dir.1.abs());
         let t =
             (((x - 0.5 * w) * self.dir.0 + (y - 0.5 * h) * self.dir.1) / half.max(1.0) + 1.0) * 0.5;
-        let mut c = [0.0; 3];
-        for k in 0..3 {
-            c[k] = self.a[k] + (self.b[k] - self.a[k]) * t;
-        }
+        let mut c: [f64; 3] = std::array::from_fn(|k| self.a[k] + (self.b[k] - self.a[k]) * t);
         if let Some(s) = &self.stripes {
             let d = x * s.dir.0 + y * s.dir.1;
             let val = s.amp * libm::sin(TAU * d / s.period + s.phase);
-            for k in 0..3 {
-                c[k] += val * s.tint[k];
+            for (ck, tk) in c.iter_mut().zip(s.tint) {
+                *ck += val * tk;
             }
         }
         if let Some(n) = &self.value_noise {
@@ -476,8 +473,8 @@ impl Background {
             let top = g(ix, iy) + (g(ix + 1, iy) - g(ix, iy)) * fx;
             let bot = g(ix, iy + 1) + (g(ix + 1, iy + 1) - g(ix, iy + 1)) * fx;
             let val = n.amp * (top + (bot - top) * fy);
-            for k in 0..3 {
-                c[k] += val * n.tint[k];
+            for (ck, tk) in c.iter_mut().zip(n.tint) {
+                *ck += val * tk;
             }
         }
         c
