@@ -87,6 +87,25 @@ fn stock_softmax_last_dim_has_no_gradient() {
     assert!(grads.get(x32.as_tensor()).is_some());
 }
 
+/// Same for candle's fused layer norm (input, weight and bias): the reason for [`LayerNorm`].
+#[test]
+fn stock_layer_norm_has_no_gradient() {
+    let mut rng = Rng::new(5);
+    let t = |r: &mut Rng, s: &[usize]| Var::from_tensor(&r.tensor(s, -1.0, 1.0, DType::F32)).unwrap();
+    let (x, w, b) = (t(&mut rng, &[3, 8]), t(&mut rng, &[8]), t(&mut rng, &[8]));
+    let proj = rng.tensor(&[3, 8], -1.0, 1.0, DType::F32);
+    let loss = candle_nn::ops::layer_norm(&x, &w, &b, 1e-5)
+        .unwrap()
+        .mul(&proj)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for v in [&x, &w, &b] {
+        assert!(grads.get(v.as_tensor()).is_none(), "candle's layer_norm now has a backward");
+    }
+}
+
 fn varmap_with(entries: &[(&str, Tensor)]) -> VarMap {
     let mut vm = VarMap::new();
     for (name, t) in entries {

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::Rng;
 use ops::attention::MultiheadAttention;
-use ops::deform::MSDeformAttn;
+use ops::deform::{ms_deform_attn_core, ms_deform_attn_core_composed, MSDeformAttn};
 use ops::resize::resize_bilinear;
 use ops::sample::point_sample;
 
@@ -61,6 +61,18 @@ fn timings_at_model_sizes() {
         .unwrap();
     fwd_bwd("MSDeformAttn S=Lq=4725", &[&src], || {
         da.forward(&src, &refp, &src, &shapes).unwrap()
+    });
+
+    // The core alone: CPU kernel vs the composed (gather) version.
+    let value = Var::from_tensor(&rng.tensor(&[1, s, 8, 32], -1.0, 1.0, DType::F32)).unwrap();
+    let loc = Var::from_tensor(&rng.tensor(&[1, s, 8, 3, 4, 2], 0.0, 1.0, DType::F32)).unwrap();
+    let attn = Var::from_tensor(&rng.tensor(&[1, s, 8, 3, 4], 0.0, 0.1, DType::F32)).unwrap();
+    let vars = [&value, &loc, &attn];
+    fwd_bwd("ms_deform_attn_core kernel", &vars, || {
+        ms_deform_attn_core(&value, &shapes, &loc, &attn).unwrap()
+    });
+    fwd_bwd("ms_deform_attn_core composed", &vars, || {
+        ms_deform_attn_core_composed(&value, &shapes, &loc, &attn).unwrap()
     });
 
     // Cross-alignment attention: 60² queries against 15² keys, 4 heads.
