@@ -29,6 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
+
+pub use crate::dataset::Split;
 use serde::{Deserialize, Serialize};
 
 pub use classes::{
@@ -211,32 +213,17 @@ pub fn fold_classes(fold: usize) -> Option<Vec<u8>> {
     })
 }
 
-/// The two splits and their file ids.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    Val,
+/// The split's own ChaCha stream tag, so train and val images never share randomness.
+fn split_stream(split: Split) -> u64 {
+    match split {
+        Split::Train => STREAM_TRAIN,
+        Split::Val => STREAM_VAL,
+    }
 }
 
-impl Split {
-    pub fn name(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Val => "val",
-        }
-    }
-
-    fn stream(self) -> u64 {
-        match self {
-            Split::Train => STREAM_TRAIN,
-            Split::Val => STREAM_VAL,
-        }
-    }
-
-    /// File stem of image `index` of this split.
-    pub fn image_id(self, index: usize) -> String {
-        format!("{}_{index:06}", self.name())
-    }
+/// File stem of image `index` of `split`, e.g. `train_000042`.
+pub fn image_id(split: Split, index: usize) -> String {
+    format!("{split}_{index:06}")
 }
 
 /// The VOC colour map (the bit-interleaving scheme of the VOC devkit): 256 RGB triples.
@@ -260,7 +247,11 @@ pub fn voc_palette() -> Vec<u8> {
 /// NUM_CLASSES, so every class is the guaranteed-visible class of equally many images.
 fn primary_class(seed: u64, split: Split, index: usize) -> u8 {
     let block = (index / NUM_CLASSES) as u64;
-    let mut rng = Rng::for_stream(seed, STREAM_CLASS_ORDER, (split.stream() << 40) | block);
+    let mut rng = Rng::for_stream(
+        seed,
+        STREAM_CLASS_ORDER,
+        (split_stream(split) << 40) | block,
+    );
     let mut order: Vec<u8> = (1..=NUM_CLASSES as u8).collect();
     rng.shuffle(&mut order);
     order[index % NUM_CLASSES]
@@ -329,10 +320,10 @@ fn make_image(
 ) -> Result<ImageStats, SyntheticError> {
     let (w, h) = cfg.image_size;
     let primary = primary_class(cfg.seed, split, index);
-    let mut rng = Rng::for_stream(cfg.seed, split.stream(), index as u64);
+    let mut rng = Rng::for_stream(cfg.seed, split_stream(split), index as u64);
     let out = render::render(&mut rng, &cfg.scene(), primary);
 
-    let id = split.image_id(index);
+    let id = image_id(split, index);
     let jpg = root.join("JPEGImages").join(format!("{id}.jpg"));
     let png_path = root.join("SegmentationClassAug").join(format!("{id}.png"));
     write_file(&jpg, &encode_jpeg(&out.rgb, w, h, cfg.jpeg_quality, &jpg)?)?;
@@ -398,11 +389,11 @@ pub fn existing_summary(
     for (split, n) in [(Split::Train, cfg.num_train), (Split::Val, cfg.num_val)] {
         let list = out
             .join("ImageSets/Segmentation")
-            .join(format!("{}.txt", split.name()));
+            .join(format!("{split}.txt"));
         let Ok(text) = fs::read_to_string(&list) else {
             return Ok(None);
         };
-        let last = split.image_id(n - 1);
+        let last = image_id(split, n - 1);
         if text.lines().count() != n
             || !out.join("JPEGImages").join(format!("{last}.jpg")).is_file()
             || !out
@@ -550,10 +541,10 @@ fn write_dataset(
     for (split, n) in [(Split::Train, cfg.num_train), (Split::Val, cfg.num_val)] {
         let path = root
             .join("ImageSets/Segmentation")
-            .join(format!("{}.txt", split.name()));
+            .join(format!("{split}.txt"));
         let mut text = String::with_capacity(n * 14);
         for i in 0..n {
-            text.push_str(&split.image_id(i));
+            text.push_str(&image_id(split, i));
             text.push('\n');
         }
         write_file(&path, text.as_bytes())?;
@@ -632,7 +623,7 @@ pub fn write_contact_sheet(
 ) -> Result<(), SyntheticError> {
     let list = dataset
         .join("ImageSets/Segmentation")
-        .join(format!("{}.txt", split.name()));
+        .join(format!("{split}.txt"));
     let text = fs::read_to_string(&list).map_err(io_err(&list))?;
     let ids: Vec<&str> = text.lines().filter(|l| !l.is_empty()).take(count).collect();
     if ids.is_empty() {
