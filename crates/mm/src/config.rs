@@ -77,6 +77,8 @@ impl MmConfig {
     }
 
     /// Checks the constraints the layers rely on, with a message naming the bad field.
+    // `usize::is_multiple_of` needs Rust 1.87; the workspace MSRV is 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
     pub fn validate(&self) -> Result<()> {
         if let Some(i) = self.in_channels.iter().position(|&c| c == 0) {
             bail!("MmConfig: in_channels[{i}] must be positive");

@@ -182,7 +182,8 @@ impl MaskMatching {
     /// - `query_feats`: the query's backbone features `[res5, res4, res3]`, (B, C_i, h_i, w_i).
     /// - `support_feats`: one `[res5, res4, res3]` per shot (K ≥ 1), batch B.
     /// - `support_labels`: one (B, H_s, W_s) label per shot, 1 = foreground; 255 (ignore) is
-    ///   treated as background. Any numeric dtype.
+    ///   treated as background. Any numeric dtype. It is resized onto each feature map as is:
+    ///   like the official code, an unpadded label is stretched over a padded image's features.
     /// - `proposal_logits`: (B, N, h, w) POS mask logits (`pred_masks`), N = `num_queries`.
     /// - `input_hw`: the padded input size (H, W) at which `out` is produced.
     pub fn forward(

@@ -122,8 +122,8 @@ fn ignore_pixels_in_the_support_label_count_as_background() {
     let logits = common::proposal_logits("p", cfg, 1, QH, QW);
     let with_ignore = common::label(1, SH, SW);
     let zeroed = with_ignore.ne(255f64).unwrap().where_cond(&with_ignore, &with_ignore.zeros_like().unwrap()).unwrap();
-    let a = m.forward(&query, &[support.clone()], &[with_ignore.clone()], &logits, (QH, QW)).unwrap();
-    let b = m.forward(&query, &[support.clone()], &[zeroed], &logits, (QH, QW)).unwrap();
+    let a = m.forward(&query, std::slice::from_ref(&support), std::slice::from_ref(&with_ignore), &logits, (QH, QW)).unwrap();
+    let b = m.forward(&query, std::slice::from_ref(&support), &[zeroed], &logits, (QH, QW)).unwrap();
     assert_close("out", &a.out, &b.out, 0.0, 0.0);
     // Integer labels are accepted too.
     let c = m.forward(&query, &[support], &[with_ignore.to_dtype(DType::U8).unwrap()], &logits, (QH, QW)).unwrap();
@@ -184,17 +184,17 @@ fn bad_inputs_are_clear_errors() {
     let err = |r: candle_core::Result<MmOutput>| r.unwrap_err().to_string();
 
     let swapped = [q[2].clone(), q[1].clone(), q[0].clone()];
-    assert!(err(m.forward(&swapped, &[s.clone()], &[l.clone()], &p, (QH, QW))).contains("channels"));
+    assert!(err(m.forward(&swapped, std::slice::from_ref(&s), std::slice::from_ref(&l), &p, (QH, QW))).contains("channels"));
     assert!(err(m.forward(&q, &[], &[], &p, (QH, QW))).contains("at least one support"));
-    assert!(err(m.forward(&q, &[s.clone()], &[], &p, (QH, QW))).contains("support labels"));
+    assert!(err(m.forward(&q, std::slice::from_ref(&s), &[], &p, (QH, QW))).contains("support labels"));
     let p7 = common::pseudo("p7", &[1, 7, QH / 4, QW / 4]);
-    assert!(err(m.forward(&q, &[s.clone()], &[l.clone()], &p7, (QH, QW))).contains("N=6"));
+    assert!(err(m.forward(&q, std::slice::from_ref(&s), std::slice::from_ref(&l), &p7, (QH, QW))).contains("N=6"));
     let l2 = common::label(2, SH, SW);
-    assert!(err(m.forward(&q, &[s.clone()], &[l2], &p, (QH, QW))).contains("batch"));
+    assert!(err(m.forward(&q, std::slice::from_ref(&s), &[l2], &p, (QH, QW))).contains("batch"));
     let l4 = l.unsqueeze(0).unwrap();
-    assert!(err(m.forward(&q, &[s.clone()], &[l4], &p, (QH, QW))).contains("(B, H, W)"));
+    assert!(err(m.forward(&q, std::slice::from_ref(&s), &[l4], &p, (QH, QW))).contains("(B, H, W)"));
     let s2 = common::features("s", &cfg, 2, SH, SW);
-    assert!(err(m.forward(&q, &[s2], &[l.clone()], &p, (QH, QW))).contains("batch"));
+    assert!(err(m.forward(&q, &[s2], std::slice::from_ref(&l), &p, (QH, QW))).contains("batch"));
     assert!(err(m.forward(&q, &[s], &[l], &p, (0, QW))).contains("input size"));
 
     for bad in [
