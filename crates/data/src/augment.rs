@@ -505,6 +505,66 @@ mod tests {
         assert_eq!(v, vec![0, 25, 75, 100]);
     }
 
+    /// Weighted checksum used by the reference values below: sum((i + 1) * v) mod 2^32.
+    fn checksum(values: impl Iterator<Item = u8>) -> u64 {
+        values.enumerate().fold(0u64, |acc, (i, v)| (acc + (i as u64 + 1) * v as u64) % (1 << 32))
+    }
+
+    fn reference_image() -> RgbImage {
+        RgbImage::from_fn(53, 41, |x, y| {
+            image::Rgb([((x * 37 + y * 11) % 256) as u8, ((x * x + 3 * y) % 256) as u8, ((x * y) % 256) as u8])
+        })
+    }
+
+    /// Reference values computed with Pillow 13.0 `Image.resize(..., BILINEAR)`, OpenCV 5.0
+    /// `cvtColor` and torch `F.interpolate(mode="nearest")` on the same inputs.
+    #[test]
+    fn matches_pillow_opencv_and_torch_reference_outputs() {
+        let img = reference_image();
+        let sizes = [(120u32, 97u32), (31, 17), (480, 480), (53, 90), (20, 41)];
+        let pillow = [3271112544u64, 156793994, 3594556780, 4226067418, 378978695];
+        for (&(w, h), &want) in sizes.iter().zip(&pillow) {
+            let out = resize_bilinear(&img, w, h);
+            assert_eq!(checksum(out.as_raw().iter().copied()), want, "Pillow bilinear {w}x{h}");
+        }
+        let label = Label::new(53, 41, (0..53 * 41).map(|i| (i % 251) as u8).collect());
+        let torch = [4001423976u64, 14605054, 382299255, 1378800264, 41549753];
+        for (&(w, h), &want) in sizes.iter().zip(&torch) {
+            let out = resize_label_nearest(&label, w, h);
+            assert_eq!(checksum(out.data().iter().copied()), want, "torch nearest {w}x{h}");
+        }
+        let steps: Vec<u8> = (0..=255).step_by(5).collect();
+        let mut hsv = Vec::new();
+        for &r in &steps {
+            for &g in &steps {
+                for &b in &steps {
+                    hsv.extend(rgb_to_hsv_u8(r, g, b));
+                }
+            }
+        }
+        assert_eq!(checksum(hsv.into_iter()), 482429585, "OpenCV RGB2HSV");
+        // HSV -> RGB: OpenCV's vectorised float path rounds a few exact .5 cases the other way
+        // (2 of 5,780 grid points differ by 1), so samples are compared within 1.
+        let samples = [
+            ((0, 255, 255), [255, 0, 0]),
+            ((30, 200, 100), [100, 100, 22]),
+            ((60, 128, 200), [100, 200, 100]),
+            ((90, 255, 50), [0, 50, 50]),
+            ((105, 51, 255), [204, 229, 255]),
+            ((120, 10, 240), [231, 231, 240]),
+            ((150, 77, 180), [180, 126, 180]),
+            ((175, 51, 153), [153, 122, 128]),
+            ((179, 255, 255), [255, 0, 8]),
+            ((45, 0, 99), [99, 99, 99]),
+        ];
+        for ((h, s, v), want) in samples {
+            let got = hsv_to_rgb_u8(h, s, v);
+            for c in 0..3 {
+                assert!((got[c] as i32 - want[c]).abs() <= 1, "HSV ({h},{s},{v}): {got:?} vs OpenCV {want:?}");
+            }
+        }
+    }
+
     #[test]
     fn window_equals_crop_of_full_resize() {
         let mut rng = SeededRng::from_seed(3);

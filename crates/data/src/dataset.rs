@@ -586,6 +586,37 @@ impl FewShotDataset {
     }
 }
 
+/// Any supported dataset, for callers that pick the kind from a config or a command line.
+#[derive(Clone, Debug)]
+pub enum DatasetSource {
+    /// PASCAL-5i or anything in the VOC layout.
+    Voc { root: PathBuf, options: crate::voc::VocOptions },
+    /// COCO-20i.
+    Coco(crate::coco::CocoOptions),
+    /// PASCAL (VOC layout) evaluated with the COCO->PASCAL folds (spec §5.5).
+    CocoToPascal { root: PathBuf, options: crate::voc::VocOptions },
+    Fss { root: PathBuf, options: crate::folders::FolderOptions },
+    Folder { root: PathBuf, options: crate::folders::FolderOptions },
+    /// The real smoke-test photos under an assets folder.
+    VocPhotos { assets: PathBuf },
+}
+
+impl FewShotDataset {
+    /// Opens any [`DatasetSource`].
+    pub fn open(source: &DatasetSource) -> Result<Self> {
+        match source {
+            DatasetSource::Voc { root, options } => Self::open_voc(root, options),
+            DatasetSource::Coco(options) => Self::open_coco(options),
+            DatasetSource::CocoToPascal { root, options } => {
+                Self::open_voc(root, options)?.with_folds(FoldScheme::coco_to_pascal(), DatasetKind::CocoToPascal)
+            }
+            DatasetSource::Fss { root, options } => Self::open_fss(root, options),
+            DatasetSource::Folder { root, options } => Self::open_folder(root, options),
+            DatasetSource::VocPhotos { assets } => Self::voc_photos(assets),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

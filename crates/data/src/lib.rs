@@ -11,6 +11,7 @@
 //! # fn main() -> data::Result<()> {
 //! use data::{AugmentConfig, FewShotDataset, TestEpisodes, TrainEpisodeSampler, VocOptions};
 //! let ds = FewShotDataset::open_voc("VOC2012".as_ref(), &VocOptions::default())?;
+//! // or FewShotDataset::open(&DatasetSource::...) for COCO, FSS-1000, folders, ...
 //! let mut sampler = TrainEpisodeSampler::new(&ds, 0, 1, 123, AugmentConfig::paper())?;
 //! let batch = sampler.next_batch(8)?; // query/support images + binary labels, class ids
 //! let test = TestEpisodes::generate_default(&ds, 0, 1)?; // 1000 episodes, official seed
@@ -52,7 +53,7 @@ pub use augment::{
 };
 pub use coco::{CocoOptions, CocoSplitFiles};
 pub use dataset::{
-    build_fold_list, ClassId, ClassPresence, DatasetKind, FewShotDataset, FoldList, FoldScheme, SampleRecord,
+    build_fold_list, ClassId, ClassPresence, DatasetKind, DatasetSource, FewShotDataset, FoldList, FoldScheme, SampleRecord,
     SampleSource, Split, COCO_TEST_SEEDS, COCO_TO_PASCAL_TEST_SEED, PASCAL_TEST_SEEDS, PFENET_MIN_CLASS_PIXELS,
     VOC_CLASSES,
 };
@@ -60,4 +61,5 @@ pub use episodes::{Episode, EpisodeSpec, PreparedView, TestEpisodes, TrainEpisod
 pub use error::{DataError, Result};
 pub use label::{read_label_png, write_label_png, Label, MaskEncoding, IGNORE};
 pub use rng::SeededRng;
+pub use folders::FolderOptions;
 pub use voc::VocOptions;

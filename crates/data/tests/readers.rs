@@ -6,7 +6,7 @@ use std::path::Path;
 
 use common::{scene, small_pascal, write_voc, VocImage};
 use data::{
-    write_label_png, ClassId, CocoOptions, CocoSplitFiles, DataError, DatasetKind, FewShotDataset, FoldScheme, Label,
+    write_label_png, ClassId, CocoOptions, CocoSplitFiles, DataError, DatasetKind, DatasetSource, FewShotDataset, FoldScheme, Label,
     Split, VocOptions,
 };
 
@@ -186,7 +186,8 @@ fn bad_inputs_give_errors_naming_the_file() {
 fn coco_to_pascal_folds() {
     let dir = tempfile::tempdir().unwrap();
     small_pascal(dir.path());
-    let ds = open(dir.path()).with_folds(FoldScheme::coco_to_pascal(), DatasetKind::CocoToPascal).unwrap();
+    let ds = FewShotDataset::open(&DatasetSource::CocoToPascal { root: dir.path().to_path_buf(), options: VocOptions::default() }).unwrap();
+    assert_eq!(ds.kind(), DatasetKind::CocoToPascal);
     let names: Vec<&str> = ds.novel_classes(1).unwrap().iter().map(|&c| ds.class_name(c).unwrap()).collect();
     assert_eq!(names, vec!["bicycle", "bus", "horse", "sofa"]);
     assert_eq!(ds.default_test_seed(2).unwrap(), 321);
