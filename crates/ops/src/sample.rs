@@ -3,14 +3,11 @@
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
+use crate::deform::ms_deform_attn_core;
 use crate::util::{bilinear_taps, ensure_float};
 
-/// torch `F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros",
-/// align_corners=False)`.
-///
-/// `input`: (B, C, H, W), `grid`: (B, Ho, Wo, 2) holding normalised (x, y) in [-1, 1]
-/// (values outside read zeros) -> (B, C, Ho, Wo). Differentiable w.r.t. both `input` and `grid`.
-pub fn grid_sample_bilinear(input: &Tensor, grid: &Tensor) -> Result<Tensor> {
+/// Validated (B, C, H, W, Ho, Wo) of a grid_sample call.
+fn grid_dims(input: &Tensor, grid: &Tensor) -> Result<(usize, usize, usize, usize, usize, usize)> {
     ensure_float(input, "grid_sample_bilinear input")?;
     ensure_float(grid, "grid_sample_bilinear grid")?;
     let (b, c, h, w) = match input.dims() {
@@ -33,6 +30,46 @@ pub fn grid_sample_bilinear(input: &Tensor, grid: &Tensor) -> Result<Tensor> {
     if b * h * w > u32::MAX as usize {
         bail!("grid_sample_bilinear: input has too many pixels for u32 row indices");
     }
+    Ok((b, c, h, w, ho, wo))
+}
+
+/// torch `F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros",
+/// align_corners=False)`.
+///
+/// `input`: (B, C, H, W), `grid`: (B, Ho, Wo, 2) holding normalised (x, y) in [-1, 1]
+/// (values outside read zeros) -> (B, C, Ho, Wo). Differentiable w.r.t. both `input` and `grid`.
+/// On CPU it runs as a one-head, one-level, one-point deformable-attention core (identical
+/// sampling at location (g + 1) / 2), whose kernel is ~10× faster than the gather formulation;
+/// elsewhere it uses [`grid_sample_bilinear_composed`].
+pub fn grid_sample_bilinear(input: &Tensor, grid: &Tensor) -> Result<Tensor> {
+    let (b, c, _, _, ho, wo) = grid_dims(input, grid)?;
+    if !input.device().is_cpu() {
+        return grid_sample_bilinear_composed(input, grid);
+    }
+    let loc = grid
+        .to_dtype(input.dtype())?
+        .affine(0.5, 0.5)?
+        .reshape((b, ho * wo, 2))?;
+    sample_unit_cpu(input, &loc)?.reshape((b, c, ho, wo))
+}
+
+/// CPU sampling of `input` (B, C, H, W) at `loc` (B, N, 2), (x, y) in [0, 1] -> (B, C, N),
+/// through the deformable-attention kernel with one head, level and point of weight 1.
+fn sample_unit_cpu(input: &Tensor, loc: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = input.dims4()?;
+    let n = loc.dim(1)?;
+    let dt = input.dtype();
+    let value = input.permute((0, 2, 3, 1))?.reshape((b, h * w, 1, c))?;
+    let loc = loc.to_dtype(dt)?.reshape((b, n, 1, 1, 1, 2))?;
+    let ones = Tensor::ones((b, n, 1, 1, 1), dt, input.device())?;
+    ms_deform_attn_core(&value, &[(h, w)], &loc, &ones)? // (B, N, C)
+        .transpose(1, 2)
+}
+
+/// [`grid_sample_bilinear`] composed from candle primitives (an `index_select` of the four
+/// corners with weights computed from the grid), so it runs and differentiates on any device.
+pub fn grid_sample_bilinear_composed(input: &Tensor, grid: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w, ho, wo) = grid_dims(input, grid)?;
     let grid = grid.to_dtype(input.dtype())?;
     let gx = grid.narrow(3, 0, 1)?.squeeze(3)?;
     let gy = grid.narrow(3, 1, 1)?.squeeze(3)?;
@@ -67,5 +104,10 @@ pub fn point_sample(input: &Tensor, coords: &Tensor) -> Result<Tensor> {
         ),
     };
     let grid = coords.affine(2.0, -1.0)?.reshape((b, 1, p, 2))?;
-    grid_sample_bilinear(input, &grid)?.squeeze(D::Minus2)
+    grid_dims(input, &grid)?;
+    if input.device().is_cpu() {
+        // Straight from the [0, 1] coordinates: no round trip through [-1, 1].
+        return sample_unit_cpu(input, coords);
+    }
+    grid_sample_bilinear_composed(input, &grid)?.squeeze(D::Minus2)
 }

@@ -10,7 +10,7 @@ use ops::attention::MultiheadAttention;
 use ops::deform::{ms_deform_attn_core, ms_deform_attn_core_composed, MSDeformAttn};
 use ops::nn::{softmax, GroupNorm, LayerNorm, Mlp};
 use ops::resize::resize_bilinear;
-use ops::sample::{grid_sample_bilinear, point_sample};
+use ops::sample::{grid_sample_bilinear, grid_sample_bilinear_composed, point_sample};
 
 const EPS: f64 = 1e-6;
 const TOL: f64 = 1e-6;
@@ -113,6 +113,14 @@ fn grid_sample_gradient_input_and_grid() {
         "grid_sample",
         &[("input", &input), ("grid", &grid)],
         || grid_sample_bilinear(&input, &grid),
+        80,
+        EPS,
+        TOL,
+    );
+    check_grads(
+        "grid_sample_composed",
+        &[("input", &input), ("grid", &grid)],
+        || grid_sample_bilinear_composed(&input, &grid),
         80,
         EPS,
         TOL,

@@ -2,10 +2,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{assert_close, assert_values, Rng};
 use ops::resize::resize_bilinear;
-use ops::sample::{grid_sample_bilinear, point_sample};
+use ops::sample::{grid_sample_bilinear, grid_sample_bilinear_composed, point_sample};
 
 /// 2×3 image [[1, 2, 3], [4, 5, 6]], channel 2 = 10× channel 1.
 fn image() -> Tensor {
@@ -40,6 +40,8 @@ fn grid_sample_known_points() {
     let grid = Tensor::from_vec(g, (1, 2, 5, 2), &Device::Cpu).unwrap();
     let out = grid_sample_bilinear(&image(), &grid).unwrap();
     assert_eq!(out.dims(), &[1, 2, 2, 5]);
+    let composed = grid_sample_bilinear_composed(&image(), &grid).unwrap();
+    assert_close(&composed, &out, 1e-6, "composed vs CPU kernel");
     let last = 0.25 * 0.75 * 2.0 + 0.25 * 0.25 * 3.0 + 0.75 * 0.75 * 5.0 + 0.75 * 0.25 * 6.0;
     let c0 = [1.0, 6.0, 1.5, 3.5, 0.5, 0.25, 1.5, 0.0, 0.0, last];
     let want: Vec<f64> = c0
@@ -69,6 +71,12 @@ fn grid_sample_agrees_with_bilinear_resize_inside() {
         .repeat((2, 1, 1, 1))
         .unwrap();
     let gs = grid_sample_bilinear(&x, &grid).unwrap();
+    assert_close(
+        &grid_sample_bilinear_composed(&x, &grid).unwrap(),
+        &gs,
+        1e-6,
+        "composed",
+    );
     let rs = resize_bilinear(&x, (oh, ow), false).unwrap();
     // Rows/cols 1..n-1 sample strictly inside the source.
     let inner = |t: &Tensor| {
@@ -104,6 +112,10 @@ fn sampling_rejects_bad_shapes() {
     assert!(grid_sample_bilinear(&img, &bad_grid).is_err());
     let wrong_batch = Tensor::zeros((2, 2, 5, 2), DType::F32, &Device::Cpu).unwrap();
     assert!(grid_sample_bilinear(&img, &wrong_batch).is_err());
+    assert!(grid_sample_bilinear_composed(&img, &wrong_batch).is_err());
+    let coords = Tensor::zeros((1, 4, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(point_sample(&img.i(0).unwrap(), &coords).is_err());
+    assert!(point_sample(&img.to_dtype(DType::U8).unwrap(), &coords).is_err());
     assert!(point_sample(
         &img,
         &Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap()

@@ -90,37 +90,50 @@ impl MsDeformCore {
         self.levels.len() * self.points
     }
 
+    /// Queries per parallel task: enough taps (~16k multiply-adds) that rayon's per-task cost is
+    /// negligible even with one channel, e.g. grid sampling of single-channel masks.
+    fn block(&self) -> usize {
+        let work = (self.heads * self.n_lp() * 4 * self.dh).max(1);
+        (16384 / work).max(1)
+    }
+
     /// out (B, Lq, heads, dh), parallel over (b, q).
     fn forward<T: WithDType>(&self, value: &[T], loc: &[T], attn: &[T]) -> Vec<T> {
         let (m, d, nlp) = (self.heads, self.dh, self.n_lp());
         let mut out = vec![T::from_f64(0.0); self.b * self.lq * m * d];
-        out.par_chunks_mut(m * d).enumerate().for_each(|(bq, o)| {
-            let b = bq / self.lq;
-            let vb = &value[b * self.s * m * d..(b + 1) * self.s * m * d];
-            let mut cs = [Corner {
-                row: 0,
-                w: T::from_f64(0.0),
-                dx: T::from_f64(0.0),
-                dy: T::from_f64(0.0),
-            }; 4];
-            for head in 0..m {
-                let oh = &mut o[head * d..(head + 1) * d];
-                for lp in 0..nlp {
-                    let i = (bq * m + head) * nlp + lp;
-                    let a = attn[i];
-                    let n = corners(
-                        loc[2 * i],
-                        loc[2 * i + 1],
-                        self.levels[lp / self.points],
-                        &mut cs,
-                    );
-                    for c in &cs[..n] {
-                        let v = &vb[(c.row * m + head) * d..][..d];
-                        axpy(a * c.w, v, oh);
+        let block = self.block();
+        out.par_chunks_mut(block * m * d)
+            .enumerate()
+            .for_each(|(blk, ob)| {
+                let mut cs = [Corner {
+                    row: 0,
+                    w: T::from_f64(0.0),
+                    dx: T::from_f64(0.0),
+                    dy: T::from_f64(0.0),
+                }; 4];
+                for (k, o) in ob.chunks_mut(m * d).enumerate() {
+                    let bq = blk * block + k;
+                    let b = bq / self.lq;
+                    let vb = &value[b * self.s * m * d..(b + 1) * self.s * m * d];
+                    for head in 0..m {
+                        let oh = &mut o[head * d..(head + 1) * d];
+                        for lp in 0..nlp {
+                            let i = (bq * m + head) * nlp + lp;
+                            let a = attn[i];
+                            let n = corners(
+                                loc[2 * i],
+                                loc[2 * i + 1],
+                                self.levels[lp / self.points],
+                                &mut cs,
+                            );
+                            for c in &cs[..n] {
+                                let v = &vb[(c.row * m + head) * d..][..d];
+                                axpy(a * c.w, v, oh);
+                            }
+                        }
                     }
                 }
-            }
-        });
+            });
         out
     }
 
@@ -143,36 +156,44 @@ impl MsDeformCore {
         // Locations and weights: each (b, q) owns its slices.
         let mut g_loc = vec![zero; loc.len()];
         let mut g_attn = vec![zero; attn.len()];
+        let block = self.block();
         g_loc
-            .par_chunks_mut(m * nlp * 2)
-            .zip(g_attn.par_chunks_mut(m * nlp))
+            .par_chunks_mut(block * m * nlp * 2)
+            .zip(g_attn.par_chunks_mut(block * m * nlp))
             .enumerate()
-            .for_each(|(bq, (gl, ga))| {
-                let b = bq / self.lq;
-                let vb = &value[b * s * m * d..(b + 1) * s * m * d];
+            .for_each(|(blk, (glb, gab))| {
                 let mut cs = [blank; 4];
-                for head in 0..m {
-                    let g = &grad[(bq * m + head) * d..][..d];
-                    for lp in 0..nlp {
-                        let i = (bq * m + head) * nlp + lp;
-                        let a = attn[i];
-                        let n = corners(
-                            loc[2 * i],
-                            loc[2 * i + 1],
-                            self.levels[lp / self.points],
-                            &mut cs,
-                        );
-                        let (mut sa, mut sx, mut sy) = (zero, zero, zero);
-                        for c in &cs[..n] {
-                            let vg = dot(&vb[(c.row * m + head) * d..][..d], g);
-                            sa += c.w * vg;
-                            sx += c.dx * vg;
-                            sy += c.dy * vg;
+                for (k, (gl, ga)) in glb
+                    .chunks_mut(m * nlp * 2)
+                    .zip(gab.chunks_mut(m * nlp))
+                    .enumerate()
+                {
+                    let bq = blk * block + k;
+                    let b = bq / self.lq;
+                    let vb = &value[b * s * m * d..(b + 1) * s * m * d];
+                    for head in 0..m {
+                        let g = &grad[(bq * m + head) * d..][..d];
+                        for lp in 0..nlp {
+                            let i = (bq * m + head) * nlp + lp;
+                            let a = attn[i];
+                            let n = corners(
+                                loc[2 * i],
+                                loc[2 * i + 1],
+                                self.levels[lp / self.points],
+                                &mut cs,
+                            );
+                            let (mut sa, mut sx, mut sy) = (zero, zero, zero);
+                            for c in &cs[..n] {
+                                let vg = dot(&vb[(c.row * m + head) * d..][..d], g);
+                                sa += c.w * vg;
+                                sx += c.dx * vg;
+                                sy += c.dy * vg;
+                            }
+                            let j = head * nlp + lp;
+                            ga[j] = sa;
+                            gl[2 * j] = a * sx;
+                            gl[2 * j + 1] = a * sy;
                         }
-                        let j = head * nlp + lp;
-                        ga[j] = sa;
-                        gl[2 * j] = a * sx;
-                        gl[2 * j + 1] = a * sy;
                     }
                 }
             });
