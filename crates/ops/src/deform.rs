@@ -54,6 +54,10 @@ fn check_core_inputs(
             attention_weights.shape()
         );
     }
+    // Empty heads/channels/points would make the kernel's per-query chunks zero-sized.
+    if heads == 0 || dh == 0 || points == 0 {
+        bail!("ms_deform_attn_core: heads ({heads}), head dim ({dh}) and points ({points}) must be positive");
+    }
     Ok(CoreDims {
         b,
         s,

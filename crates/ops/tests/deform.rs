@@ -111,6 +111,11 @@ fn core_rejects_inconsistent_shapes() {
     let attn_bad = Tensor::zeros((1, 4, 2, 2, 2), DType::F32, &Device::Cpu).unwrap();
     assert!(ms_deform_attn_core(&value, &[(2, 3), (2, 2)], &loc, &attn_bad).is_err());
     assert!(ms_deform_attn_core_composed(&value, &[(2, 3), (2, 1)], &loc, &attn).is_err());
+    let value_empty = Tensor::zeros((1, 10, 2, 0), DType::F32, &Device::Cpu).unwrap();
+    assert!(ms_deform_attn_core(&value_empty, &[(2, 3), (2, 2)], &loc, &attn).is_err());
+    let loc0 = Tensor::zeros((1, 4, 2, 2, 0, 2), DType::F32, &Device::Cpu).unwrap();
+    let attn0 = Tensor::zeros((1, 4, 2, 2, 0), DType::F32, &Device::Cpu).unwrap();
+    assert!(ms_deform_attn_core(&value, &[(2, 3), (2, 2)], &loc0, &attn0).is_err());
     let value_int = Tensor::zeros((1, 10, 2, 3), DType::U32, &Device::Cpu).unwrap();
     assert!(ms_deform_attn_core(&value_int, &[(2, 3), (2, 2)], &loc, &attn).is_err());
 }

@@ -113,6 +113,15 @@ fn sampling_rejects_bad_shapes() {
     let wrong_batch = Tensor::zeros((2, 2, 5, 2), DType::F32, &Device::Cpu).unwrap();
     assert!(grid_sample_bilinear(&img, &wrong_batch).is_err());
     assert!(grid_sample_bilinear_composed(&img, &wrong_batch).is_err());
+    // No channels, or no sample points.
+    let no_channels = Tensor::zeros((1, 0, 2, 3), DType::F32, &Device::Cpu).unwrap();
+    let grid = Tensor::zeros((1, 2, 5, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(grid_sample_bilinear(&no_channels, &grid).is_err());
+    let no_points = Tensor::zeros((1, 0, 5, 2), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        grid_sample_bilinear(&img, &no_points).unwrap().dims(),
+        &[1, 2, 0, 5]
+    );
     let coords = Tensor::zeros((1, 4, 2), DType::F32, &Device::Cpu).unwrap();
     assert!(point_sample(&img.i(0).unwrap(), &coords).is_err());
     assert!(point_sample(&img.to_dtype(DType::U8).unwrap(), &coords).is_err());
