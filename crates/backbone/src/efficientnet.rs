@@ -161,8 +161,8 @@ impl EfficientNetLite0 {
             .collect::<Result<Vec<_>>>()?;
         let last = specs.last().map_or(cfg.stem_out, |b| b.4);
         let head = SameConv::new(&vb.pp("_conv_head"), &vb.pp("_bn1"), [cfg.head_out, last, 1, 1], 1, 1, eps)?;
-        let fc_weight = vb.pp("_fc").get(&[cfg.num_classes, cfg.head_out], "weight")?;
-        let fc_bias = vb.pp("_fc").get(&[cfg.num_classes], "bias")?;
+        let fc_weight = vb.pp("_fc").get(&[cfg.num_classes, cfg.head_out], "weight")?.detach();
+        let fc_bias = vb.pp("_fc").get(&[cfg.num_classes], "bias")?.detach();
         if cfg.taps.iter().any(|&t| t >= blocks.len()) {
             return Err(BackboneError::Input(format!("feature taps {:?} beyond {} blocks", cfg.taps, blocks.len())));
         }

@@ -17,7 +17,8 @@ pub(crate) fn fold_conv_norm(conv: &Weights, norm: &Weights, shape: [usize; 4], 
     let scale = (gamma / (var + eps)?.sqrt()?)?;
     let bias = (beta - (mean * &scale)?)?;
     let w = w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
-    Ok((w.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?))
+    // Detached: a VarBuilder over trainable variables must not drag a graph into the frozen model.
+    Ok((w.to_dtype(DType::F32)?.detach(), bias.to_dtype(DType::F32)?.detach()))
 }
 
 /// [`fold_conv_norm`] with a fixed conv geometry (the ResNet convs).

@@ -372,3 +372,88 @@ fn efficientnet_full_load_and_missing_key() {
         "{err}"
     );
 }
+
+// --- Full-model loads in every layout, checked against the VarBuilder path.
+
+/// A candle backend serving the parity formula weights and recording every (name, shape) asked.
+#[derive(Clone)]
+struct Recording {
+    inner: std::sync::Arc<parity::FormulaWeights>,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for Recording {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.asked.lock().unwrap().push((name.to_string(), s.dims().to_vec()));
+        self.inner.tensor(name, s.dims()).map_err(|e| candle_core::Error::Msg(e.to_string()))?.to_dtype(dtype)?.to_device(dev)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("no shape for {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+fn full_resnet50_in_every_layout_matches_the_var_builder_model() {
+    use backbone::{Backbone, ResNetConfig, Weights};
+    let rec = Recording { inner: std::sync::Arc::new(parity::FormulaWeights::with_calibration().unwrap()), asked: Default::default() };
+    let vb = candle_nn::VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
+    let reference_model = ResNet50::new(&ResNetConfig::r50(), Weights::from_var_builder(vb)).unwrap();
+    let asked = rec.asked.lock().unwrap().clone();
+    // The model asks for exactly the tensors of the name table, in forward order.
+    let asked_names: Vec<&str> = asked.iter().map(|(n, _)| n.as_str()).collect();
+    let table: Vec<&str> = resnet50_official_names().iter().map(String::as_str).collect();
+    assert_eq!(asked_names, table);
+
+    let x = Tensor::randn(0f32, 1f32, (1, 3, 64, 96), &Device::Cpu).unwrap();
+    let reference = reference_model.forward(&x).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layouts: [(&str, fn(&str) -> String); 3] = [
+        ("torchvision", |n| official_to_torchvision(n).unwrap()),
+        ("official_checkpoint", |n| format!("backbone.{n}")),
+        ("own", |n| n.to_string()),
+    ];
+    for (layout, rename) in layouts {
+        let mut tensors: HashMap<String, Tensor> =
+            asked.iter().map(|(n, s)| (rename(n), rec.inner.tensor(n, s).unwrap())).collect();
+        // Extras every real file of that layout has, which the loader must skip.
+        let extra = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        tensors.insert(if layout == "torchvision" { "fc.bias".into() } else { "sem_seg_head.x".into() }, extra);
+        let path = dir.path().join(format!("{layout}.safetensors"));
+        StateDict::from_tensors("x", tensors).save_safetensors(&path, "").unwrap();
+        let model = ResNet50::from_file(&path).unwrap();
+        let f = model.forward(&x).unwrap();
+        for (ours, r) in f.as_array().iter().zip(reference.as_array()) {
+            assert_eq!(parity::max_abs_diff(ours, r).unwrap().0, 0.0, "{layout}");
+        }
+    }
+}
+
+#[test]
+fn var_builder_errors_name_the_key() {
+    use backbone::{ResNetConfig, Weights};
+    let vb = candle_nn::VarBuilder::from_tensors(HashMap::new(), DType::F32, &Device::Cpu);
+    let err = ResNet50::new(&ResNetConfig::r50(), Weights::from_var_builder(vb.pp("backbone"))).unwrap_err();
+    match &err {
+        BackboneError::VarBuilder { key, expected, .. } => {
+            assert_eq!(key, "backbone.stem.conv1.weight");
+            assert_eq!(expected, &[64, 3, 7, 7]);
+        }
+        other => panic!("expected a VarBuilder error, got {other}"),
+    }
+}
+
+#[test]
+fn synthetic_models_give_finite_features() {
+    use backbone::Backbone;
+    let x = Tensor::randn(0f32, 1f32, (1, 3, 96, 64), &Device::Cpu).unwrap();
+    let models: [Box<dyn Backbone>; 2] = [Box::new(ResNet50::synthetic(3).unwrap()), Box::new(EfficientNetLite0::synthetic(3).unwrap())];
+    for m in models {
+        for t in m.forward(&x).unwrap().as_array() {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()) && v.iter().any(|&x| x != 0.0), "{:?}", m.feature_names());
+        }
+    }
+}
