@@ -8,7 +8,7 @@ use crate::util::ensure_float;
 
 /// `nn.MultiheadAttention(embed_dim, num_heads)` (dropout 0, biases on, kdim = vdim = embed_dim)
 /// on batch-first (B, L, E) tensors. Parameters: packed `in_proj_weight` [3E, E] with rows
-/// `[W_q; W_k; W_v]`, `in_proj_bias` [3E], `out_proj.weight`, `out_proj.bias`.
+/// `[W_q; W_k; W_v]`, `in_proj_bias` (3E), `out_proj.weight`, `out_proj.bias`.
 #[derive(Debug, Clone)]
 pub struct MultiheadAttention {
     in_proj_weight: Tensor,
