@@ -92,9 +92,14 @@ pub fn top_k_indices(uncertainty: &Tensor, k: usize) -> Result<Vec<Vec<usize>>> 
             bail!("top_k_indices: NaN uncertainty (non-finite mask logits)");
         }
         let mut idx: Vec<usize> = (0..row.len()).collect();
-        // Descending value; NaN was excluded above so the comparison is total.
-        idx.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+        // Descending value, then ascending index: a total order (NaN was excluded above), so
+        // partitioning at k and sorting only the kept prefix equals a full sort's first k.
+        let order = |a: &usize, b: &usize| row[*b].partial_cmp(&row[*a]).unwrap().then(a.cmp(b));
+        if k > 0 && k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, order);
+        }
         idx.truncate(k);
+        idx.sort_unstable_by(order);
         out.push(idx);
     }
     Ok(out)

@@ -189,7 +189,8 @@ impl Stage1Criterion {
             push(format!("loss_dice_{}", p.index), &p.loss_dice, c.dice_weight)?;
         }
         push("fewshot_loss".into(), &oracle.dice, c.fewshot_weight)?;
-        let weighted: Vec<Tensor> = terms.iter().map(|t| t.weighted.to_dtype(DType::F32)).collect::<Result<_>>()?;
+        let dtype = predictions[last].dtype();
+        let weighted: Vec<Tensor> = terms.iter().map(|t| t.weighted.to_dtype(dtype)).collect::<Result<_>>()?;
         let total = Tensor::stack(&weighted, 0)?.sum_all()?;
         Ok(Stage1Losses { predictions: per_pred, oracle, terms, total, num_masks })
     }

@@ -114,3 +114,21 @@ fn importance_sampling_rejects_bad_settings() {
     let c = uncertain_point_coords(&logits, 8, 2.0, 1.0, &mut src).unwrap();
     assert_eq!(c.dims(), &[1, 8, 2]);
 }
+
+/// Partial selection must give exactly the first k of a full (value desc, index asc) sort, also
+/// with many exact ties (quantised values) and at the edges k = 0, 1, P.
+#[test]
+fn top_k_equals_the_prefix_of_a_full_sort() {
+    let mut g = rng(31);
+    let (n, p) = (4usize, 257usize);
+    let u = rand_tensor(&mut g, &[n, p], -3.0, 3.0, DType::F64).affine(4.0, 0.0).unwrap().round().unwrap();
+    let rows: Vec<Vec<f64>> = u.to_vec2().unwrap();
+    for &k in &[0usize, 1, 7, 128, 256, 257] {
+        let top = top_k_indices(&u, k).unwrap();
+        for (r, row) in rows.iter().enumerate() {
+            let mut all: Vec<usize> = (0..p).collect();
+            all.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+            assert_eq!(top[r], all[..k].to_vec(), "row {r}, k {k}");
+        }
+    }
+}

@@ -102,13 +102,14 @@ fn parity_final_point_selection_as_a_set() {
     let preds = predictions(&fwd);
     let crit = Stage1Criterion::default();
     let gt = [s1.get("stage1.gt_masks").unwrap()];
+    let num_masks = gt[0].dim(0).unwrap();
     let mut pts = fixed_points(&s1);
-    let fin = crit.prediction_losses(&preds[9], &gt, 3.0, &mut pts).unwrap();
+    let fin = crit.prediction_losses(&preds[9], &gt, num_masks as f64, &mut pts).unwrap();
     let want = s1.get("stage1.final.point_coords").unwrap();
     assert_eq!(fin.point_coords.dims(), want.dims());
     let (ours, theirs) = (to_vec_f64(&fin.point_coords), to_vec_f64(&want));
     let (p, k) = (12544usize, 9408usize);
-    for m in 0..3 {
+    for m in 0..num_masks {
         let key = |v: &[f64], i: usize| ((v[2 * i] as f32).to_bits(), (v[2 * i + 1] as f32).to_bits());
         let a: std::collections::HashSet<_> = (m * p..m * p + k).map(|i| key(&ours, i)).collect();
         let b: std::collections::HashSet<_> = (m * p..m * p + k).map(|i| key(&theirs, i)).collect();
@@ -129,7 +130,8 @@ fn parity_final_losses_at_stored_points() {
     let m = Stage1Criterion::default().matcher().forward(&preds[9], &gt, &mut fixed_points(&s1)).unwrap();
     let (logits, masks) = Stage1Criterion::gather_matched(&preds[9], &gt, &m).unwrap().unwrap();
     let coords = s1.get("stage1.final.point_coords").unwrap();
-    let (lm, ld) = point_mask_losses(&logits, &masks, &coords, 3.0).unwrap();
+    let num_masks = gt[0].dim(0).unwrap() as f64;
+    let (lm, ld) = point_mask_losses(&logits, &masks, &coords, num_masks).unwrap();
     let r1 = assert_close("final.loss_mask", &lm.reshape(1).unwrap(), &s1.get("stage1.final.loss_mask").unwrap(), REL, 0.0);
     let r2 = assert_close("final.loss_dice", &ld.reshape(1).unwrap(), &s1.get("stage1.final.loss_dice").unwrap(), REL, 0.0);
     println!("final losses at stored points: rel {r1:.2e} / {r2:.2e}");

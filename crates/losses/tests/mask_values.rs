@@ -1,0 +1,39 @@
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{rand_tensor, rng, scalar, to_vec_f64};
+use losses::mask::{dice_loss, pairwise_bce_cost, pairwise_dice_cost, sigmoid_bce_loss};
+
+#[test]
+fn hand_values() {
+    let dev = Device::Cpu;
+    // p = 0.5 at 4 points, targets [1, 1, 0, 0]: dice = 1 − (2·1 + 1)/(2 + 2 + 1) = 0.4.
+    let x = Tensor::zeros((1, 4), DType::F64, &dev).unwrap();
+    let t = Tensor::new(&[[1f64, 1.0, 0.0, 0.0]], &dev).unwrap();
+    assert!((scalar(&dice_loss(&x, &t, 1.0).unwrap()) - 0.4).abs() < 1e-12);
+    // BCE at logit 0 is ln 2 whatever the target; divided by num_masks.
+    assert!((scalar(&sigmoid_bce_loss(&x, &t, 2.0).unwrap()) - std::f64::consts::LN_2 / 2.0).abs() < 1e-12);
+    assert!(sigmoid_bce_loss(&x, &t, 0.0).is_err());
+    assert!(dice_loss(&x, &t.narrow(1, 0, 3).unwrap(), 1.0).is_err());
+}
+
+/// Entry (i, j) of the pairwise costs is the single-pair loss of prediction i and target j.
+#[test]
+fn pairwise_costs_equal_per_pair_losses() {
+    let mut g = rng(3);
+    let (q, m, p) = (5usize, 3usize, 50usize);
+    let x = rand_tensor(&mut g, &[q, p], -5.0, 5.0, DType::F64);
+    let t = rand_tensor(&mut g, &[m, p], 0.0, 1.0, DType::F64);
+    let bce = to_vec_f64(&pairwise_bce_cost(&x, &t).unwrap());
+    let dice = to_vec_f64(&pairwise_dice_cost(&x, &t).unwrap());
+    for i in 0..q {
+        for j in 0..m {
+            let xi = x.narrow(0, i, 1).unwrap();
+            let tj = t.narrow(0, j, 1).unwrap();
+            let b = scalar(&sigmoid_bce_loss(&xi, &tj, 1.0).unwrap());
+            let d = scalar(&dice_loss(&xi, &tj, 1.0).unwrap());
+            assert!((bce[i * m + j] - b).abs() < 1e-12, "bce [{i},{j}]");
+            assert!((dice[i * m + j] - d).abs() < 1e-12, "dice [{i},{j}]");
+        }
+    }
+}
