@@ -1,7 +1,7 @@
 //! POS speed on CPU: forward of the paper preset at a 480² input and forward + backward of the
 //! CPU preset, with a per-stage split.
 //!
-//! `cargo run --release -p pos --example pos_timing [-- <cpu-preset input side, default 480>]`
+//! `cargo run --release -p pos --example pos_timing [-- [--cpu-only] [<cpu-preset input side, default 480>]]`
 
 use std::time::Instant;
 
@@ -34,7 +34,9 @@ fn secs(t: Instant) -> f64 {
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
-    let cpu_side: usize = match std::env::args().nth(1) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cpu_only = args.iter().any(|a| a == "--cpu-only");
+    let cpu_side: usize = match args.iter().find(|a| *a != "--cpu-only") {
         Some(s) => s
             .parse()
             .map_err(|_| candle_core::Error::Msg(format!("input side must be a positive integer, got `{s}`")))?,
@@ -50,8 +52,8 @@ fn main() -> Result<()> {
     let vbh = vb.pp("sem_seg_head");
     let pd = MSDeformAttnPixelDecoder::new(&cfg, vbh.pp("pixel_decoder"))?;
     let dec = MultiScaleMaskedTransformerDecoder::new(&cfg, vbh.pp("predictor"))?;
-    let feats = features(&cfg, 480, &dev)?;
-    for run in 0..3 {
+    let feats = if cpu_only { Vec::new() } else { features(&cfg, 480, &dev)? };
+    for run in 0..if cpu_only { 0 } else { 3 } {
         let t = Instant::now();
         let p = pd.forward(&feats)?;
         let t_pd = secs(t);
@@ -86,6 +88,19 @@ fn main() -> Result<()> {
             "cpu preset {cpu_side}² forward {t_fwd:.3}s + backward {t_bwd:.3}s = {:.3}s (run {run})",
             t_fwd + t_bwd
         );
+    }
+    // The same, stopping the backward at the pixel decoder outputs, to split the backward time.
+    for run in 0..3 {
+        let out = pos.forward(&feats)?;
+        let t = Instant::now();
+        let mut loss = out.mask_features.mean_all()?;
+        for m in &out.multi_scale {
+            loss = (loss + m.mean_all()?)?;
+        }
+        let grads = loss.backward()?;
+        let t_bwd = secs(t);
+        drop(grads);
+        println!("cpu preset {cpu_side}² backward through the pixel decoder only {t_bwd:.3}s (run {run})");
     }
     Ok(())
 }

@@ -78,7 +78,7 @@ impl PosConfig {
     /// a layer.
     pub fn validate(&self) -> Result<()> {
         let d = self.hidden_dim;
-        if self.in_channels.iter().any(|&c| c == 0) {
+        if self.in_channels.contains(&0) {
             bail!("PosConfig: in_channels must be positive, got {:?}", self.in_channels);
         }
         if d == 0 || d % 4 != 0 {

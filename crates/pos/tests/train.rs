@@ -139,7 +139,7 @@ fn bad_inputs_are_errors_not_panics() {
     let (pos, _varmap) = scratch_pos(&cfg);
     let good = small_features(&cfg, 1, &dev);
 
-    let err = |r: candle_core::Result<pos::PosOutput>| r.err().expect("expected an error").to_string();
+    let err = |r: candle_core::Result<pos::PosOutput>| r.expect_err("expected an error").to_string();
     assert!(err(pos.forward(&good[..3])).contains("4 feature maps"));
 
     let mut wrong_channels = good.clone();
