@@ -128,4 +128,20 @@ mod fewshot {
         assert!(no_co.co.is_none());
         assert!((val(&no_co.total) - 10.0 * val(&full.dice)).abs() < 1e-6);
     }
+
+    #[test]
+    fn co_loss_averages_over_the_batch() {
+        // Mean over the 2B BCE terms: a batch of two samples is the mean of the two alone.
+        let c = t(&[0.1, 0.5, 0.3, 0.2, -0.3, 0.4, 0.0, 0.1], &[2, 4]);
+        let i = t(&[0.3, 0.5, 0.9, 0.1, 0.2, 0.6, 0.4, 0.8], &[2, 4]);
+        let both = co_loss(&c, &i).unwrap();
+        assert_eq!(both.argmax.to_vec1::<u32>().unwrap(), vec![2, 3]);
+        assert_eq!(both.argmin.to_vec1::<u32>().unwrap(), vec![3, 0]);
+        let single = |r: usize| val(&co_loss(&c.narrow(0, r, 1).unwrap(), &i.narrow(0, r, 1).unwrap()).unwrap().loss);
+        let expected = (single(0) + single(1)) / 2.0;
+        assert!((val(&both.loss) - expected).abs() < 1e-6, "{} vs {expected}", val(&both.loss));
+        assert_eq!(both.em.dims(), &[2, 2]);
+        let e = co_loss(&c, &i.narrow(1, 0, 3).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("ious"), "{e}");
+    }
 }
