@@ -193,22 +193,34 @@ impl SampleRecord {
     }
 }
 
-/// Decodes any JPEG/PNG image to 8-bit RGB.
+/// Decodes any JPEG/PNG image to 8-bit RGB, applying its EXIF orientation as detectron2's
+/// `read_image` does (phone photos are often stored rotated; their masks are drawn upright).
 pub fn decode_image(path: &Path) -> Result<RgbImage> {
+    use image::ImageDecoder;
+    let bad = |e: image::ImageError| DataError::ImageDecode { path: path.to_path_buf(), reason: e.to_string() };
     let reader = image::ImageReader::open(path).map_err(io_err(path))?;
     let reader = reader.with_guessed_format().map_err(io_err(path))?;
-    let img = reader
-        .decode()
-        .map_err(|e| DataError::ImageDecode { path: path.to_path_buf(), reason: e.to_string() })?;
+    let mut decoder = reader.into_decoder().map_err(bad)?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(bad)?;
+    img.apply_orientation(orientation);
     Ok(img.to_rgb8())
 }
 
+/// Width and height after EXIF orientation, read without decoding the pixels.
 fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
+    use image::metadata::Orientation;
+    use image::ImageDecoder;
+    let bad = |e: image::ImageError| DataError::ImageDecode { path: path.to_path_buf(), reason: e.to_string() };
     let reader = image::ImageReader::open(path).map_err(io_err(path))?;
     let reader = reader.with_guessed_format().map_err(io_err(path))?;
-    reader
-        .into_dimensions()
-        .map_err(|e| DataError::ImageDecode { path: path.to_path_buf(), reason: e.to_string() })
+    let mut decoder = reader.into_decoder().map_err(bad)?;
+    let (w, h) = decoder.dimensions();
+    let turned = matches!(
+        decoder.orientation().unwrap_or(Orientation::NoTransforms),
+        Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+    );
+    Ok(if turned { (h, w) } else { (w, h) })
 }
 
 /// A sample before its label has been scanned.
@@ -583,6 +595,53 @@ impl FewShotDataset {
             DatasetKind::CocoToPascal => COCO_TO_PASCAL_TEST_SEED,
             _ => PASCAL_TEST_SEEDS[fold % 4],
         })
+    }
+}
+
+/// A fold list by sample ids (the content of PFENet/CyCTR's cached lists), for inspection and
+/// for other tools; written by [`FewShotDataset::write_fold_lists`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoldListFile {
+    pub dataset: String,
+    pub split: Split,
+    pub fold: usize,
+    pub min_class_pixels: u64,
+    pub classes: Vec<ClassId>,
+    pub images: Vec<String>,
+    pub class_images: BTreeMap<ClassId, Vec<String>>,
+}
+
+impl FewShotDataset {
+    /// The fold list of `split`/`fold` by sample ids.
+    pub fn fold_list_file(&self, split: Split, fold: usize) -> Result<FoldListFile> {
+        let list = self.fold_list(split, fold)?;
+        let samples = self.samples(split);
+        let ids = |v: &[usize]| v.iter().map(|&i| samples[i].id.clone()).collect::<Vec<_>>();
+        Ok(FoldListFile {
+            dataset: self.inner.name.clone(),
+            split,
+            fold,
+            min_class_pixels: self.inner.min_class_pixels,
+            classes: list.classes.clone(),
+            images: ids(&list.images),
+            class_images: list.class_images.iter().map(|(&c, v)| (c, ids(v))).collect(),
+        })
+    }
+
+    /// Writes every fold's train and val list as `<dir>/{train,val}_fold<i>.json`; returns the
+    /// paths written.
+    pub fn write_fold_lists(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut written = Vec::new();
+        for fold in 0..self.num_folds() {
+            for split in [Split::Train, Split::Val] {
+                let path = dir.join(format!("{split}_fold{fold}.json"));
+                let text = serde_json::to_string_pretty(&self.fold_list_file(split, fold)?).expect("list serialises");
+                std::fs::write(&path, text).map_err(io_err(&path))?;
+                written.push(path);
+            }
+        }
+        Ok(written)
     }
 }
 

@@ -254,6 +254,18 @@ const EPISODES_FORMAT: &str = "mmformer-test-episodes-v1";
 
 /// A fixed list of test episodes for one fold, exportable as JSON so that any implementation
 /// can evaluate on exactly the same episodes.
+///
+/// The JSON form (`to_json`) is:
+/// ```json
+/// {"format": "mmformer-test-episodes-v1", "dataset": "VOC2012", "fold": 0, "shot": 1,
+///  "seed": 4604572,
+///  "episodes": [{"query": "2007_000033", "class_id": 1, "supports": ["2008_001234", ...]}]}
+/// ```
+/// Ids are val-split sample ids (VOC: the image id). The episodes drawn here follow the
+/// reference protocol but use this crate's ChaCha stream, not CPython's `random`, so they are
+/// not the reference's own 1000 episodes; to evaluate on those, dump them from Python in this
+/// format and load them with [`TestEpisodes::read_json`], which validates them against the
+/// dataset.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestEpisodes {
     pub format: String,

@@ -53,7 +53,7 @@ pub use augment::{
 };
 pub use coco::{CocoOptions, CocoSplitFiles};
 pub use dataset::{
-    build_fold_list, ClassId, ClassPresence, DatasetKind, DatasetSource, FewShotDataset, FoldList, FoldScheme, SampleRecord,
+    build_fold_list, ClassId, ClassPresence, DatasetKind, DatasetSource, FewShotDataset, FoldList, FoldListFile, FoldScheme, SampleRecord,
     SampleSource, Split, COCO_TEST_SEEDS, COCO_TO_PASCAL_TEST_SEED, PASCAL_TEST_SEEDS, PFENET_MIN_CLASS_PIXELS,
     VOC_CLASSES,
 };

@@ -40,6 +40,13 @@ fn voc_reads_palette_ids_and_builds_pfenet_lists() {
     let train = ds.fold_list(Split::Train, 0).unwrap();
     assert_eq!(train.images.len(), 20, "every image has a base class");
     assert!(train.class_images.keys().all(|&c| c > 5));
+
+    // Export by ids: 4 folds x 2 splits, same content as the in-memory lists.
+    let out = dir.path().join("lists");
+    assert_eq!(ds.write_fold_lists(&out).unwrap().len(), 8);
+    let file: data::FoldListFile = serde_json::from_str(&std::fs::read_to_string(out.join("val_fold0.json")).unwrap()).unwrap();
+    assert_eq!(file.images.len(), val.images.len());
+    assert_eq!(file.class_images[&1], vec!["img00".to_string(), "img10".to_string()]);
 }
 
 #[test]
@@ -328,4 +335,50 @@ fn fss_and_user_folders() {
     img.save(user.join("pens/lonely.png")).unwrap();
     let e = FewShotDataset::open_folder(&user, &data::folders::FolderOptions { no_cache: true, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("lonely.png"), "{e}");
+}
+
+/// Inserts an EXIF APP1 segment with the given orientation right after a JPEG's SOI marker.
+fn with_exif_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
+    let tiff: Vec<u8> = [
+        &b"II\x2a\x00\x08\x00\x00\x00"[..],
+        &[1, 0],                                    // one IFD entry
+        &[0x12, 0x01, 3, 0, 1, 0, 0, 0, orientation, 0, 0, 0], // 0x0112 Orientation, SHORT, 1
+        &[0, 0, 0, 0],                              // no next IFD
+    ]
+    .concat();
+    let len = (2 + 6 + tiff.len()) as u16;
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(b"Exif\0\0");
+    out.extend_from_slice(&tiff);
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+#[test]
+fn exif_rotated_jpegs_are_turned_upright_like_detectron2() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("JPEGImages")).unwrap();
+    std::fs::create_dir_all(root.join("SegmentationClass")).unwrap();
+    std::fs::create_dir_all(root.join("ImageSets/Segmentation")).unwrap();
+    // Stored 80 wide x 40 high, EXIF says "rotate 90 degrees clockwise" -> upright 40 x 80.
+    let (img, _) = scene(80, 40, &[]);
+    let mut jpeg = Vec::new();
+    image::DynamicImage::ImageRgb8(img).write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+    std::fs::write(root.join("JPEGImages/r.jpg"), with_exif_orientation(&jpeg, 6)).unwrap();
+    let decoded = data::dataset::decode_image(&root.join("JPEGImages/r.jpg")).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (40, 80));
+    // An upright mask fits; one in the stored orientation is a size mismatch.
+    std::fs::write(root.join("ImageSets/Segmentation/train.txt"), "r\n").unwrap();
+    std::fs::write(root.join("ImageSets/Segmentation/val.txt"), "r\n").unwrap();
+    let opts = VocOptions { no_cache: true, ..Default::default() };
+    write_label_png(&root.join("SegmentationClass/r.png"), &Label::filled(40, 80, 3)).unwrap();
+    let ds = FewShotDataset::open_voc(root, &opts).unwrap();
+    let (img, lab) = ds.samples(Split::Val)[0].load().unwrap();
+    assert_eq!((img.width(), img.height(), lab.width()), (40, 80, 40));
+    write_label_png(&root.join("SegmentationClass/r.png"), &Label::filled(80, 40, 3)).unwrap();
+    let e = FewShotDataset::open_voc(root, &opts).unwrap_err().to_string();
+    assert!(e.contains("r.png") && e.contains("80x40"), "{e}");
 }
