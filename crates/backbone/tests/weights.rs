@@ -181,10 +181,10 @@ fn truncated_files_are_errors_naming_the_file() {
 #[test]
 fn non_weight_files_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    // A PNG renamed .pth.
+    // A PNG renamed .pth: a real photo when the assets are there, else a PNG signature.
     let png = dir.path().join("image.pth");
-    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
-    bytes.extend_from_slice(&[0u8; 64]);
+    let photo = backbone::assets::assets_dir().join("skimage/chelsea.png");
+    let bytes = std::fs::read(photo).unwrap_or_else(|_| [&b"\x89PNG\r\n\x1a\n"[..], &[0u8; 64]].concat());
     std::fs::write(&png, &bytes).unwrap();
     let err = ResNet50::from_file(&png).unwrap_err();
     assert!(matches!(err, BackboneError::NotAWeightFile { .. }), "{err}");
@@ -375,11 +375,14 @@ fn efficientnet_full_load_and_missing_key() {
 
 // --- Full-model loads in every layout, checked against the VarBuilder path.
 
+/// (name, shape) pairs in the order a model asked for them.
+type Asked = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>;
+
 /// A candle backend serving the parity formula weights and recording every (name, shape) asked.
 #[derive(Clone)]
 struct Recording {
     inner: std::sync::Arc<parity::FormulaWeights>,
-    asked: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>,
+    asked: Asked,
 }
 
 impl candle_nn::var_builder::SimpleBackend for Recording {
@@ -410,7 +413,8 @@ fn full_resnet50_in_every_layout_matches_the_var_builder_model() {
     let x = Tensor::randn(0f32, 1f32, (1, 3, 64, 96), &Device::Cpu).unwrap();
     let reference = reference_model.forward(&x).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let layouts: [(&str, fn(&str) -> String); 3] = [
+    type Rename = fn(&str) -> String;
+    let layouts: [(&str, Rename); 3] = [
         ("torchvision", |n| official_to_torchvision(n).unwrap()),
         ("official_checkpoint", |n| format!("backbone.{n}")),
         ("own", |n| n.to_string()),
