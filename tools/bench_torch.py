@@ -8,7 +8,10 @@ Run inside the venv made by tools/setup_torch_venv.sh:
 Protocol (a persistent server, one request per line on stdin, one JSON line per answer on stdout):
 
     request:  "<model> <size> <reps>"            e.g. "resnet50 480 5"
-    answer:   {"model": "resnet50", "size": 480, "times_ms": [t1, ..., t_reps]}
+    answer:   {"model": "resnet50", "size": 480, "times_ms": [t1, ..., t_reps], "cpu_ms": [c1, ...]}
+
+    times_ms is wall time per forward; cpu_ms is the process CPU time (all threads) of each
+    forward, which other load on the machine barely changes.
 
     on a bad request the answer is {"error": "<message>", "request": "<the line>"} and the
     server keeps going; an empty line is ignored; "quit" or end of input stops it.
@@ -211,16 +214,17 @@ def main():
                 models[name] = build(name, args)
             model = models[name]
             x = torch.randn(1, 3, size, size)
-            times = []
+            times, cpu = [], []
             with torch.inference_mode():
                 if (name, size) not in warmed:
                     model(x)
                     warmed.add((name, size))
                 for _ in range(reps):
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     model(x)
                     times.append((time.perf_counter() - t0) * 1e3)
-            emit({"model": name, "size": size, "times_ms": times})
+                    cpu.append((time.process_time() - c0) * 1e3)
+            emit({"model": name, "size": size, "times_ms": times, "cpu_ms": cpu})
         except Exception as e:  # the driver gets the reason and the server stays up
             emit({"error": str(e), "request": line})
 

@@ -95,8 +95,7 @@ impl ResNet50 {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let y = self.stem.ours(x, Activation::Relu, None);
-        // Zero padding is exact for this max-pool: its input is post-ReLU, hence >= 0.
-        let mut y = y.pad_with_zeros(2, 1, 1).unwrap().pad_with_zeros(3, 1, 1).unwrap().max_pool2d_with_stride(3, 2).unwrap();
+        let mut y = ops::conv::max_pool2d(&y, 3, 2, 1).unwrap();
         for b in &self.blocks {
             let identity = match &b.down {
                 Some(d) => d.ours(&y, Activation::None, None),
@@ -184,20 +183,33 @@ impl Lite0 {
     }
 }
 
-fn time_ms(f: impl Fn(), reps: usize) -> f64 {
+/// CPU time of the whole process (all threads), in ms.
+fn cpu_ms() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: plain syscall writing into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
+}
+
+/// (wall, cpu) ms, each the minimum over `reps` runs after one warm-up. The machine is shared:
+/// the minimum wall time is the least disturbed estimate, and CPU time (all threads) measures
+/// the work itself, which other load barely changes.
+fn time_ms(f: impl Fn(), reps: usize) -> (f64, f64) {
     f();
-    let t = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    t.elapsed().as_secs_f64() * 1e3 / reps as f64
+    (0..reps)
+        .map(|_| {
+            let (t, c) = (Instant::now(), cpu_ms());
+            f();
+            (t.elapsed().as_secs_f64() * 1e3, cpu_ms() - c)
+        })
+        .fold((f64::INFINITY, f64::INFINITY), |(a, b), (w, c)| (a.min(w), b.min(c)))
 }
 
 /// Per-layer-shape table (each distinct shape once), printed before the criterion runs.
-fn print_layers(net: &ResNet50) {
+fn print_layers(net: &ResNet50, with_candle: bool) {
     let mut seen = std::collections::HashSet::new();
-    let (mut tot_o, mut tot_c) = (0.0, 0.0);
-    println!("{:<44} {:>9} {:>9} {:>6}", "layer (Cin->Cout k s @ HxW) x count", "ours ms", "candle ms", "ratio");
+    let (mut tot_o, mut tot_cpu, mut tot_c) = (0.0, 0.0, 0.0);
+    println!("{:<44} {:>8} {:>8} {:>7} {:>9} {:>6}", "layer (Cin->Cout k s @ HxW) x count", "ours ms", "(cpu ms)", "GFLOP/s", "candle ms", "ratio");
     let stack = net.conv_stack();
     for (l, x, act, r) in &stack {
         let d = l.w.dims();
@@ -206,20 +218,36 @@ fn print_layers(net: &ResNet50) {
         if !seen.insert(key) {
             continue;
         }
-        let o = time_ms(|| drop(l.ours(x, *act, r.as_ref())), 5);
-        let c = time_ms(|| drop(l.candle(x, *act, r.as_ref())), 2);
+        let (o, cpu) = time_ms(|| drop(l.ours(x, *act, r.as_ref())), 7);
+        let c = if with_candle { time_ms(|| drop(l.candle(x, *act, r.as_ref())), 2).0 } else { f64::NAN };
+        let y = l.ours(x, *act, r.as_ref());
+        let flops = 2.0 * (y.elem_count() * d[1] * d[2] * d[3]) as f64;
         tot_o += o * count as f64;
+        tot_cpu += cpu * count as f64;
         tot_c += c * count as f64;
         let name = format!("{}->{} {}x{} s{} @ {}x{} x{count}", d[1], d[0], d[2], d[3], l.spec.stride.0, x.dims()[2], x.dims()[3]);
-        println!("{name:<44} {o:>9.2} {c:>9.2} {:>6.2}", c / o);
+        println!("{name:<44} {o:>8.2} {cpu:>8.2} {:>7.1} {c:>9.2} {:>6.2}", flops / o / 1e6, c / o);
     }
-    println!("{:<44} {tot_o:>9.1} {tot_c:>9.1} {:>6.2}", "total (weighted by count)", tot_c / tot_o);
+    let x = rand(&[1, 64, SIZE / 2, SIZE / 2], 1.0);
+    let (o, cpu) = time_ms(|| drop(ops::conv::max_pool2d(&x, 3, 2, 1).unwrap()), 7);
+    println!("{:<44} {o:>8.2} {cpu:>8.2}", "max_pool2d 3x3 s2 p1 @ 64x240x240");
+    println!("{:<44} {tot_o:>8.1} {tot_cpu:>8.1} {:>7} {tot_c:>9.1} {:>6.2}", "total (weighted by count)", "", tot_c / tot_o);
 }
 
 fn benches(c: &mut Criterion) {
     let net = ResNet50::new();
-    if std::env::var("CONV_BENCH_LAYERS").is_ok_and(|v| v == "1") {
-        print_layers(&net);
+    match std::env::var("CONV_BENCH_LAYERS").as_deref() {
+        Ok("1") => print_layers(&net, true),
+        Ok("ours") => print_layers(&net, false),
+        _ => {}
+    }
+    let x = rand(&[1, 3, SIZE, SIZE], 1.0);
+    let lite = Lite0::new();
+    if std::env::var("CONV_BENCH_LAYERS").is_ok() {
+        let (w, cpu) = time_ms(|| drop(net.forward(&x)), 5);
+        println!("resnet50 forward: {w:.1} ms wall, {cpu:.1} ms cpu (min of 5)");
+        let (w, cpu) = time_ms(|| drop(lite.forward(&x)), 5);
+        println!("efficientnet_lite0 forward: {w:.1} ms wall, {cpu:.1} ms cpu (min of 5)");
     }
     let stack = net.conv_stack();
     let mut g = c.benchmark_group("resnet50_conv_stack");
@@ -241,13 +269,11 @@ fn benches(c: &mut Criterion) {
     });
     g.finish();
 
-    let x = rand(&[1, 3, SIZE, SIZE], 1.0);
     let mut g = c.benchmark_group("resnet50_forward");
     g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
     g.bench_function("ours", |b| b.iter(|| net.forward(&x)));
     g.finish();
 
-    let lite = Lite0::new();
     let mut g = c.benchmark_group("efficientnet_lite0_forward");
     g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
     g.bench_function("ours", |b| b.iter(|| lite.forward(&x)));

@@ -423,3 +423,82 @@ impl SyncPtr {
         self.0
     }
 }
+
+/// Max pooling with PyTorch semantics (`nn.MaxPool2d(kernel, stride, padding)`, padding never
+/// wins the max, floor output size): x (N, C, H, W) -> (N, C, Ho, Wo). The ResNet stem pool is
+/// `max_pool2d(x, 3, 2, 1)`. f32 on CPU runs a direct kernel parallel over planes (candle's own
+/// pool has no padding and is several times slower); anything else falls back to candle ops.
+/// Unlike torch, NaN inputs are not propagated on the fast path (f32::max skips them).
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
+    let &[n, c, h, w] = x.dims() else {
+        return Err(err(format!("max_pool2d: input must be (N, C, H, W), got shape {:?}", x.dims())));
+    };
+    if kernel == 0 || stride == 0 {
+        return Err(err(format!("max_pool2d: kernel ({kernel}) and stride ({stride}) must be >= 1")));
+    }
+    if 2 * padding > kernel {
+        return Err(err(format!("max_pool2d: padding {padding} must be at most half the kernel {kernel}")));
+    }
+    if h + 2 * padding < kernel || w + 2 * padding < kernel {
+        return Err(err(format!("max_pool2d: padded input {}x{} is smaller than the kernel {kernel}", h + 2 * padding, w + 2 * padding)));
+    }
+    let ho = (h + 2 * padding - kernel) / stride + 1;
+    let wo = (w + 2 * padding - kernel) / stride + 1;
+    if !is_cpu_f32(x) {
+        // -inf borders keep padding out of the max, then candle's unpadded pool.
+        let x = if padding > 0 {
+            let pad_h = Tensor::full(f32::NEG_INFINITY, (n, c, padding, w), x.device())?.to_dtype(x.dtype())?;
+            let x = Tensor::cat(&[&pad_h, x, &pad_h], 2)?;
+            let pad_w = Tensor::full(f32::NEG_INFINITY, (n, c, h + 2 * padding, padding), x.device())?.to_dtype(x.dtype())?;
+            Tensor::cat(&[&pad_w, &x, &pad_w], 3)?
+        } else {
+            x.clone()
+        };
+        let y = x.max_pool2d_with_stride(kernel, stride)?;
+        // candle may produce a different size when (H + 2p - k) is not a multiple of the stride.
+        return Ok(y.narrow(2, 0, ho)?.narrow(3, 0, wo)?.detach());
+    }
+    let out = with_cpu_f32(x, |xs| {
+        use rayon::prelude::*;
+        let mut out = vec![0f32; n * c * ho * wo];
+        let pw = w.div_ceil(stride);
+        out.par_chunks_mut(ho * wo).zip(xs.par_chunks(h * w)).for_each_init(
+            || (vec![0f32; stride * pw], vec![0f32; h * wo]),
+            |(phases, hmax), (o, plane)| {
+                // Horizontal max of every input row, over the column phases so each tap is a
+                // contiguous, vectorisable max; then the vertical max over rows.
+                for (row, hm) in plane.chunks_exact(w).zip(hmax.chunks_exact_mut(wo)) {
+                    let src_row: &[f32] = if stride == 1 {
+                        row
+                    } else {
+                        for p in 0..stride {
+                            let dst = &mut phases[p * pw..(p + 1) * pw];
+                            dst.iter_mut().zip(row.iter().skip(p).step_by(stride)).for_each(|(d, v)| *d = *v);
+                        }
+                        phases
+                    };
+                    hm.fill(f32::NEG_INFINITY);
+                    for kx in 0..kernel {
+                        let off = kx as isize - padding as isize;
+                        let (lo, hi) = gemm_path::valid_range(off, stride, w, wo);
+                        let phase = off.rem_euclid(stride as isize) as usize;
+                        let start = (lo as isize + (off - phase as isize) / stride as isize) as usize;
+                        let src = &src_row[phase * pw + start..][..hi - lo];
+                        hm[lo..hi].iter_mut().zip(src).for_each(|(m, v)| *m = m.max(*v));
+                    }
+                }
+                for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
+                    orow.fill(f32::NEG_INFINITY);
+                    let y0 = (oy * stride).saturating_sub(padding);
+                    let y1 = (oy * stride + kernel - padding).min(h);
+                    for hm in hmax.chunks_exact(wo).take(y1).skip(y0) {
+                        orow.iter_mut().zip(hm).for_each(|(m, v)| *m = m.max(*v));
+                    }
+                }
+            },
+        );
+        out
+    })?
+    .ok_or_else(|| err("max_pool2d: input must be an f32 CPU tensor".to_string()))?;
+    Tensor::from_vec(out, (n, c, ho, wo), &Device::Cpu)
+}

@@ -21,12 +21,28 @@ fn seeded(shape: &[usize], seed: u64) -> Tensor {
 }
 
 /// candle conv2d with the padding applied by hand, then bias, residual, activation.
-fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: ConvSpec, act: Activation, res: Option<&Tensor>) -> Tensor {
-    assert_eq!(spec.stride.0, spec.stride.1, "candle's reference needs equal strides");
+fn reference(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    spec: ConvSpec,
+    act: Activation,
+    res: Option<&Tensor>,
+) -> Tensor {
+    assert_eq!(
+        spec.stride.0, spec.stride.1,
+        "candle's reference needs equal strides"
+    );
     assert_eq!(spec.dilation.0, spec.dilation.1);
     let [pt, pb, pl, pr] = spec.padding;
-    let xp = x.pad_with_zeros(2, pt, pb).unwrap().pad_with_zeros(3, pl, pr).unwrap();
-    let mut y = xp.conv2d(w, 0, spec.stride.0, spec.dilation.0, spec.groups).unwrap();
+    let xp = x
+        .pad_with_zeros(2, pt, pb)
+        .unwrap()
+        .pad_with_zeros(3, pl, pr)
+        .unwrap();
+    let mut y = xp
+        .conv2d(w, 0, spec.stride.0, spec.dilation.0, spec.groups)
+        .unwrap();
     if let Some(b) = b {
         y = y.broadcast_add(&b.reshape((1, (), 1, 1)).unwrap()).unwrap();
     }
@@ -46,7 +62,10 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-    a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 struct Case {
@@ -60,7 +79,14 @@ struct Case {
 
 /// Runs a case with both entry points and every bias / residual / activation combination.
 fn check(case: &Case, seed: u64) {
-    let Case { n, cin, cout, hw, k, spec } = *case;
+    let Case {
+        n,
+        cin,
+        cout,
+        hw,
+        k,
+        spec,
+    } = *case;
     let x = seeded(&[n, cin, hw.0, hw.1], seed);
     let w = seeded(&[cout, cin / spec.groups, k.0, k.1], seed + 1);
     let b = seeded(&[cout], seed + 2);
@@ -90,35 +116,105 @@ fn check(case: &Case, seed: u64) {
 
 #[test]
 fn conv_1x1_stride1_direct_gemm() {
-    check(&Case { n: 1, cin: 64, cout: 96, hw: (23, 17), k: (1, 1), spec: ConvSpec::same_as_torch(1, 0) }, 10);
+    check(
+        &Case {
+            n: 1,
+            cin: 64,
+            cout: 96,
+            hw: (23, 17),
+            k: (1, 1),
+            spec: ConvSpec::same_as_torch(1, 0),
+        },
+        10,
+    );
 }
 
 #[test]
 fn conv_1x1_stride2_gather() {
-    check(&Case { n: 1, cin: 48, cout: 40, hw: (21, 18), k: (1, 1), spec: ConvSpec::same_as_torch(2, 0) }, 20);
+    check(
+        &Case {
+            n: 1,
+            cin: 48,
+            cout: 40,
+            hw: (21, 18),
+            k: (1, 1),
+            spec: ConvSpec::same_as_torch(2, 0),
+        },
+        20,
+    );
 }
 
 #[test]
 fn conv_3x3_stride1_pad1() {
-    check(&Case { n: 1, cin: 24, cout: 32, hw: (19, 22), k: (3, 3), spec: ConvSpec::same_as_torch(1, 1) }, 30);
+    check(
+        &Case {
+            n: 1,
+            cin: 24,
+            cout: 32,
+            hw: (19, 22),
+            k: (3, 3),
+            spec: ConvSpec::same_as_torch(1, 1),
+        },
+        30,
+    );
 }
 
 #[test]
 fn conv_3x3_stride2_pad1() {
-    check(&Case { n: 1, cin: 24, cout: 32, hw: (19, 22), k: (3, 3), spec: ConvSpec::same_as_torch(2, 1) }, 40);
+    check(
+        &Case {
+            n: 1,
+            cin: 24,
+            cout: 32,
+            hw: (19, 22),
+            k: (3, 3),
+            spec: ConvSpec::same_as_torch(2, 1),
+        },
+        40,
+    );
 }
 
 #[test]
 fn conv_7x7_stride2_pad3_stem() {
-    check(&Case { n: 1, cin: 3, cout: 64, hw: (37, 30), k: (7, 7), spec: ConvSpec::same_as_torch(2, 3) }, 50);
+    check(
+        &Case {
+            n: 1,
+            cin: 3,
+            cout: 64,
+            hw: (37, 30),
+            k: (7, 7),
+            spec: ConvSpec::same_as_torch(2, 3),
+        },
+        50,
+    );
 }
 
 #[test]
 fn conv_3x3_dilation2() {
     let spec = ConvSpec::same_as_torch(1, 2).with_dilation(2);
-    check(&Case { n: 1, cin: 16, cout: 24, hw: (17, 15), k: (3, 3), spec }, 60);
+    check(
+        &Case {
+            n: 1,
+            cin: 16,
+            cout: 24,
+            hw: (17, 15),
+            k: (3, 3),
+            spec,
+        },
+        60,
+    );
     let spec = ConvSpec::same_as_torch(2, 1).with_dilation(2);
-    check(&Case { n: 1, cin: 16, cout: 24, hw: (17, 15), k: (3, 3), spec }, 61);
+    check(
+        &Case {
+            n: 1,
+            cin: 16,
+            cout: 24,
+            hw: (17, 15),
+            k: (3, 3),
+            spec,
+        },
+        61,
+    );
 }
 
 #[test]
@@ -126,7 +222,17 @@ fn conv_tf_same_asymmetric_odd_sizes() {
     // 3x3 stride 2 on 15x13: total padding 2 / 2 (even); on 16x14: 1 / 1 (odd: extra on bottom/right).
     for (hw, seed) in [((15, 13), 70), ((16, 14), 71)] {
         let spec = ConvSpec::tf_same(hw, (3, 3), 2, 1);
-        check(&Case { n: 1, cin: 8, cout: 12, hw, k: (3, 3), spec }, seed);
+        check(
+            &Case {
+                n: 1,
+                cin: 8,
+                cout: 12,
+                hw,
+                k: (3, 3),
+                spec,
+            },
+            seed,
+        );
     }
     let spec = ConvSpec::tf_same((16, 14), (3, 3), 2, 1);
     assert_eq!(spec.padding, [0, 1, 0, 1]);
@@ -135,13 +241,39 @@ fn conv_tf_same_asymmetric_odd_sizes() {
 #[test]
 fn conv_tf_same_padding_values() {
     // TF: out = ceil(in / s), pad_total = max((out - 1) * s + (k - 1) * d + 1 - in, 0).
-    assert_eq!(ConvSpec::tf_same((480, 480), (3, 3), 2, 1).padding, [0, 1, 0, 1]);
-    assert_eq!(ConvSpec::tf_same((481, 481), (3, 3), 2, 1).padding, [1, 1, 1, 1]);
-    assert_eq!(ConvSpec::tf_same((240, 240), (5, 5), 2, 1).padding, [1, 2, 1, 2]);
-    assert_eq!(ConvSpec::tf_same((60, 60), (5, 5), 1, 1).padding, [2, 2, 2, 2]);
-    assert_eq!(ConvSpec::tf_same((10, 7), (3, 5), 1, 2).padding, [2, 2, 4, 4]);
-    assert_eq!(ConvSpec::tf_same((1, 1), (3, 3), 2, 1).padding, [1, 1, 1, 1]);
-    assert_eq!(ConvSpec::same_as_torch(2, 3), ConvSpec { stride: (2, 2), padding: [3; 4], dilation: (1, 1), groups: 1 });
+    assert_eq!(
+        ConvSpec::tf_same((480, 480), (3, 3), 2, 1).padding,
+        [0, 1, 0, 1]
+    );
+    assert_eq!(
+        ConvSpec::tf_same((481, 481), (3, 3), 2, 1).padding,
+        [1, 1, 1, 1]
+    );
+    assert_eq!(
+        ConvSpec::tf_same((240, 240), (5, 5), 2, 1).padding,
+        [1, 2, 1, 2]
+    );
+    assert_eq!(
+        ConvSpec::tf_same((60, 60), (5, 5), 1, 1).padding,
+        [2, 2, 2, 2]
+    );
+    assert_eq!(
+        ConvSpec::tf_same((10, 7), (3, 5), 1, 2).padding,
+        [2, 2, 4, 4]
+    );
+    assert_eq!(
+        ConvSpec::tf_same((1, 1), (3, 3), 2, 1).padding,
+        [1, 1, 1, 1]
+    );
+    assert_eq!(
+        ConvSpec::same_as_torch(2, 3),
+        ConvSpec {
+            stride: (2, 2),
+            padding: [3; 4],
+            dilation: (1, 1),
+            groups: 1
+        }
+    );
 }
 
 #[test]
@@ -151,7 +283,17 @@ fn conv_depthwise_3x3_and_5x5_stride1_stride2_tf_same() {
         for stride in [1, 2] {
             for hw in [(15, 15), (16, 13)] {
                 let spec = ConvSpec::tf_same(hw, (k, k), stride, 1).with_groups(24);
-                check(&Case { n: 1, cin: 24, cout: 24, hw, k: (k, k), spec }, seed);
+                check(
+                    &Case {
+                        n: 1,
+                        cin: 24,
+                        cout: 24,
+                        hw,
+                        k: (k, k),
+                        spec,
+                    },
+                    seed,
+                );
                 seed += 1;
             }
         }
@@ -160,42 +302,159 @@ fn conv_depthwise_3x3_and_5x5_stride1_stride2_tf_same() {
 
 #[test]
 fn conv_depthwise_symmetric_pad_dilation_and_batch() {
-    let spec = ConvSpec::same_as_torch(1, 2).with_dilation(2).with_groups(10);
-    check(&Case { n: 2, cin: 10, cout: 10, hw: (12, 9), k: (3, 3), spec }, 90);
+    let spec = ConvSpec::same_as_torch(1, 2)
+        .with_dilation(2)
+        .with_groups(10);
+    check(
+        &Case {
+            n: 2,
+            cin: 10,
+            cout: 10,
+            hw: (12, 9),
+            k: (3, 3),
+            spec,
+        },
+        90,
+    );
     let spec = ConvSpec::same_as_torch(3, 1).with_groups(6);
-    check(&Case { n: 3, cin: 6, cout: 6, hw: (14, 11), k: (3, 3), spec }, 91);
+    check(
+        &Case {
+            n: 3,
+            cin: 6,
+            cout: 6,
+            hw: (14, 11),
+            k: (3, 3),
+            spec,
+        },
+        91,
+    );
 }
 
 #[test]
 fn conv_general_groups() {
     let spec = ConvSpec::same_as_torch(1, 1).with_groups(4);
-    check(&Case { n: 1, cin: 16, cout: 24, hw: (11, 13), k: (3, 3), spec }, 100);
+    check(
+        &Case {
+            n: 1,
+            cin: 16,
+            cout: 24,
+            hw: (11, 13),
+            k: (3, 3),
+            spec,
+        },
+        100,
+    );
     let spec = ConvSpec::same_as_torch(2, 0).with_groups(2);
-    check(&Case { n: 2, cin: 8, cout: 6, hw: (10, 9), k: (1, 1), spec }, 101);
+    check(
+        &Case {
+            n: 2,
+            cin: 8,
+            cout: 6,
+            hw: (10, 9),
+            k: (1, 1),
+            spec,
+        },
+        101,
+    );
     let spec = ConvSpec::same_as_torch(1, 0).with_groups(3);
-    check(&Case { n: 1, cin: 12, cout: 9, hw: (7, 8), k: (1, 1), spec }, 104);
+    check(
+        &Case {
+            n: 1,
+            cin: 12,
+            cout: 9,
+            hw: (7, 8),
+            k: (1, 1),
+            spec,
+        },
+        104,
+    );
     // Depthwise with a channel multiplier (Cout = 2 Cin) goes through the grouped gemm.
     let spec = ConvSpec::same_as_torch(1, 1).with_groups(5);
-    check(&Case { n: 1, cin: 5, cout: 10, hw: (9, 9), k: (3, 3), spec }, 102);
+    check(
+        &Case {
+            n: 1,
+            cin: 5,
+            cout: 10,
+            hw: (9, 9),
+            k: (3, 3),
+            spec,
+        },
+        102,
+    );
 }
 
 #[test]
 fn conv_batch_greater_than_one() {
-    check(&Case { n: 3, cin: 32, cout: 16, hw: (9, 11), k: (1, 1), spec: ConvSpec::same_as_torch(1, 0) }, 110);
-    check(&Case { n: 2, cin: 8, cout: 16, hw: (13, 12), k: (3, 3), spec: ConvSpec::same_as_torch(2, 1) }, 111);
+    check(
+        &Case {
+            n: 3,
+            cin: 32,
+            cout: 16,
+            hw: (9, 11),
+            k: (1, 1),
+            spec: ConvSpec::same_as_torch(1, 0),
+        },
+        110,
+    );
+    check(
+        &Case {
+            n: 2,
+            cin: 8,
+            cout: 16,
+            hw: (13, 12),
+            k: (3, 3),
+            spec: ConvSpec::same_as_torch(2, 1),
+        },
+        111,
+    );
 }
 
 #[test]
 fn conv_large_enough_for_many_tiles() {
     // 1x1 and 3x3 on 70x70: several pixel tiles per image, tiles straddling output rows.
-    check(&Case { n: 1, cin: 64, cout: 32, hw: (70, 70), k: (1, 1), spec: ConvSpec::same_as_torch(1, 0) }, 120);
-    check(&Case { n: 1, cin: 64, cout: 32, hw: (70, 70), k: (3, 3), spec: ConvSpec::same_as_torch(1, 1) }, 121);
+    check(
+        &Case {
+            n: 1,
+            cin: 64,
+            cout: 32,
+            hw: (70, 70),
+            k: (1, 1),
+            spec: ConvSpec::same_as_torch(1, 0),
+        },
+        120,
+    );
+    check(
+        &Case {
+            n: 1,
+            cin: 64,
+            cout: 32,
+            hw: (70, 70),
+            k: (3, 3),
+            spec: ConvSpec::same_as_torch(1, 1),
+        },
+        121,
+    );
 }
 
 #[test]
 fn conv_asymmetric_kernel_and_padding() {
-    let spec = ConvSpec { stride: (1, 1), padding: [0, 2, 3, 1], dilation: (1, 1), groups: 1 };
-    check(&Case { n: 1, cin: 4, cout: 6, hw: (8, 10), k: (3, 5), spec }, 130);
+    let spec = ConvSpec {
+        stride: (1, 1),
+        padding: [0, 2, 3, 1],
+        dilation: (1, 1),
+        groups: 1,
+    };
+    check(
+        &Case {
+            n: 1,
+            cin: 4,
+            cout: 6,
+            hw: (8, 10),
+            k: (3, 5),
+            spec,
+        },
+        130,
+    );
 }
 
 #[test]
@@ -204,12 +463,28 @@ fn conv_unequal_stride_matches_subsampled_stride1() {
     // every 2nd row and 3rd column.
     let x = seeded(&[1, 6, 17, 20], 140);
     let w = seeded(&[8, 6, 3, 3], 141);
-    let spec = ConvSpec { stride: (2, 3), padding: [1; 4], dilation: (1, 1), groups: 1 };
+    let spec = ConvSpec {
+        stride: (2, 3),
+        padding: [1; 4],
+        dilation: (1, 1),
+        groups: 1,
+    };
     let got = conv2d(&x, &w, None, spec, Activation::None, None).unwrap();
-    let full = reference(&x, &w, None, ConvSpec::same_as_torch(1, 1), Activation::None, None);
+    let full = reference(
+        &x,
+        &w,
+        None,
+        ConvSpec::same_as_torch(1, 1),
+        Activation::None,
+        None,
+    );
     let rows = Tensor::new(&[0u32, 2, 4, 6, 8, 10, 12, 14, 16], &Device::Cpu).unwrap();
     let cols = Tensor::new(&[0u32, 3, 6, 9, 12, 15, 18], &Device::Cpu).unwrap();
-    let want = full.index_select(&rows, 2).unwrap().index_select(&cols, 3).unwrap();
+    let want = full
+        .index_select(&rows, 2)
+        .unwrap()
+        .index_select(&cols, 3)
+        .unwrap();
     assert_eq!(got.dims(), &[1, 8, 9, 7]);
     assert!(rel_err(&got, &want) < 1e-4);
 }
@@ -221,15 +496,40 @@ fn conv_non_contiguous_input_and_weight() {
     let w = seeded(&[16, 8, 3, 3], 151).transpose(2, 3).unwrap();
     assert!(!x.is_contiguous() && !w.is_contiguous());
     let spec = ConvSpec::same_as_torch(1, 1);
-    let want = reference(&x.contiguous().unwrap(), &w.contiguous().unwrap(), None, spec, Activation::Relu, None);
+    let want = reference(
+        &x.contiguous().unwrap(),
+        &w.contiguous().unwrap(),
+        None,
+        spec,
+        Activation::Relu,
+        None,
+    );
     let got = conv2d(&x, &w, None, spec, Activation::Relu, None).unwrap();
     assert!(rel_err(&got, &want) < 1e-4);
-    let got = FrozenConv2d::new(w.clone(), None, spec).unwrap().forward(&x, Activation::Relu, None).unwrap();
+    let got = FrozenConv2d::new(w.clone(), None, spec)
+        .unwrap()
+        .forward(&x, Activation::Relu, None)
+        .unwrap();
     assert!(rel_err(&got, &want) < 1e-4);
     let x = seeded(&[1, 12, 10, 8], 152).permute((0, 3, 1, 2)).unwrap();
     let w = seeded(&[8, 8, 1, 1], 153);
-    let want = reference(&x.contiguous().unwrap(), &w, None, ConvSpec::same_as_torch(1, 0), Activation::None, None);
-    let got = conv2d(&x, &w, None, ConvSpec::same_as_torch(1, 0), Activation::None, None).unwrap();
+    let want = reference(
+        &x.contiguous().unwrap(),
+        &w,
+        None,
+        ConvSpec::same_as_torch(1, 0),
+        Activation::None,
+        None,
+    );
+    let got = conv2d(
+        &x,
+        &w,
+        None,
+        ConvSpec::same_as_torch(1, 0),
+        Activation::None,
+        None,
+    )
+    .unwrap();
     assert!(rel_err(&got, &want) < 1e-4);
 }
 
@@ -241,7 +541,15 @@ fn conv_f64_falls_back_to_candle_with_same_result() {
     let spec = ConvSpec::tf_same((11, 9), (3, 3), 2, 1).with_groups(6);
     let want = conv2d(&x, &w, Some(&b), spec, Activation::Relu6, None).unwrap();
     let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-    let got = conv2d(&to64(&x), &to64(&w), Some(&to64(&b)), spec, Activation::Relu6, None).unwrap();
+    let got = conv2d(
+        &to64(&x),
+        &to64(&w),
+        Some(&to64(&b)),
+        spec,
+        Activation::Relu6,
+        None,
+    )
+    .unwrap();
     assert_eq!(got.dtype(), DType::F64);
     assert!(rel_err(&got.to_dtype(DType::F32).unwrap(), &want) < 1e-5);
     let frozen = FrozenConv2d::new(to64(&w), Some(to64(&b)), spec).unwrap();
@@ -252,15 +560,40 @@ fn conv_f64_falls_back_to_candle_with_same_result() {
 #[test]
 fn conv_output_shape_and_known_values() {
     // A hand-computed case: 3x3 ones kernel over a 4x4 ramp with pad 1 gives neighbourhood sums.
-    let x = Tensor::arange(0f32, 16., &Device::Cpu).unwrap().reshape((1, 1, 4, 4)).unwrap();
+    let x = Tensor::arange(0f32, 16., &Device::Cpu)
+        .unwrap()
+        .reshape((1, 1, 4, 4))
+        .unwrap();
     let w = Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
-    let y = conv2d(&x, &w, None, ConvSpec::same_as_torch(2, 1), Activation::None, None).unwrap();
+    let y = conv2d(
+        &x,
+        &w,
+        None,
+        ConvSpec::same_as_torch(2, 1),
+        Activation::None,
+        None,
+    )
+    .unwrap();
     assert_eq!(y.dims(), &[1, 1, 2, 2]);
     // centres (0,0), (0,2), (2,0), (2,2): 0+1+4+5, 1+2+3+5+6+7, 4+5+8+9+12+13, 5+6+7+9+10+11+13+14+15
-    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![10., 24., 51., 90.]);
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![10., 24., 51., 90.]
+    );
     let b = Tensor::new(&[-50f32], &Device::Cpu).unwrap();
-    let y = conv2d(&x, &w, Some(&b), ConvSpec::same_as_torch(2, 1), Activation::Relu6, None).unwrap();
-    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0., 0., 1., 6.]);
+    let y = conv2d(
+        &x,
+        &w,
+        Some(&b),
+        ConvSpec::same_as_torch(2, 1),
+        Activation::Relu6,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![0., 0., 1., 6.]
+    );
 }
 
 fn msg(r: candle_core::Result<Tensor>) -> String {
@@ -281,23 +614,67 @@ fn conv_errors_on_mismatched_shapes() {
     assert!(e.contains("input has 8 channels"), "{e}");
     let e = msg(conv2d(&x, &w, Some(&seeded(&[15], 1)), s, none, None));
     assert!(e.contains("bias must have shape [16]"), "{e}");
-    let e = msg(conv2d(&x, &w, None, s, none, Some(&seeded(&[1, 16, 9, 10], 1))));
-    assert!(e.contains("residual must have the output shape [1, 16, 10, 10]"), "{e}");
+    let e = msg(conv2d(
+        &x,
+        &w,
+        None,
+        s,
+        none,
+        Some(&seeded(&[1, 16, 9, 10], 1)),
+    ));
+    assert!(
+        e.contains("residual must have the output shape [1, 16, 10, 10]"),
+        "{e}"
+    );
     let e = msg(conv2d(&seeded(&[8, 10, 10], 1), &w, None, s, none, None));
     assert!(e.contains("input must be (N, Cin, H, W)"), "{e}");
     let e = msg(conv2d(&x, &seeded(&[16, 8, 3], 1), None, s, none, None));
-    assert!(e.contains("weight must be (Cout, Cin/groups, kh, kw)"), "{e}");
-    let e = msg(conv2d(&seeded(&[1, 8, 2, 2], 1), &seeded(&[4, 8, 5, 5], 1), None, ConvSpec::same_as_torch(1, 0), none, None));
+    assert!(
+        e.contains("weight must be (Cout, Cin/groups, kh, kw)"),
+        "{e}"
+    );
+    let e = msg(conv2d(
+        &seeded(&[1, 8, 2, 2], 1),
+        &seeded(&[4, 8, 5, 5], 1),
+        None,
+        ConvSpec::same_as_torch(1, 0),
+        none,
+        None,
+    ));
     assert!(e.contains("smaller than the dilated kernel"), "{e}");
-    let e = msg(conv2d(&x, &w, None, ConvSpec { stride: (0, 1), ..s }, none, None));
+    let e = msg(conv2d(
+        &x,
+        &w,
+        None,
+        ConvSpec {
+            stride: (0, 1),
+            ..s
+        },
+        none,
+        None,
+    ));
     assert!(e.contains("stride must be >= 1"), "{e}");
     let e = msg(conv2d(&x, &w, None, s.with_dilation(0), none, None));
     assert!(e.contains("dilation must be >= 1"), "{e}");
-    let e = msg(conv2d(&x, &seeded(&[6, 2, 3, 3], 1), None, s.with_groups(4), none, None));
+    let e = msg(conv2d(
+        &x,
+        &seeded(&[6, 2, 3, 3], 1),
+        None,
+        s.with_groups(4),
+        none,
+        None,
+    ));
     assert!(e.contains("Cout = 6 is not divisible by groups = 4"), "{e}");
     let e = msg(conv2d(&x, &w, None, s.with_groups(0), none, None));
     assert!(e.contains("groups must be >= 1"), "{e}");
-    let e = msg(conv2d(&x.to_dtype(DType::F64).unwrap(), &w, None, s, none, None));
+    let e = msg(conv2d(
+        &x.to_dtype(DType::F64).unwrap(),
+        &w,
+        None,
+        s,
+        none,
+        None,
+    ));
     assert!(e.contains("dtype"), "{e}");
 
     let frozen = FrozenConv2d::new(w.clone(), None, s).unwrap();
@@ -305,8 +682,12 @@ fn conv_errors_on_mismatched_shapes() {
     assert!(e.contains("input has 7 channels"), "{e}");
     let e = msg(frozen.forward(&x, none, Some(&seeded(&[1, 16, 10, 11], 1))));
     assert!(e.contains("residual must have the output shape"), "{e}");
-    let e = FrozenConv2d::new(w.clone(), Some(seeded(&[8], 1)), s).unwrap_err().to_string();
+    let e = FrozenConv2d::new(w.clone(), Some(seeded(&[8], 1)), s)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("bias must have shape [16]"), "{e}");
-    let e = FrozenConv2d::new(seeded(&[16, 8], 1), None, s).unwrap_err().to_string();
+    let e = FrozenConv2d::new(seeded(&[16, 8], 1), None, s)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("weight must be"), "{e}");
 }

@@ -92,12 +92,20 @@ pub(crate) fn depthwise(
     let hw_in = geo.h * geo.w;
     let hw = geo.ho * geo.wo;
     let k = geo.kh * geo.kw;
-    let mut out = vec![0f32; geo.n * c * hw];
+    // Uninitialised (zeroing would be an extra pass); each task zeroes its plane before
+    // making a slice of it.
+    let len = geo.n * c * hw;
+    let mut out = Vec::<f32>::with_capacity(len);
     let out_ptr = SyncPtr(out.as_mut_ptr());
     (0..geo.n * c).into_par_iter().for_each(|t| {
         let ch = t % c;
-        // SAFETY: plane t of the output belongs to this task only.
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(t * hw), hw) };
+        // SAFETY: plane t of the output belongs to this task only, and is initialised before
+        // the slice is made.
+        let o = unsafe {
+            let p = out_ptr.get().add(t * hw);
+            std::ptr::write_bytes(p, 0, hw);
+            std::slice::from_raw_parts_mut(p, hw)
+        };
         plane(
             &x[t * hw_in..(t + 1) * hw_in],
             &w[ch * k..(ch + 1) * k],
@@ -108,5 +116,7 @@ pub(crate) fn depthwise(
             act,
         );
     });
+    // SAFETY: every plane was written by its task.
+    unsafe { out.set_len(len) };
     out
 }
