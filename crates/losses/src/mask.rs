@@ -64,7 +64,9 @@ fn check_num_masks(num_masks: f64) -> Result<()> {
 }
 
 /// `batch_sigmoid_ce_loss`: mean-over-points BCE of every prediction (Q, P) against every target
-/// (M, P) -> (Q, M), as (softplus(−x)·tᵀ + softplus(x)·(1−t)ᵀ) / P.
+/// (M, P) -> (Q, M). The official form is (softplus(−x)·tᵀ + softplus(x)·(1−t)ᵀ) / P; since
+/// softplus(−x) = softplus(x) − x this is (Σ_p softplus(x) − x·tᵀ) / P, which needs one
+/// elementwise pass and one matmul instead of two of each.
 pub fn pairwise_bce_cost(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (_, p) = dims2(logits, "pairwise_bce_cost")?;
     let (_, pt) = dims2(targets, "pairwise_bce_cost targets")?;
@@ -75,11 +77,9 @@ pub fn pairwise_bce_cost(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         bail!("pairwise_bce_cost: no points");
     }
     let targets = targets.to_dtype(logits.dtype())?;
-    let tail = log1p_exp_neg_abs(logits)?;
-    // BCE against 1 and against 0 at every point.
-    let pos = (logits.neg()?.relu()? + &tail)?;
-    let neg = (logits.relu()? + &tail)?;
-    let cost = (pos.matmul(&targets.t()?)? + neg.matmul(&targets.affine(-1.0, 1.0)?.t()?)?)?;
+    // BCE against 0 at every point, summed over points: (Q, 1).
+    let neg_sum = (logits.relu()? + log1p_exp_neg_abs(logits)?)?.sum_keepdim(1)?;
+    let cost = neg_sum.broadcast_sub(&logits.matmul(&targets.t()?)?)?;
     cost / p as f64
 }
 
