@@ -196,3 +196,105 @@ fn fully_masked_rows_attend_everywhere() {
     assert!(m.is_finite() && m > 0.0);
     assert_eq!(d, 0.0);
 }
+
+/// Gradient VALUES through the whole POS (conv, GroupNorm, deformable attention, resizes,
+/// masked attention, einsum) against central finite differences, in f64 on a tiny config. The
+/// attention masks are injected (fixed, random) so the loss is smooth in the parameters.
+#[test]
+fn gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let cfg = PosConfig {
+        in_channels: [6, 8, 10, 12],
+        hidden_dim: 16,
+        gn_groups: 4,
+        enc_heads: 2,
+        enc_points: 2,
+        enc_ffn_dim: 24,
+        enc_layers: 1,
+        dec_heads: 2,
+        dec_ffn_dim: 24,
+        dec_layers: 3,
+        num_queries: 4,
+    };
+    let mut varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let pos = Pos::new(&cfg, vb).unwrap();
+    for (name, value) in scratch_init_overrides(&cfg, &dev).unwrap() {
+        varmap.set_one(name, value.to_dtype(DType::F64).unwrap()).unwrap();
+    }
+    // Give the zero-initialised deformable projections values, so gradients reach the query.
+    for name in ["sampling_offsets", "attention_weights"] {
+        let full = format!("sem_seg_head.pixel_decoder.transformer.encoder.layers.0.self_attn.{name}.weight");
+        let shape = varmap.data().lock().unwrap()[&full].as_tensor().dims().to_vec();
+        varmap.set_one(full, Tensor::randn(0f64, 0.3, shape, &dev).unwrap()).unwrap();
+    }
+    let features: Vec<Tensor> = [8usize, 4, 2, 1]
+        .iter()
+        .zip(cfg.in_channels)
+        .map(|(&s, c)| Tensor::randn(0f64, 1.0, (1, c, 2 * s, 2 * s), &dev).unwrap().relu().unwrap())
+        .collect();
+    let masks: Vec<Tensor> = (0..cfg.dec_layers)
+        .map(|i| {
+            let hw = [1usize, 4, 16][i % 3] * 4;
+            Tensor::rand(0f32, 1.0, (1, cfg.num_queries, hw), &dev).unwrap().lt(0.4).unwrap()
+        })
+        .collect();
+    let n_preds = cfg.num_predictions();
+    let weights: Vec<Tensor> =
+        (0..n_preds).map(|_| Tensor::randn(0f64, 1.0, (1, cfg.num_queries, 16, 16), &dev).unwrap()).collect();
+    let loss = || -> Tensor {
+        let out = pos.forward_with_attn_masks(&features, &masks).unwrap();
+        let mut l = Tensor::new(0f64, &dev).unwrap();
+        for (p, w) in out.all_predictions().iter().zip(&weights) {
+            l = (l + (candle_nn::ops::sigmoid(p).unwrap() * w).unwrap().sum_all().unwrap()).unwrap();
+        }
+        l
+    };
+    let grads = loss().backward().unwrap();
+
+    let pd = "sem_seg_head.pixel_decoder";
+    let pr = "sem_seg_head.predictor";
+    let checked = [
+        format!("{pd}.input_proj.0.0.weight"),
+        format!("{pd}.input_proj.2.1.bias"),
+        format!("{pd}.transformer.level_embed"),
+        format!("{pd}.transformer.encoder.layers.0.self_attn.sampling_offsets.weight"),
+        format!("{pd}.transformer.encoder.layers.0.self_attn.value_proj.weight"),
+        format!("{pd}.transformer.encoder.layers.0.linear1.weight"),
+        format!("{pd}.adapter_1.weight"),
+        format!("{pd}.layer_1.weight"),
+        format!("{pd}.layer_1.norm.weight"),
+        format!("{pd}.mask_features.bias"),
+        format!("{pr}.query_feat.weight"),
+        format!("{pr}.query_embed.weight"),
+        format!("{pr}.level_embed.weight"),
+        format!("{pr}.transformer_cross_attention_layers.1.multihead_attn.in_proj_weight"),
+        format!("{pr}.transformer_self_attention_layers.2.self_attn.out_proj.weight"),
+        format!("{pr}.transformer_ffn_layers.0.linear2.weight"),
+        format!("{pr}.decoder_norm.weight"),
+        format!("{pr}.mask_embed.layers.0.weight"),
+    ];
+    let eps = 1e-5;
+    let mut worst = 0f64;
+    for name in &checked {
+        let var = varmap.data().lock().unwrap()[name].clone();
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        // A spread of entries: first, middle, last.
+        for &i in &[0, base.len() / 2, base.len() - 1] {
+            let eval = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &dev).unwrap()).unwrap();
+                loss().to_scalar::<f64>().unwrap()
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            var.set(&Tensor::from_vec(base.clone(), var.as_tensor().shape(), &dev).unwrap()).unwrap();
+            let err = (numeric - g[i]).abs() / numeric.abs().max(g[i].abs()).max(1e-3);
+            worst = worst.max(err);
+            assert!(err < 1e-4, "{name}[{i}]: analytic {} vs numeric {numeric} (rel err {err:.1e})", g[i]);
+        }
+    }
+    eprintln!("finite differences: worst relative error {worst:.1e}");
+}
