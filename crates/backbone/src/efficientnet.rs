@@ -38,7 +38,13 @@ pub struct EfficientNetConfig {
 
 impl EfficientNetConfig {
     pub fn lite0() -> Self {
-        let s = |expand, kernel, stride, out, repeats| StageArgs { expand, kernel, stride, out, repeats };
+        let s = |expand, kernel, stride, out, repeats| StageArgs {
+            expand,
+            kernel,
+            stride,
+            out,
+            repeats,
+        };
         Self {
             stem_out: 32,
             stages: vec![
@@ -63,7 +69,13 @@ impl EfficientNetConfig {
         let mut cin = self.stem_out;
         for st in &self.stages {
             for r in 0..st.repeats {
-                v.push((cin, st.expand, st.kernel, if r == 0 { st.stride } else { 1 }, st.out));
+                v.push((
+                    cin,
+                    st.expand,
+                    st.kernel,
+                    if r == 0 { st.stride } else { 1 },
+                    st.out,
+                ));
                 cin = st.out;
             }
         }
@@ -84,9 +96,22 @@ struct SameConv {
 }
 
 impl SameConv {
-    fn new(conv: &Weights, norm: &Weights, shape: [usize; 4], stride: usize, groups: usize, eps: f64) -> Result<Self> {
+    fn new(
+        conv: &Weights,
+        norm: &Weights,
+        shape: [usize; 4],
+        stride: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
         let (weight, bias) = fold_conv_norm(conv, norm, shape, eps)?;
-        Ok(Self { weight, bias, kernel: shape[2], stride, groups })
+        Ok(Self {
+            weight,
+            bias,
+            kernel: shape[2],
+            stride,
+            groups,
+        })
     }
 
     /// (B, Cin, H, W) → (B, Cout, ⌈H/stride⌉, ⌈W/stride⌉)
@@ -94,8 +119,16 @@ impl SameConv {
         let (_, _, h, w) = x.dims4()?;
         // The padding depends on the input size (odd total goes bottom / right), so the spec is
         // made per call; the weights are borrowed, not repacked.
-        let spec = ConvSpec::tf_same((h, w), (self.kernel, self.kernel), self.stride, 1).with_groups(self.groups);
-        Ok(ops::conv::conv2d(x, &self.weight, Some(&self.bias), spec, act, residual)?)
+        let spec = ConvSpec::tf_same((h, w), (self.kernel, self.kernel), self.stride, 1)
+            .with_groups(self.groups);
+        Ok(ops::conv::conv2d(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            spec,
+            act,
+            residual,
+        )?)
     }
 }
 
@@ -110,17 +143,51 @@ pub struct MbConvBlock {
 }
 
 impl MbConvBlock {
-    pub fn new(cin: usize, expand: usize, kernel: usize, stride: usize, cout: usize, eps: f64, vb: Weights) -> Result<Self> {
+    pub fn new(
+        cin: usize,
+        expand: usize,
+        kernel: usize,
+        stride: usize,
+        cout: usize,
+        eps: f64,
+        vb: Weights,
+    ) -> Result<Self> {
         let mid = cin * expand;
         // Without expansion efficientnet_pytorch has no `_bn0` in the block; the names stay.
         let expand_conv = if expand != 1 {
-            Some(SameConv::new(&vb.pp("_expand_conv"), &vb.pp("_bn0"), [mid, cin, 1, 1], 1, 1, eps)?)
+            Some(SameConv::new(
+                &vb.pp("_expand_conv"),
+                &vb.pp("_bn0"),
+                [mid, cin, 1, 1],
+                1,
+                1,
+                eps,
+            )?)
         } else {
             None
         };
-        let depthwise = SameConv::new(&vb.pp("_depthwise_conv"), &vb.pp("_bn1"), [mid, 1, kernel, kernel], stride, mid, eps)?;
-        let project = SameConv::new(&vb.pp("_project_conv"), &vb.pp("_bn2"), [cout, mid, 1, 1], 1, 1, eps)?;
-        Ok(Self { expand: expand_conv, depthwise, project, residual: stride == 1 && cin == cout })
+        let depthwise = SameConv::new(
+            &vb.pp("_depthwise_conv"),
+            &vb.pp("_bn1"),
+            [mid, 1, kernel, kernel],
+            stride,
+            mid,
+            eps,
+        )?;
+        let project = SameConv::new(
+            &vb.pp("_project_conv"),
+            &vb.pp("_bn2"),
+            [cout, mid, 1, 1],
+            1,
+            1,
+            eps,
+        )?;
+        Ok(Self {
+            expand: expand_conv,
+            depthwise,
+            project,
+            residual: stride == 1 && cin == cout,
+        })
     }
 
     /// (B, Cin, H, W) → (B, Cout, ⌈H/stride⌉, ⌈W/stride⌉)
@@ -130,7 +197,8 @@ impl MbConvBlock {
             None => x.clone(),
         };
         let y = self.depthwise.forward(&y, Activation::Relu6, None)?;
-        self.project.forward(&y, Activation::None, self.residual.then_some(x))
+        self.project
+            .forward(&y, Activation::None, self.residual.then_some(x))
     }
 }
 
@@ -151,28 +219,61 @@ pub struct EfficientNetLite0 {
 impl EfficientNetLite0 {
     pub fn new(cfg: &EfficientNetConfig, vb: Weights) -> Result<Self> {
         let eps = cfg.bn_eps;
-        let stem = SameConv::new(&vb.pp("_conv_stem"), &vb.pp("_bn0"), [cfg.stem_out, 3, 3, 3], 2, 1, eps)?;
+        let stem = SameConv::new(
+            &vb.pp("_conv_stem"),
+            &vb.pp("_bn0"),
+            [cfg.stem_out, 3, 3, 3],
+            2,
+            1,
+            eps,
+        )?;
         let specs = cfg.blocks();
         let blocks_vb = vb.pp("_blocks");
         let blocks = specs
             .iter()
             .enumerate()
-            .map(|(i, &(cin, e, k, s, cout))| MbConvBlock::new(cin, e, k, s, cout, eps, blocks_vb.pp(i)))
+            .map(|(i, &(cin, e, k, s, cout))| {
+                MbConvBlock::new(cin, e, k, s, cout, eps, blocks_vb.pp(i))
+            })
             .collect::<Result<Vec<_>>>()?;
         let last = specs.last().map_or(cfg.stem_out, |b| b.4);
-        let head = SameConv::new(&vb.pp("_conv_head"), &vb.pp("_bn1"), [cfg.head_out, last, 1, 1], 1, 1, eps)?;
-        let fc_weight = vb.pp("_fc").get(&[cfg.num_classes, cfg.head_out], "weight")?.detach();
+        let head = SameConv::new(
+            &vb.pp("_conv_head"),
+            &vb.pp("_bn1"),
+            [cfg.head_out, last, 1, 1],
+            1,
+            1,
+            eps,
+        )?;
+        let fc_weight = vb
+            .pp("_fc")
+            .get(&[cfg.num_classes, cfg.head_out], "weight")?
+            .detach();
         let fc_bias = vb.pp("_fc").get(&[cfg.num_classes], "bias")?.detach();
         if cfg.taps.iter().any(|&t| t >= blocks.len()) {
-            return Err(BackboneError::Input(format!("feature taps {:?} beyond {} blocks", cfg.taps, blocks.len())));
+            return Err(BackboneError::Input(format!(
+                "feature taps {:?} beyond {} blocks",
+                cfg.taps,
+                blocks.len()
+            )));
         }
-        Ok(Self { cfg: cfg.clone(), stem, blocks, head, fc_weight, fc_bias })
+        Ok(Self {
+            cfg: cfg.clone(),
+            stem,
+            blocks,
+            head,
+            fc_weight,
+            fc_bias,
+        })
     }
 
     /// From a weight file in the `efficientnet_pytorch` layout (e.g. the legacy
     /// `efficientnet-lite0-57934424.pth`), or our safetensors with the same names.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        Self::new(&EfficientNetConfig::lite0(), Weights::from_state_dict(StateDict::read(path)?))
+        Self::new(
+            &EfficientNetConfig::lite0(),
+            Weights::from_state_dict(StateDict::read(path)?),
+        )
     }
 
     /// Deterministic synthetic weights (for timing without a weight file).
@@ -184,7 +285,6 @@ impl EfficientNetLite0 {
         &self.cfg
     }
 
-
     /// (B, 3, H, W) normalised → (B, num_classes) ImageNet logits: head conv + BN + ReLU6,
     /// global average pool, `_fc` (dropout is inactive at inference).
     pub fn classify(&self, x: &Tensor) -> Result<Tensor> {
@@ -195,7 +295,9 @@ impl EfficientNetLite0 {
         }
         let x = self.head.forward(&x, Activation::Relu6, None)?;
         let pooled = x.flatten_from(2)?.mean(D::Minus1)?;
-        Ok(pooled.matmul(&self.fc_weight.t()?)?.broadcast_add(&self.fc_bias)?)
+        Ok(pooled
+            .matmul(&self.fc_weight.t()?)?
+            .broadcast_add(&self.fc_bias)?)
     }
 }
 
@@ -225,8 +327,16 @@ impl Backbone for EfficientNetLite0 {
             }
         }
         let [Some(res2), Some(res3), Some(res4), Some(res5)] = taps else {
-            return Err(BackboneError::Input(format!("feature taps {:?} not increasing", self.cfg.taps)));
+            return Err(BackboneError::Input(format!(
+                "feature taps {:?} not increasing",
+                self.cfg.taps
+            )));
         };
-        Ok(Features { res2, res3, res4, res5 })
+        Ok(Features {
+            res2,
+            res3,
+            res4,
+            res5,
+        })
     }
 }

@@ -22,18 +22,35 @@ pub enum BackboneError {
     Corrupt { file: PathBuf, detail: String },
 
     #[error("{}: missing tensor `{key}` (expected shape {expected:?})", file.display())]
-    MissingKey { file: PathBuf, key: String, expected: Vec<usize> },
+    MissingKey {
+        file: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+    },
 
     #[error("{}: tensor `{key}` has shape {found:?}, expected {expected:?}", file.display())]
-    ShapeMismatch { file: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
+    ShapeMismatch {
+        file: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
 
     /// A tensor that exists but cannot be used (e.g. an unsupported dtype).
     #[error("{}: tensor `{key}`: {detail}", file.display())]
-    BadTensor { file: PathBuf, key: String, detail: String },
+    BadTensor {
+        file: PathBuf,
+        key: String,
+        detail: String,
+    },
 
     /// A tensor requested from a candle `VarBuilder` (no file behind it) that it could not give.
     #[error("weights `{key}` (expected shape {expected:?}): {detail}")]
-    VarBuilder { key: String, expected: Vec<usize>, detail: String },
+    VarBuilder {
+        key: String,
+        expected: Vec<usize>,
+        detail: String,
+    },
 
     #[error("input: {0}")]
     Input(String),

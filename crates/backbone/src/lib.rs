@@ -76,7 +76,9 @@ impl std::str::FromStr for BackboneKind {
         match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
             "resnet50" | "r50" => Ok(Self::ResNet50),
             "efficientnetlite0" | "effnetlite0" | "lite0" => Ok(Self::EfficientNetLite0),
-            _ => Err(BackboneError::Input(format!("unknown backbone `{s}` (resnet50 or efficientnet-lite0)"))),
+            _ => Err(BackboneError::Input(format!(
+                "unknown backbone `{s}` (resnet50 or efficientnet-lite0)"
+            ))),
         }
     }
 }
@@ -96,10 +98,17 @@ pub fn load_backbone(kind: BackboneKind, weights: Option<&Path>) -> Result<Box<d
 pub(crate) fn check_input(x: &Tensor) -> Result<()> {
     match x.dims() {
         [b, 3, h, w] if *b > 0 && *h > 0 && *w > 0 => {}
-        d => return Err(BackboneError::Input(format!("expected a (B, 3, H, W) image batch, got shape {d:?}"))),
+        d => {
+            return Err(BackboneError::Input(format!(
+                "expected a (B, 3, H, W) image batch, got shape {d:?}"
+            )))
+        }
     }
     if x.dtype() != DType::F32 {
-        return Err(BackboneError::Input(format!("expected f32 input, got {:?}", x.dtype())));
+        return Err(BackboneError::Input(format!(
+            "expected f32 input, got {:?}",
+            x.dtype()
+        )));
     }
     Ok(())
 }

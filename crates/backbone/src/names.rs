@@ -30,12 +30,28 @@ fn module_table() -> Vec<(String, String, bool)> {
         let (res, layer) = (format!("res{}", s + 2), format!("layer{}", s + 1));
         for b in 0..n {
             for k in 1..=3 {
-                t.push((format!("{res}.{b}.conv{k}"), format!("{layer}.{b}.conv{k}"), false));
-                t.push((format!("{res}.{b}.conv{k}.norm"), format!("{layer}.{b}.bn{k}"), true));
+                t.push((
+                    format!("{res}.{b}.conv{k}"),
+                    format!("{layer}.{b}.conv{k}"),
+                    false,
+                ));
+                t.push((
+                    format!("{res}.{b}.conv{k}.norm"),
+                    format!("{layer}.{b}.bn{k}"),
+                    true,
+                ));
             }
             if b == 0 {
-                t.push((format!("{res}.0.shortcut"), format!("{layer}.0.downsample.0"), false));
-                t.push((format!("{res}.0.shortcut.norm"), format!("{layer}.0.downsample.1"), true));
+                t.push((
+                    format!("{res}.0.shortcut"),
+                    format!("{layer}.0.downsample.0"),
+                    false,
+                ));
+                t.push((
+                    format!("{res}.0.shortcut.norm"),
+                    format!("{layer}.0.downsample.1"),
+                    true,
+                ));
             }
         }
     }
@@ -64,7 +80,11 @@ fn table() -> &'static Table {
                 to_torchvision.insert(o, t);
             }
         }
-        Table { official, to_official, to_torchvision }
+        Table {
+            official,
+            to_official,
+            to_torchvision,
+        }
     })
 }
 
@@ -93,22 +113,26 @@ pub fn resnet50_state_dict(raw: StateDict) -> Result<StateDict> {
     const PREFIX: &str = "backbone.";
     let path = raw.path().to_path_buf();
     let tensors = raw.into_tensors();
-    let (naming, renamed): (FileNaming, HashMap<String, _>) = if tensors.keys().any(|k| k.starts_with(PREFIX)) {
-        let renamed = tensors
-            .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix(PREFIX).map(|s| (s.to_string(), v)))
-            .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
-            .collect();
-        (FileNaming::Prefixed(PREFIX.to_string()), renamed)
-    } else if tensors.keys().any(|k| torchvision_to_official(k).is_some()) {
-        let renamed = tensors
-            .into_iter()
-            .filter_map(|(k, v)| torchvision_to_official(&k).map(|o| (o, v)))
-            .collect();
-        (FileNaming::Torchvision, renamed)
-    } else {
-        let renamed = tensors.into_iter().filter(|(k, _)| !k.ends_with("num_batches_tracked")).collect();
-        (FileNaming::Same, renamed)
-    };
+    let (naming, renamed): (FileNaming, HashMap<String, _>) =
+        if tensors.keys().any(|k| k.starts_with(PREFIX)) {
+            let renamed = tensors
+                .into_iter()
+                .filter_map(|(k, v)| k.strip_prefix(PREFIX).map(|s| (s.to_string(), v)))
+                .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+                .collect();
+            (FileNaming::Prefixed(PREFIX.to_string()), renamed)
+        } else if tensors.keys().any(|k| torchvision_to_official(k).is_some()) {
+            let renamed = tensors
+                .into_iter()
+                .filter_map(|(k, v)| torchvision_to_official(&k).map(|o| (o, v)))
+                .collect();
+            (FileNaming::Torchvision, renamed)
+        } else {
+            let renamed = tensors
+                .into_iter()
+                .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+                .collect();
+            (FileNaming::Same, renamed)
+        };
     Ok(StateDict::renamed(path, renamed, naming))
 }

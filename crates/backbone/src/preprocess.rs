@@ -18,20 +18,37 @@ pub fn normalize(image: &Tensor) -> Result<Tensor> {
     let x = match image.dims() {
         [3, _, _] => image.unsqueeze(0)?,
         [_, 3, _, _] => image.clone(),
-        d => return Err(BackboneError::Input(format!("expected an RGB image (3, H, W) or (B, 3, H, W), got shape {d:?}"))),
+        d => {
+            return Err(BackboneError::Input(format!(
+                "expected an RGB image (3, H, W) or (B, 3, H, W), got shape {d:?}"
+            )))
+        }
     };
     let dev = x.device();
     let mean = Tensor::new(&PIXEL_MEAN, dev)?.reshape((1, 3, 1, 1))?;
     let std = Tensor::new(&PIXEL_STD, dev)?.reshape((1, 3, 1, 1))?;
-    Ok(x.to_dtype(DType::F32)?.broadcast_sub(&mean)?.broadcast_div(&std)?)
+    Ok(x.to_dtype(DType::F32)?
+        .broadcast_sub(&mean)?
+        .broadcast_div(&std)?)
 }
 
 /// Zero padding at the bottom and right of a (B, C, H, W) tensor up to multiples of `multiple`.
 pub fn pad_to_multiple(x: &Tensor, multiple: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    let (ph, pw) = (h.next_multiple_of(multiple) - h, w.next_multiple_of(multiple) - w);
-    let x = if ph > 0 { x.pad_with_zeros(2, 0, ph)? } else { x.clone() };
-    Ok(if pw > 0 { x.pad_with_zeros(3, 0, pw)? } else { x })
+    let (ph, pw) = (
+        h.next_multiple_of(multiple) - h,
+        w.next_multiple_of(multiple) - w,
+    );
+    let x = if ph > 0 {
+        x.pad_with_zeros(2, 0, ph)?
+    } else {
+        x.clone()
+    };
+    Ok(if pw > 0 {
+        x.pad_with_zeros(3, 0, pw)?
+    } else {
+        x
+    })
 }
 
 /// (3, H, W) or (B, 3, H, W) uint8 RGB → (B, 3, H', W') f32 backbone input: normalised, then

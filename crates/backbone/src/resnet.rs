@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Storage, Tensor};
-use rayon::prelude::*;
 use ops::conv::{Activation, ConvSpec, FrozenConv2d};
+use rayon::prelude::*;
 
 use crate::error::{BackboneError, Result};
 use crate::frozen::conv_norm;
@@ -31,7 +31,13 @@ pub struct ResNetConfig {
 impl ResNetConfig {
     /// detectron2 R-50 (`RESNETS.DEPTH 50`) as in the V1 configs.
     pub fn r50() -> Self {
-        Self { blocks: RESNET50_BLOCKS, stem_out: 64, width: 64, res2_out: 256, bn_eps: 1e-5 }
+        Self {
+            blocks: RESNET50_BLOCKS,
+            stem_out: 64,
+            width: 64,
+            res2_out: 256,
+            bn_eps: 1e-5,
+        }
     }
 
     /// Output channels of res2..res5.
@@ -49,7 +55,13 @@ pub struct BasicStem {
 impl BasicStem {
     pub fn new(cfg: &ResNetConfig, vb: Weights) -> Result<Self> {
         let conv = vb.pp("conv1");
-        let conv1 = conv_norm(&conv, &conv.pp("norm"), [cfg.stem_out, 3, 7, 7], ConvSpec::same_as_torch(2, 3), cfg.bn_eps)?;
+        let conv1 = conv_norm(
+            &conv,
+            &conv.pp("norm"),
+            [cfg.stem_out, 3, 7, 7],
+            ConvSpec::same_as_torch(2, 3),
+            cfg.bn_eps,
+        )?;
         Ok(Self { conv1 })
     }
 
@@ -72,6 +84,11 @@ impl BasicStem {
 /// the same maxima as torch's -inf padding because every value is >= 0.
 fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
+    if h == 0 || w == 0 {
+        return Err(BackboneError::Input(format!(
+            "max pool of an empty {h}x{w} map"
+        )));
+    }
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
@@ -80,20 +97,27 @@ fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
-        return Err(BackboneError::Input("max pool: CPU tensor without CPU storage".into()));
+        return Err(BackboneError::Input(
+            "max pool: CPU tensor without CPU storage".into(),
+        ));
     };
     let start = layout.start_offset();
     let data = &cpu.as_slice::<f32>()?[start..start + b * c * h * w];
     let mut out = vec![0f32; b * c * ho * wo];
-    out.par_chunks_mut(ho * wo).zip(data.par_chunks(h * w)).for_each(|(o, plane)| {
-        for oy in 0..ho {
-            let rows = &plane[(2 * oy).saturating_sub(1) * w..(2 * oy + 2).min(h) * w];
-            for ox in 0..wo {
-                let (x0, x1) = ((2 * ox).saturating_sub(1), (2 * ox + 2).min(w));
-                o[oy * wo + ox] = rows.chunks_exact(w).flat_map(|r| &r[x0..x1]).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    out.par_chunks_mut(ho * wo)
+        .zip(data.par_chunks(h * w))
+        .for_each(|(o, plane)| {
+            for oy in 0..ho {
+                let rows = &plane[(2 * oy).saturating_sub(1) * w..(2 * oy + 2).min(h) * w];
+                for ox in 0..wo {
+                    let (x0, x1) = ((2 * ox).saturating_sub(1), (2 * ox + 2).min(w));
+                    o[oy * wo + ox] = rows
+                        .chunks_exact(w)
+                        .flat_map(|r| &r[x0..x1])
+                        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                }
             }
-        }
-    });
+        });
     drop(storage);
     Ok(Tensor::from_vec(out, (b, c, ho, wo), x.device())?)
 }
@@ -109,20 +133,40 @@ pub struct BottleneckBlock {
 }
 
 impl BottleneckBlock {
-    pub fn new(cin: usize, width: usize, cout: usize, stride: usize, eps: f64, vb: Weights) -> Result<Self> {
+    pub fn new(
+        cin: usize,
+        width: usize,
+        cout: usize,
+        stride: usize,
+        eps: f64,
+        vb: Weights,
+    ) -> Result<Self> {
         let cn = |name: &str, shape: [usize; 4], spec: ConvSpec| {
             let conv = vb.pp(name);
             conv_norm(&conv, &conv.pp("norm"), shape, spec, eps)
         };
         let conv1 = cn("conv1", [width, cin, 1, 1], ConvSpec::same_as_torch(1, 0))?;
-        let conv2 = cn("conv2", [width, width, 3, 3], ConvSpec::same_as_torch(stride, 1))?;
+        let conv2 = cn(
+            "conv2",
+            [width, width, 3, 3],
+            ConvSpec::same_as_torch(stride, 1),
+        )?;
         let conv3 = cn("conv3", [cout, width, 1, 1], ConvSpec::same_as_torch(1, 0))?;
         let shortcut = if cin != cout || stride != 1 {
-            Some(cn("shortcut", [cout, cin, 1, 1], ConvSpec::same_as_torch(stride, 0))?)
+            Some(cn(
+                "shortcut",
+                [cout, cin, 1, 1],
+                ConvSpec::same_as_torch(stride, 0),
+            )?)
         } else {
             None
         };
-        Ok(Self { conv1, conv2, conv3, shortcut })
+        Ok(Self {
+            conv1,
+            conv2,
+            conv3,
+            shortcut,
+        })
     }
 
     /// (B, Cin, H, W) → (B, Cout, H/stride, W/stride)
@@ -161,12 +205,23 @@ impl ResNet50 {
             let mut blocks = Vec::with_capacity(n);
             for b in 0..n {
                 let stride = if b == 0 { first_stride } else { 1 };
-                blocks.push(BottleneckBlock::new(cin, width, cout, stride, cfg.bn_eps, stage_vb.pp(b))?);
+                blocks.push(BottleneckBlock::new(
+                    cin,
+                    width,
+                    cout,
+                    stride,
+                    cfg.bn_eps,
+                    stage_vb.pp(b),
+                )?);
                 cin = cout;
             }
             stages.push(blocks);
         }
-        Ok(Self { cfg: cfg.clone(), stem, stages })
+        Ok(Self {
+            cfg: cfg.clone(),
+            stem,
+            stages,
+        })
     }
 
     /// From a weight file in any layout (torchvision `.pth`, MM-Former checkpoint, or our
@@ -177,7 +232,10 @@ impl ResNet50 {
 
     /// From tensors already read (any of the three layouts).
     pub fn from_state_dict(sd: StateDict) -> Result<Self> {
-        Self::new(&ResNetConfig::r50(), Weights::from_state_dict(resnet50_state_dict(sd)?))
+        Self::new(
+            &ResNetConfig::r50(),
+            Weights::from_state_dict(resnet50_state_dict(sd)?),
+        )
     }
 
     /// Deterministic synthetic weights (for timing without a weight file).
@@ -214,6 +272,11 @@ impl Backbone for ResNet50 {
         let [res2, res3, res4, res5]: [Tensor; 4] = outs
             .try_into()
             .map_err(|_| BackboneError::Input("the model has no four stages".into()))?;
-        Ok(Features { res2, res3, res4, res5 })
+        Ok(Features {
+            res2,
+            res3,
+            res4,
+            res5,
+        })
     }
 }

@@ -7,7 +7,11 @@ use parity::{assert_close, load_fixture, FormulaWeights, ABS_TOL, REL_TOL};
 
 fn formula_resnet() -> ResNet50 {
     let vb = FormulaWeights::with_calibration().unwrap().var_builder();
-    ResNet50::new(&ResNetConfig::r50(), Weights::from_var_builder(vb).pp("backbone")).unwrap()
+    ResNet50::new(
+        &ResNetConfig::r50(),
+        Weights::from_var_builder(vb).pp("backbone"),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -19,25 +23,60 @@ fn parity_preprocess_matches_official_normalisation() {
     // Same f32 operations in the same order: equal to the bit.
     assert_eq!(ours.dims(), reference.dims());
     let (d, _) = parity::max_abs_diff(&ours, &reference).unwrap();
-    assert_eq!(d, 0.0, "preprocess differs from query.image_normalized_padded by {d:e}");
+    assert_eq!(
+        d, 0.0,
+        "preprocess differs from query.image_normalized_padded by {d:e}"
+    );
 }
 
 #[test]
 fn preprocess_pads_bottom_right_with_zero_after_normalising() {
     let inputs = load_fixture("inputs.safetensors").unwrap();
     // 128x160 cut to 100x150 must come back as 128x160 with zeros in the new rows / columns.
-    let image = inputs.get("query.image").unwrap().narrow(1, 0, 100).unwrap().narrow(2, 0, 150).unwrap();
+    let image = inputs
+        .get("query.image")
+        .unwrap()
+        .narrow(1, 0, 100)
+        .unwrap()
+        .narrow(2, 0, 150)
+        .unwrap();
     let x = preprocess(&image).unwrap();
     assert_eq!(x.dims(), &[1, 3, 128, 160]);
     let full = preprocess(&inputs.get("query.image").unwrap()).unwrap();
     let inner = x.narrow(2, 0, 100).unwrap().narrow(3, 0, 150).unwrap();
-    let (d, _) = parity::max_abs_diff(&inner, &full.narrow(2, 0, 100).unwrap().narrow(3, 0, 150).unwrap()).unwrap();
+    let (d, _) = parity::max_abs_diff(
+        &inner,
+        &full.narrow(2, 0, 100).unwrap().narrow(3, 0, 150).unwrap(),
+    )
+    .unwrap();
     assert_eq!(d, 0.0);
-    let bottom = x.narrow(2, 100, 28).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let right = x.narrow(3, 150, 10).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let bottom = x
+        .narrow(2, 100, 28)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let right = x
+        .narrow(3, 150, 10)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!((bottom, right), (0.0, 0.0));
     // The same image as interleaved bytes.
-    let hwc = image.permute((1, 2, 0)).unwrap().flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let hwc = image
+        .permute((1, 2, 0))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
     let y = backbone::preprocess_hwc(&hwc, 100, 150).unwrap();
     assert_eq!(parity::max_abs_diff(&x, &y).unwrap().0, 0.0);
 }
@@ -74,10 +113,24 @@ fn resnet50_shapes_and_channels_at_odd_sizes() {
     // Any size works; outputs are ceil(H / stride) as with torch's conv arithmetic.
     let model = ResNet50::synthetic(1).unwrap();
     assert_eq!(model.channels(), [256, 512, 1024, 2048]);
-    let x = Tensor::zeros((2, 3, 70, 45), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1f32, (2, 3, 70, 45), &candle_core::Device::Cpu).unwrap();
     let f = model.forward(&x).unwrap();
     let dims: Vec<&[usize]> = f.as_array().iter().map(|t| t.dims()).collect();
-    assert_eq!(dims, [&[2, 256, 18, 12][..], &[2, 512, 9, 6], &[2, 1024, 5, 3], &[2, 2048, 3, 2]]);
+    assert_eq!(
+        dims,
+        [
+            &[2, 256, 18, 12][..],
+            &[2, 512, 9, 6],
+            &[2, 1024, 5, 3],
+            &[2, 2048, 3, 2]
+        ]
+    );
+    // Images of a batch do not mix: image 1 alone gives the same features (up to summation
+    // order, should the conv tile across images).
+    let single = model.forward(&x.narrow(0, 1, 1).unwrap()).unwrap();
+    for (b, s) in f.as_array().iter().zip(single.as_array()) {
+        assert_close("batch vs single", &b.narrow(0, 1, 1).unwrap(), s, 1e-5, 0.0);
+    }
     assert!(model.forward(&x.narrow(1, 0, 1).unwrap()).is_err());
 }
 
@@ -86,10 +139,23 @@ fn resnet50_stem_pool_matches_padded_candle_pool() {
     // The implicit-padding pool against candle's pool on an explicitly padded map, at even and
     // odd sizes (post-ReLU input, as in the stem).
     for (h, w) in [(8, 10), (7, 9), (1, 2)] {
-        let x = Tensor::randn(0f32, 1f32, (2, 3, h, w), &candle_core::Device::Cpu).unwrap().relu().unwrap();
+        let x = Tensor::randn(0f32, 1f32, (2, 3, h, w), &candle_core::Device::Cpu)
+            .unwrap()
+            .relu()
+            .unwrap();
         let ours = backbone::resnet::BasicStem::max_pool(&x).unwrap();
-        let reference = x.pad_with_zeros(2, 1, 1).unwrap().pad_with_zeros(3, 1, 1).unwrap().max_pool2d_with_stride(3, 2).unwrap();
+        let reference = x
+            .pad_with_zeros(2, 1, 1)
+            .unwrap()
+            .pad_with_zeros(3, 1, 1)
+            .unwrap()
+            .max_pool2d_with_stride(3, 2)
+            .unwrap();
         assert_eq!(ours.dims(), reference.dims());
-        assert_eq!(parity::max_abs_diff(&ours, &reference).unwrap().0, 0.0, "{h}x{w}");
+        assert_eq!(
+            parity::max_abs_diff(&ours, &reference).unwrap().0,
+            0.0,
+            "{h}x{w}"
+        );
     }
 }

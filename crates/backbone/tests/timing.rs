@@ -9,7 +9,10 @@ use candle_core::{DType, Device, Tensor};
 fn time_ms(kind: BackboneKind, runs: usize) -> f64 {
     // Timing does not depend on the values, so synthetic weights stand in for missing files.
     let model = load_backbone(kind, None).unwrap();
-    let x = Tensor::randn(0f32, 1f32, (1, 3, 480, 480), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let x = Tensor::randn(0f32, 1f32, (1, 3, 480, 480), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     model.forward(&x).unwrap();
     let mut ms: Vec<f64> = (0..runs)
         .map(|_| {
@@ -25,7 +28,12 @@ fn time_ms(kind: BackboneKind, runs: usize) -> f64 {
 }
 
 fn rayon_threads() -> String {
-    std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| format!("{} (default)", std::thread::available_parallelism().map_or(1, |n| n.get())))
+    std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        format!(
+            "{} (default)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        )
+    })
 }
 
 #[test]

@@ -30,7 +30,12 @@ const PROTOCOL_VERSION: i64 = 1001;
 
 /// True when `bytes` starts with the legacy magic-number pickle (any pickle protocol >= 2).
 pub(crate) fn is_legacy(bytes: &[u8]) -> bool {
-    bytes.len() >= 15 && bytes[0] == 0x80 && bytes[2] == 0x8a && bytes[3] == 10 && bytes[4..14] == MAGIC && bytes[14] == b'.'
+    bytes.len() >= 15
+        && bytes[0] == 0x80
+        && bytes[2] == 0x8a
+        && bytes[3] == 10
+        && bytes[4..14] == MAGIC
+        && bytes[14] == b'.'
 }
 
 /// One tensor as the pickle describes it, before its storage is read.
@@ -60,8 +65,15 @@ fn storage_type(class_name: &str) -> Option<(Option<DType>, usize)> {
 /// Reads every tensor of a legacy file. `dict_key` selects a sub-dictionary (e.g. `"model"` of a
 /// detectron2 checkpoint); without it the top-level dict is used, or its `model` / `state_dict`
 /// entry when the top level holds no tensors.
-pub(crate) fn read_legacy(path: &Path, bytes: &[u8], dict_key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
-    let corrupt = |detail: String| BackboneError::Corrupt { file: path.to_path_buf(), detail };
+pub(crate) fn read_legacy(
+    path: &Path,
+    bytes: &[u8],
+    dict_key: Option<&str>,
+) -> Result<Vec<(String, Tensor)>> {
+    let corrupt = |detail: String| BackboneError::Corrupt {
+        file: path.to_path_buf(),
+        detail,
+    };
     if !is_legacy(bytes) {
         return Err(BackboneError::NotAWeightFile {
             file: path.to_path_buf(),
@@ -74,14 +86,22 @@ pub(crate) fn read_legacy(path: &Path, bytes: &[u8], dict_key: Option<&str>) -> 
     let version = unpickle(&mut cur, "protocol version").map_err(&corrupt)?;
     match version.int_or_long() {
         Ok(PROTOCOL_VERSION) => {}
-        Ok(v) => return Err(corrupt(format!("unsupported legacy protocol version {v} (expected {PROTOCOL_VERSION})"))),
-        Err(o) => return Err(corrupt(format!("protocol version is not an integer: {o:?}"))),
+        Ok(v) => {
+            return Err(corrupt(format!(
+                "unsupported legacy protocol version {v} (expected {PROTOCOL_VERSION})"
+            )))
+        }
+        Err(o) => {
+            return Err(corrupt(format!(
+                "protocol version is not an integer: {o:?}"
+            )))
+        }
     }
     let sys_info = unpickle(&mut cur, "sys info").map_err(&corrupt)?;
     if let Object::Dict(entries) = &sys_info {
-        let big_endian = entries
-            .iter()
-            .any(|(k, v)| *k == Object::Unicode("little_endian".into()) && *v == Object::Bool(false));
+        let big_endian = entries.iter().any(|(k, v)| {
+            *k == Object::Unicode("little_endian".into()) && *v == Object::Bool(false)
+        });
         if big_endian {
             return Err(corrupt("big-endian legacy files are not supported".into()));
         }
@@ -103,15 +123,21 @@ pub(crate) fn read_legacy(path: &Path, bytes: &[u8], dict_key: Option<&str>) -> 
         let Object::Unicode(key) = key else {
             return Err(corrupt(format!("storage key is not a string: {key:?}")));
         };
-        let class = storage_types
-            .get(&key)
-            .ok_or_else(|| corrupt(format!("storage `{key}` is listed but no tensor refers to it")))?;
-        let (_, elem) = storage_type(class).ok_or_else(|| corrupt(format!("unknown storage type `{class}`")))?;
-        let count_bytes = bytes
-            .get(pos..pos + 8)
-            .ok_or_else(|| corrupt(format!("file ends in the header of storage `{key}` (byte {pos})")))?;
+        let class = storage_types.get(&key).ok_or_else(|| {
+            corrupt(format!(
+                "storage `{key}` is listed but no tensor refers to it"
+            ))
+        })?;
+        let (_, elem) = storage_type(class)
+            .ok_or_else(|| corrupt(format!("unknown storage type `{class}`")))?;
+        let count_bytes = bytes.get(pos..pos + 8).ok_or_else(|| {
+            corrupt(format!(
+                "file ends in the header of storage `{key}` (byte {pos})"
+            ))
+        })?;
         let numel = i64::from_le_bytes(count_bytes.try_into().expect("8-byte slice"));
-        let numel = usize::try_from(numel).map_err(|_| corrupt(format!("storage `{key}` has a negative size {numel}")))?;
+        let numel = usize::try_from(numel)
+            .map_err(|_| corrupt(format!("storage `{key}` has a negative size {numel}")))?;
         let nbytes = numel
             .checked_mul(elem)
             .ok_or_else(|| corrupt(format!("storage `{key}` size {numel} overflows")))?;
@@ -129,17 +155,34 @@ pub(crate) fn read_legacy(path: &Path, bytes: &[u8], dict_key: Option<&str>) -> 
     let dict = select_dict(root, dict_key).map_err(&corrupt)?;
     let mut out = Vec::new();
     for (name, value) in dict {
-        let Object::Unicode(name) = name else { continue };
-        let Some(tref) = tensor_ref(value) else { continue };
+        let Object::Unicode(name) = name else {
+            continue;
+        };
+        let Some(tref) = tensor_ref(value) else {
+            continue;
+        };
         let tref = tref.map_err(|d| corrupt(format!("tensor `{name}`: {d}")))?;
-        let (class, data, numel) = storages
-            .get(&tref.storage_key)
-            .ok_or_else(|| corrupt(format!("tensor `{name}`: storage `{}` has no data", tref.storage_key)))?;
-        let bad = |detail: String| BackboneError::BadTensor { file: path.to_path_buf(), key: name.clone(), detail };
-        let (dtype, elem) = storage_type(class).ok_or_else(|| bad(format!("unknown storage type `{class}`")))?;
-        let dtype = dtype.ok_or_else(|| bad(format!("storage type `{class}` has no candle dtype")))?;
-        let raw = gather(data, *numel, elem, &tref)
-            .ok_or_else(|| bad(format!("view {:?}/{:?} at offset {} exceeds its storage of {numel} elements", tref.size, tref.stride, tref.offset)))?;
+        let (class, data, numel) = storages.get(&tref.storage_key).ok_or_else(|| {
+            corrupt(format!(
+                "tensor `{name}`: storage `{}` has no data",
+                tref.storage_key
+            ))
+        })?;
+        let bad = |detail: String| BackboneError::BadTensor {
+            file: path.to_path_buf(),
+            key: name.clone(),
+            detail,
+        };
+        let (dtype, elem) =
+            storage_type(class).ok_or_else(|| bad(format!("unknown storage type `{class}`")))?;
+        let dtype =
+            dtype.ok_or_else(|| bad(format!("storage type `{class}` has no candle dtype")))?;
+        let raw = gather(data, *numel, elem, &tref).ok_or_else(|| {
+            bad(format!(
+                "view {:?}/{:?} at offset {} exceeds its storage of {numel} elements",
+                tref.size, tref.stride, tref.offset
+            ))
+        })?;
         let t = Tensor::from_raw_buffer(&raw, dtype, &tref.size, &Device::Cpu)?;
         out.push((name, t));
     }
@@ -159,8 +202,11 @@ fn collect_storages(obj: &Object, out: &mut HashMap<String, String>) {
     match obj {
         Object::PersistentLoad(id) => {
             if let Object::Tuple(parts) = id.as_ref() {
-                if let (Some(Object::Unicode(tag)), Some(Object::Class { class_name, .. }), Some(Object::Unicode(key))) =
-                    (parts.first(), parts.get(1), parts.get(2))
+                if let (
+                    Some(Object::Unicode(tag)),
+                    Some(Object::Class { class_name, .. }),
+                    Some(Object::Unicode(key)),
+                ) = (parts.first(), parts.get(1), parts.get(2))
                 {
                     if tag == "storage" {
                         out.insert(key.clone(), class_name.clone());
@@ -191,7 +237,10 @@ fn is_rebuild_call(o: &Object) -> bool {
             if module_name == "torch._utils" && class_name.starts_with("_rebuild_")))
 }
 
-fn select_dict(root: Object, dict_key: Option<&str>) -> std::result::Result<Vec<(Object, Object)>, String> {
+fn select_dict(
+    root: Object,
+    dict_key: Option<&str>,
+) -> std::result::Result<Vec<(Object, Object)>, String> {
     let Object::Dict(entries) = root else {
         return Err("the saved object is not a dict".into());
     };
@@ -222,8 +271,16 @@ fn select_dict(root: Object, dict_key: Option<&str>) -> std::result::Result<Vec<
 /// Parses `_rebuild_tensor_v2(storage, offset, size, stride, ...)`, also wrapped in
 /// `_rebuild_parameter(tensor, requires_grad, hooks)`. None when `o` is not a tensor.
 fn tensor_ref(o: Object) -> Option<std::result::Result<TensorRef, String>> {
-    let Object::Reduce { callable, args } = o else { return None };
-    let Object::Class { module_name, class_name } = *callable else { return None };
+    let Object::Reduce { callable, args } = o else {
+        return None;
+    };
+    let Object::Class {
+        module_name,
+        class_name,
+    } = *callable
+    else {
+        return None;
+    };
     if module_name != "torch._utils" {
         return None;
     }
@@ -233,7 +290,9 @@ fn tensor_ref(o: Object) -> Option<std::result::Result<TensorRef, String>> {
             other => Some(Err(format!("bad _rebuild_parameter arguments {other:?}"))),
         },
         "_rebuild_tensor_v2" => Some(rebuild_tensor_v2(*args)),
-        other => Some(Err(format!("unsupported tensor constructor torch._utils.{other}"))),
+        other => Some(Err(format!(
+            "unsupported tensor constructor torch._utils.{other}"
+        ))),
     }
 }
 
@@ -242,7 +301,10 @@ fn rebuild_tensor_v2(args: Object) -> std::result::Result<TensorRef, String> {
         return Err(format!("bad _rebuild_tensor_v2 arguments {args:?}"));
     };
     if a.len() < 4 {
-        return Err(format!("_rebuild_tensor_v2 has {} arguments, expected at least 4", a.len()));
+        return Err(format!(
+            "_rebuild_tensor_v2 has {} arguments, expected at least 4",
+            a.len()
+        ));
     }
     let storage_key = match &a[0] {
         Object::PersistentLoad(id) => match id.as_ref() {
@@ -260,16 +322,26 @@ fn rebuild_tensor_v2(args: Object) -> std::result::Result<TensorRef, String> {
         o => Err(format!("expected a non-negative integer, got {o:?}")),
     };
     let ints = |o: &Object| match o {
-        Object::Tuple(v) => v.iter().map(int).collect::<std::result::Result<Vec<_>, _>>(),
+        Object::Tuple(v) => v
+            .iter()
+            .map(int)
+            .collect::<std::result::Result<Vec<_>, _>>(),
         o => Err(format!("expected a tuple of integers, got {o:?}")),
     };
     let offset = int(&a[1])?;
     let size = ints(&a[2])?;
     let stride = ints(&a[3])?;
     if size.len() != stride.len() {
-        return Err(format!("size {size:?} and stride {stride:?} differ in rank"));
+        return Err(format!(
+            "size {size:?} and stride {stride:?} differ in rank"
+        ));
     }
-    Ok(TensorRef { storage_key, offset, size, stride })
+    Ok(TensorRef {
+        storage_key,
+        offset,
+        size,
+        stride,
+    })
 }
 
 /// Copies the elements of a strided view out of its storage into row-major bytes. None when the
@@ -283,7 +355,9 @@ fn gather(data: &[u8], numel: usize, elem: usize, t: &TensorRef) -> Option<Vec<u
         .size
         .iter()
         .zip(&t.stride)
-        .try_fold(t.offset, |acc, (&s, &st)| acc.checked_add((s - 1).checked_mul(st)?))?;
+        .try_fold(t.offset, |acc, (&s, &st)| {
+            acc.checked_add((s - 1).checked_mul(st)?)
+        })?;
     if last >= numel {
         return None;
     }

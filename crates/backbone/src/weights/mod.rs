@@ -50,7 +50,10 @@ impl StateDict {
     /// As [`StateDict::read`], taking the tensors of the entry `dict_key` of the saved dict.
     pub fn read_with_key(path: impl AsRef<Path>, dict_key: Option<&str>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| BackboneError::Io { file: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| BackboneError::Io {
+            file: path.to_path_buf(),
+            source,
+        })?;
         let tensors = if bytes.starts_with(ZIP_MAGIC) {
             read_zip(path, dict_key)?
         } else if legacy::is_legacy(&bytes) {
@@ -58,19 +61,38 @@ impl StateDict {
         } else if looks_like_safetensors(&bytes) {
             read_safetensors(path, &bytes)?
         } else {
-            return Err(BackboneError::NotAWeightFile { file: path.to_path_buf(), found: describe_start(&bytes) });
+            return Err(BackboneError::NotAWeightFile {
+                file: path.to_path_buf(),
+                found: describe_start(&bytes),
+            });
         };
-        Ok(Self { path: path.to_path_buf(), tensors: tensors.into_iter().collect(), naming: FileNaming::Same })
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors: tensors.into_iter().collect(),
+            naming: FileNaming::Same,
+        })
     }
 
     /// Wraps tensors that did not come from a file; `label` stands in for the path in errors.
     pub fn from_tensors(label: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
-        Self { path: label.into(), tensors, naming: FileNaming::Same }
+        Self {
+            path: label.into(),
+            tensors,
+            naming: FileNaming::Same,
+        }
     }
 
     /// The same tensors renamed, remembering how our names map back to the file's names.
-    pub(crate) fn renamed(path: PathBuf, tensors: HashMap<String, Tensor>, naming: FileNaming) -> Self {
-        Self { path, tensors, naming }
+    pub(crate) fn renamed(
+        path: PathBuf,
+        tensors: HashMap<String, Tensor>,
+        naming: FileNaming,
+    ) -> Self {
+        Self {
+            path,
+            tensors,
+            naming,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -113,7 +135,9 @@ impl StateDict {
         match &self.naming {
             FileNaming::Same => name.to_string(),
             FileNaming::Prefixed(p) => format!("{p}{name}"),
-            FileNaming::Torchvision => crate::names::official_to_torchvision(name).unwrap_or_else(|| name.to_string()),
+            FileNaming::Torchvision => {
+                crate::names::official_to_torchvision(name).unwrap_or_else(|| name.to_string())
+            }
         }
     }
 
@@ -121,20 +145,33 @@ impl StateDict {
     /// gives the names of an MM-Former state dict).
     pub fn save_safetensors(&self, path: impl AsRef<Path>, prefix: &str) -> Result<()> {
         let path = path.as_ref();
-        let named: HashMap<String, Tensor> = self.tensors.iter().map(|(k, v)| (format!("{prefix}{k}"), v.clone())).collect();
+        let named: HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .map(|(k, v)| (format!("{prefix}{k}"), v.clone()))
+            .collect();
         candle_core::safetensors::save(&named, path).map_err(|e| match e {
-            candle_core::Error::Io(source) => BackboneError::Io { file: path.to_path_buf(), source },
-            e => BackboneError::Corrupt { file: path.to_path_buf(), detail: format!("cannot write: {e}") },
+            candle_core::Error::Io(source) => BackboneError::Io {
+                file: path.to_path_buf(),
+                source,
+            },
+            e => BackboneError::Corrupt {
+                file: path.to_path_buf(),
+                detail: format!("cannot write: {e}"),
+            },
         })
     }
 
     /// One tensor, checked against the shape the model expects, as f32.
     pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| BackboneError::MissingKey {
-            file: self.path.clone(),
-            key: self.file_key(name),
-            expected: expected.to_vec(),
-        })?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| BackboneError::MissingKey {
+                file: self.path.clone(),
+                key: self.file_key(name),
+                expected: expected.to_vec(),
+            })?;
         if t.dims() != expected {
             return Err(BackboneError::ShapeMismatch {
                 file: self.path.clone(),
@@ -155,7 +192,10 @@ impl StateDict {
 }
 
 fn read_zip(path: &Path, dict_key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
-    let corrupt = |e: candle_core::Error| BackboneError::Corrupt { file: path.to_path_buf(), detail: e.to_string() };
+    let corrupt = |e: candle_core::Error| BackboneError::Corrupt {
+        file: path.to_path_buf(),
+        detail: e.to_string(),
+    };
     let keys: Vec<Option<&str>> = match dict_key {
         Some(k) => vec![Some(k)],
         // A checkpoint dict holds its tensors one level down.
@@ -164,7 +204,11 @@ fn read_zip(path: &Path, dict_key: Option<&str>) -> Result<Vec<(String, Tensor)>
     for key in keys {
         let infos = match candle_core::pickle::read_pth_tensor_info(path, false, key) {
             Ok(infos) => infos,
-            Err(e) if dict_key.is_none() && key.is_some() && e.to_string().contains("not found") => continue,
+            Err(e)
+                if dict_key.is_none() && key.is_some() && e.to_string().contains("not found") =>
+            {
+                continue
+            }
             Err(e) => return Err(corrupt(e)),
         };
         if infos.is_empty() && dict_key.is_none() {
@@ -175,7 +219,11 @@ fn read_zip(path: &Path, dict_key: Option<&str>) -> Result<Vec<(String, Tensor)>
         for info in infos {
             let t = pth
                 .get(&info.name)
-                .map_err(|e| BackboneError::BadTensor { file: path.to_path_buf(), key: info.name.clone(), detail: e.to_string() })?
+                .map_err(|e| BackboneError::BadTensor {
+                    file: path.to_path_buf(),
+                    key: info.name.clone(),
+                    detail: e.to_string(),
+                })?
                 .ok_or_else(|| BackboneError::Corrupt {
                     file: path.to_path_buf(),
                     detail: format!("tensor `{}` listed but not readable", info.name),
@@ -184,7 +232,10 @@ fn read_zip(path: &Path, dict_key: Option<&str>) -> Result<Vec<(String, Tensor)>
         }
         return Ok(out);
     }
-    Err(BackboneError::NotAWeightFile { file: path.to_path_buf(), found: "a torch zip file holding no tensors".into() })
+    Err(BackboneError::NotAWeightFile {
+        file: path.to_path_buf(),
+        found: "a torch zip file holding no tensors".into(),
+    })
 }
 
 /// An 8-byte little-endian header length followed by a JSON object.
@@ -193,8 +244,12 @@ fn looks_like_safetensors(bytes: &[u8]) -> bool {
 }
 
 fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
-    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
-        .map_err(|e| BackboneError::Corrupt { file: path.to_path_buf(), detail: e.to_string() })?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+        BackboneError::Corrupt {
+            file: path.to_path_buf(),
+            detail: e.to_string(),
+        }
+    })?;
     Ok(tensors.into_iter().collect())
 }
 
@@ -212,7 +267,11 @@ fn describe_start(bytes: &[u8]) -> String {
         ""
     };
     let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("found {} bytes starting with [{}]{kind}", bytes.len(), head.join(" "))
+    format!(
+        "found {} bytes starting with [{}]{kind}",
+        bytes.len(),
+        head.join(" ")
+    )
 }
 
 /// Where a model's tensors come from, scoped to a name prefix: the `vb` of `new(cfg, vb)`.
@@ -231,24 +290,40 @@ enum Store<'a> {
 
 impl<'a> Weights<'a> {
     pub fn from_state_dict(sd: StateDict) -> Self {
-        Self { store: Store::File(Arc::new(sd)), prefix: String::new() }
+        Self {
+            store: Store::File(Arc::new(sd)),
+            prefix: String::new(),
+        }
     }
 
     /// Any candle `VarBuilder` (its own prefix applies first).
     pub fn from_var_builder(vb: VarBuilder<'a>) -> Self {
-        Self { store: Store::Var(vb), prefix: String::new() }
+        Self {
+            store: Store::Var(vb),
+            prefix: String::new(),
+        }
     }
 
     /// Deterministic synthetic weights for timing and smoke tests: He-uniform conv / linear
     /// weights from a hash of (`seed`, name), identity batch norms, zero biases.
     pub fn synthetic(seed: u64) -> Self {
-        Self { store: Store::Synthetic(seed), prefix: String::new() }
+        Self {
+            store: Store::Synthetic(seed),
+            prefix: String::new(),
+        }
     }
 
     /// The view one module deeper (`vb.pp("res2")`).
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Self { store: self.store.clone(), prefix }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            store: self.store.clone(),
+            prefix,
+        }
     }
 
     fn full_name(&self, name: &str) -> String {
@@ -265,11 +340,17 @@ impl<'a> Weights<'a> {
         match &self.store {
             Store::File(sd) => sd.tensor(&full, shape),
             Store::Var(vb) => {
-                let t = vb.get(shape, &full).map_err(|e| BackboneError::VarBuilder {
-                    key: format!("{}{}{full}", vb.prefix(), if vb.prefix().is_empty() { "" } else { "." }),
-                    expected: shape.to_vec(),
-                    detail: e.to_string(),
-                })?;
+                let t = vb
+                    .get(shape, &full)
+                    .map_err(|e| BackboneError::VarBuilder {
+                        key: format!(
+                            "{}{}{full}",
+                            vb.prefix(),
+                            if vb.prefix().is_empty() { "" } else { "." }
+                        ),
+                        expected: shape.to_vec(),
+                        detail: e.to_string(),
+                    })?;
                 Ok(t.to_dtype(DType::F32)?)
             }
             Store::Synthetic(seed) => Ok(synthetic_tensor(*seed, &full, shape)?),
@@ -289,7 +370,9 @@ fn synthetic_tensor(seed: u64, name: &str, shape: &[usize]) -> candle_core::Resu
     let fan_in = (n / shape[0]).max(1);
     let bound = (6.0 / fan_in as f64).sqrt();
     // FNV-1a of the name, mixed with the seed; SplitMix64 per element.
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) ^ seed;
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    }) ^ seed;
     let values: Vec<f32> = (0..n as u64)
         .map(|i| {
             let mut z = h.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
