@@ -48,8 +48,16 @@ fn main() -> Result<()> {
 
     // Paper preset, 480² input, forward only, with the split between the two halves.
     let cfg = PosConfig::paper();
-    let (_vm, vb) = build(&cfg, &dev)?;
-    let vbh = vb.pp("sem_seg_head");
+    let (vm, _) = build(&cfg, &dev)?;
+    // Plain (non-variable) tensors, as when weights are loaded from a checkpoint for inference.
+    let weights = vm
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("poisoned VarMap lock".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let vbh = VarBuilder::from_tensors(weights, DType::F32, &dev).pp("sem_seg_head");
     let pd = MSDeformAttnPixelDecoder::new(&cfg, vbh.pp("pixel_decoder"))?;
     let dec = MultiScaleMaskedTransformerDecoder::new(&cfg, vbh.pp("predictor"))?;
     let feats = if cpu_only { Vec::new() } else { features(&cfg, 480, &dev)? };

@@ -3,6 +3,7 @@
 
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
+use ops::conv::{Activation, ConvSpec};
 use ops::nn::GroupNorm;
 
 /// GroupNorm epsilon of torch's default.
@@ -80,8 +81,8 @@ impl Conv1x1 {
 
 /// detectron2 `Conv2d(cin, cout, k, padding=k/2, bias=False, norm=GroupNorm)`: `weight`
 /// [Cout, Cin, k, k] and `norm.{weight,bias}`; forward is `norm(conv(x))` (the activation, where
-/// there is one, is the caller's). k = 1 runs as a matmul, other sizes through candle's conv2d,
-/// which has a backward.
+/// there is one, is the caller's). k = 1 runs as a matmul; other sizes run through candle's
+/// conv2d, which has a backward, or `ops::conv` when no gradient can be needed.
 #[derive(Debug, Clone)]
 pub struct ConvGn {
     weight: Tensor,
@@ -108,7 +109,15 @@ impl ConvGn {
             if c != cin {
                 bail!("ConvGn: input has {c} channels, layer expects {cin}");
             }
-            x.conv2d(&self.weight, k / 2, 1, 1, 1)?
+            if self.weight.track_op() || x.track_op() {
+                // Training: candle's conv2d carries the backward.
+                x.conv2d(&self.weight, k / 2, 1, 1, 1)?
+            } else {
+                // Nothing needs a gradient (loaded weights, frozen inputs): the much faster
+                // inference-only convolution of `ops` gives the same result.
+                let spec = ConvSpec::same_as_torch(1, k / 2);
+                ops::conv::conv2d(x, &self.weight, None, spec, Activation::None, None)?
+            }
         };
         self.norm.forward(&y)
     }
