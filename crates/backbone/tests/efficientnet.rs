@@ -168,3 +168,90 @@ fn efficientnet_lite0_feature_taps() {
         ]
     );
 }
+
+/// Against an independent float64 pure-Python implementation (`tests/data/lite0_reference.py`:
+/// own pickle reading, unfolded batch norm, direct convolutions) on a 64×96 input, where every
+/// stride-2 conv sees an even size and so pads asymmetrically: the classification test alone
+/// cannot tell which side gets the extra row.
+#[test]
+fn efficientnet_lite0_matches_the_python_reference_at_64x96() {
+    let Some((weights, _)) = assets() else { return };
+    let model = EfficientNetLite0::from_file(&weights).unwrap();
+    let (h, w) = (64, 96);
+    let x: Vec<f32> = (0..3 * h * w)
+        .map(|i| {
+            let (c, y, x) = (i / (h * w), (i / w) % h, i % w);
+            ((c * 7 + y * 3 + x * 5) % 17) as f32 / 8.0 - 1.0
+        })
+        .collect();
+    let x = Tensor::from_vec(x, (1, 3, h, w), &Device::Cpu).unwrap();
+
+    let text = include_str!("data/lite0_reference_64x96.txt");
+    let mut ref_logits = Vec::new();
+    let mut ref_taps = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f[0] {
+            "logit" => ref_logits.push(f[2].parse::<f64>().unwrap()),
+            "tap" => ref_taps.push(
+                f[1..]
+                    .iter()
+                    .map(|v| v.parse::<f64>().unwrap())
+                    .collect::<Vec<_>>(),
+            ),
+            other => panic!("bad reference line {other}"),
+        }
+    }
+    assert_eq!((ref_logits.len(), ref_taps.len()), (1000, 4));
+
+    let logits = model
+        .classify(&x)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let max_ref = ref_logits.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let max_diff = logits
+        .iter()
+        .zip(&ref_logits)
+        .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+    println!("logits: max|diff| = {max_diff:.2e}, max|ref| = {max_ref:.2}");
+    assert!(
+        max_diff <= 1e-4 * max_ref,
+        "logits differ by {max_diff:e} (max|ref| {max_ref})"
+    );
+
+    let f = model.forward(&x).unwrap();
+    for (t, r) in f.as_array().iter().zip(&ref_taps) {
+        let dims: Vec<f64> = t.dims()[1..].iter().map(|&d| d as f64).collect();
+        assert_eq!(dims, r[1..4], "tap of block {}", r[0]);
+        let v: Vec<f64> = t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let (sum, sumsq) = (v.iter().sum::<f64>(), v.iter().map(|x| x * x).sum::<f64>());
+        // |sum| can cancel; bound its error by 1e-4 of sum|x| <= sqrt(n * sumsq).
+        let sum_tol = 1e-4 * (v.len() as f64 * r[5]).sqrt();
+        println!(
+            "block {}: sum {sum:.4} vs {:.4}, sum of squares {sumsq:.2} vs {:.2}",
+            r[0], r[4], r[5]
+        );
+        assert!(
+            (sum - r[4]).abs() <= sum_tol,
+            "block {} sum {sum} vs {}",
+            r[0],
+            r[4]
+        );
+        assert!(
+            (sumsq - r[5]).abs() <= 1e-5 * r[5],
+            "block {} sum of squares {sumsq} vs {}",
+            r[0],
+            r[5]
+        );
+    }
+}
