@@ -4,9 +4,8 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::Tensor;
 use ops::conv::{Activation, ConvSpec, FrozenConv2d};
-use rayon::prelude::*;
 
 use crate::error::{BackboneError, Result};
 use crate::frozen::conv_norm;
@@ -68,58 +67,8 @@ impl BasicStem {
     /// (B, 3, H, W) → (B, 64, ⌈H/4⌉, ⌈W/4⌉)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.conv1.forward(x, Activation::Relu, None)?;
-        max_pool_3x3_s2_p1(&x)
+        Ok(ops::conv::max_pool2d(&x, 3, 2, 1)?)
     }
-
-    /// The stem's 3×3/2 max pool (padding 1) of a post-ReLU map.
-    pub fn max_pool(x: &Tensor) -> Result<Tensor> {
-        max_pool_3x3_s2_p1(x)
-    }
-}
-
-/// `F.max_pool2d(x, 3, stride=2, padding=1)` for a post-ReLU (non-negative) input:
-/// (B, C, H, W) → (B, C, ⌊(H−1)/2⌋+1, ⌊(W−1)/2⌋+1).
-/// On CPU f32 the padding is implicit (windows are clipped), which saves two copies of the
-/// largest map of the network. Elsewhere candle's pool runs on a zero-padded input, which gives
-/// the same maxima as torch's -inf padding because every value is >= 0.
-fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    if h == 0 || w == 0 {
-        return Err(BackboneError::Input(format!(
-            "max pool of an empty {h}x{w} map"
-        )));
-    }
-    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-        return Ok(padded.max_pool2d_with_stride(3, 2)?);
-    }
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(BackboneError::Input(
-            "max pool: CPU tensor without CPU storage".into(),
-        ));
-    };
-    let start = layout.start_offset();
-    let data = &cpu.as_slice::<f32>()?[start..start + b * c * h * w];
-    let mut out = vec![0f32; b * c * ho * wo];
-    out.par_chunks_mut(ho * wo)
-        .zip(data.par_chunks(h * w))
-        .for_each(|(o, plane)| {
-            for oy in 0..ho {
-                let rows = &plane[(2 * oy).saturating_sub(1) * w..(2 * oy + 2).min(h) * w];
-                for ox in 0..wo {
-                    let (x0, x1) = ((2 * ox).saturating_sub(1), (2 * ox + 2).min(w));
-                    o[oy * wo + ox] = rows
-                        .chunks_exact(w)
-                        .flat_map(|r| &r[x0..x1])
-                        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                }
-            }
-        });
-    drop(storage);
-    Ok(Tensor::from_vec(out, (b, c, ho, wo), x.device())?)
 }
 
 /// torchvision bottleneck: 1×1 → 3×3 (stride) → 1×1, each conv with FrozenBN, ReLU after the
