@@ -205,6 +205,30 @@ fn time_ms(f: impl Fn(), reps: usize) -> (f64, f64) {
         .fold((f64::INFINITY, f64::INFINITY), |(a, b), (w, c)| (a.min(w), b.min(c)))
 }
 
+impl Lite0 {
+    /// Minimum wall ms over 5 forwards of each kind of layer, summed over the network.
+    fn profile(&self, x: &Tensor) {
+        let mut y = self.stem.ours(x, Activation::Relu6, None);
+        let stem = time_ms(|| drop(self.stem.ours(x, Activation::Relu6, None)), 5).0;
+        let (mut ex, mut dw, mut pr) = (0.0, 0.0, 0.0);
+        for b in &self.blocks {
+            let t = match &b.expand {
+                Some(e) => {
+                    ex += time_ms(|| drop(e.ours(&y, Activation::Relu6, None)), 5).0;
+                    e.ours(&y, Activation::Relu6, None)
+                }
+                None => y.clone(),
+            };
+            dw += time_ms(|| drop(b.dw.ours(&t, Activation::Relu6, None)), 5).0;
+            let t = b.dw.ours(&t, Activation::Relu6, None);
+            let r = b.skip.then_some(&y);
+            pr += time_ms(|| drop(b.project.ours(&t, Activation::None, r)), 5).0;
+            y = b.project.ours(&t, Activation::None, r);
+        }
+        println!("efficientnet_lite0 layers (min wall ms): stem {stem:.1}, expand 1x1 {ex:.1}, depthwise {dw:.1}, project 1x1 {pr:.1}");
+    }
+}
+
 /// Per-layer-shape table (each distinct shape once), printed before the criterion runs.
 fn print_layers(net: &ResNet50, with_candle: bool) {
     let mut seen = std::collections::HashSet::new();
@@ -239,15 +263,16 @@ fn benches(c: &mut Criterion) {
     match std::env::var("CONV_BENCH_LAYERS").as_deref() {
         Ok("1") => print_layers(&net, true),
         Ok("ours") => print_layers(&net, false),
+        Ok("lite") => Lite0::new().profile(&rand(&[1, 3, SIZE, SIZE], 1.0)),
         _ => {}
     }
     let x = rand(&[1, 3, SIZE, SIZE], 1.0);
     let lite = Lite0::new();
     if std::env::var("CONV_BENCH_LAYERS").is_ok() {
-        let (w, cpu) = time_ms(|| drop(net.forward(&x)), 5);
-        println!("resnet50 forward: {w:.1} ms wall, {cpu:.1} ms cpu (min of 5)");
-        let (w, cpu) = time_ms(|| drop(lite.forward(&x)), 5);
-        println!("efficientnet_lite0 forward: {w:.1} ms wall, {cpu:.1} ms cpu (min of 5)");
+        let (w, cpu) = time_ms(|| drop(net.forward(&x)), 7);
+        println!("resnet50 forward: {w:.1} ms wall, {cpu:.1} ms cpu (min of 7)");
+        let (w, cpu) = time_ms(|| drop(lite.forward(&x)), 7);
+        println!("efficientnet_lite0 forward: {w:.1} ms wall, {cpu:.1} ms cpu (min of 7)");
     }
     let stack = net.conv_stack();
     let mut g = c.benchmark_group("resnet50_conv_stack");
