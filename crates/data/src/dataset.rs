@@ -283,7 +283,12 @@ fn scan_one(p: PendingSample, num_classes: usize) -> Result<SampleRecord> {
         }
         let class_id = match p.object_class {
             Some(c) if v == 1 => c,
-            Some(_) => unreachable!("single-object masks only hold 0/1/255"),
+            Some(_) => {
+                return Err(DataError::BadLayout {
+                    path: label_path.unwrap_or_else(|| PathBuf::from(&p.id)),
+                    reason: format!("single-object mask holds value {v}; expected 0, 1 or 255"),
+                })
+            }
             None => {
                 if v as usize > num_classes {
                     return Err(DataError::UnknownClassId {

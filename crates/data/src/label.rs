@@ -112,7 +112,7 @@ pub enum MaskEncoding {
 pub enum MaskColor {
     /// Palette indices, read raw.
     Indexed,
-    /// Grayscale; sub-8-bit depths are scaled to 0..=255, 16-bit keeps the high byte.
+    /// Grayscale; sub-8-bit depths are scaled to 0..=255, 16-bit values saturate at 255.
     Gray,
     /// RGB(A); the value stored is the maximum channel (only meaningful for binary masks).
     Rgb,
@@ -155,7 +155,9 @@ pub fn read_mask_png(path: &Path) -> Result<(Label, MaskColor)> {
                     let px = &row[x * channels * 2..(x + 1) * channels * 2];
                     out.push(match color {
                         MaskColor::Rgb => px[0].max(px[2]).max(px[4]),
-                        _ => px[0],
+                        // 16-bit id masks hold small values: keep them, saturating at 255
+                        // (ignore) rather than taking the high byte (which would zero them).
+                        _ => u16::from_be_bytes([px[0], px[1]]).min(255) as u8,
                     });
                 }
             }
@@ -305,6 +307,19 @@ mod tests {
         assert!(err.contains("broken.png"), "{err}");
         let missing = read_label_png(&dir.path().join("nope.png"), &MaskEncoding::ClassIds).unwrap_err().to_string();
         assert!(missing.contains("nope.png"), "{missing}");
+    }
+
+    #[test]
+    fn sixteen_bit_gray_keeps_small_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g16.png");
+        let mut enc = png::Encoder::new(std::fs::File::create(&path).unwrap(), 3, 1);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Sixteen);
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&[0, 7, 0, 0, 255, 255]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(read_label_png(&path, &MaskEncoding::ClassIds).unwrap().data(), &[7, 0, 255]);
     }
 
     #[test]
