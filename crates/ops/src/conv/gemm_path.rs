@@ -172,10 +172,24 @@ pub(crate) fn conv_gemm(
     let k = cin_g * geo.kh * geo.kw;
     let hw_in = geo.h * geo.w;
     let hw = geo.ho * geo.wo;
-    let direct = geo.kh == 1
-        && geo.kw == 1
-        && geo.spec.stride == (1, 1)
-        && geo.spec.padding == [0; 4];
+    let pointwise = geo.kh == 1 && geo.kw == 1 && geo.spec.padding == [0; 4];
+    if pointwise && geo.spec.stride != (1, 1) {
+        // Strided 1x1 (ResNet downsample): subsample the input once, then it is a stride-1 1x1
+        // conv on the smaller map (one cheap gather instead of a phase split plus im2col).
+        let (sh, sw) = geo.spec.stride;
+        let mut sub = vec![0f32; geo.n * geo.cin * hw];
+        sub.par_chunks_mut(hw).zip(x.par_chunks(hw_in)).for_each(|(dst, plane)| {
+            for (oy, drow) in dst.chunks_exact_mut(geo.wo).enumerate() {
+                let row = &plane[oy * sh * geo.w..][..geo.w];
+                drow.iter_mut().zip(row.iter().step_by(sw)).for_each(|(d, v)| *d = *v);
+            }
+        });
+        let mut spec = geo.spec;
+        spec.stride = (1, 1);
+        let sub_geo = Geometry { h: geo.ho, w: geo.wo, spec, ..*geo };
+        return conv_gemm(&sub, w, bias, residual, &sub_geo, act);
+    }
+    let direct = pointwise && geo.spec.stride == (1, 1);
     // Strided kxk / 1x1: one pass splitting column phases beats strided gathers in every tile.
     let phases = (!direct && geo.spec.stride.1 > 1).then(|| split_phases(x, geo.n * geo.cin, geo.h, geo.w, geo.spec.stride.1));
     let x_plane = match phases {
