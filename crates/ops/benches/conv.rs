@@ -35,9 +35,17 @@ struct Layer {
 impl Layer {
     fn new(cin: usize, cout: usize, k: usize, spec: ConvSpec) -> Self {
         let fan_in = cin / spec.groups * k * k;
-        let w = rand(&[cout, cin / spec.groups, k, k], (6.0 / fan_in as f64).sqrt());
+        let w = rand(
+            &[cout, cin / spec.groups, k, k],
+            (6.0 / fan_in as f64).sqrt(),
+        );
         let b = rand(&[cout], 0.1);
-        Self { conv: FrozenConv2d::new(w.clone(), Some(b.clone()), spec).unwrap(), w, b, spec }
+        Self {
+            conv: FrozenConv2d::new(w.clone(), Some(b.clone()), spec).unwrap(),
+            w,
+            b,
+            spec,
+        }
     }
 
     fn ours(&self, x: &Tensor, act: Activation, res: Option<&Tensor>) -> Tensor {
@@ -47,8 +55,12 @@ impl Layer {
     /// Stock candle: conv2d (symmetric padding only, which is all ResNet uses), bias, add, relu.
     fn candle(&self, x: &Tensor, act: Activation, res: Option<&Tensor>) -> Tensor {
         let s = self.spec;
-        let y = x.conv2d(&self.w, s.padding[0], s.stride.0, s.dilation.0, s.groups).unwrap();
-        let mut y = y.broadcast_add(&self.b.reshape((1, (), 1, 1)).unwrap()).unwrap();
+        let y = x
+            .conv2d(&self.w, s.padding[0], s.stride.0, s.dilation.0, s.groups)
+            .unwrap();
+        let mut y = y
+            .broadcast_add(&self.b.reshape((1, (), 1, 1)).unwrap())
+            .unwrap();
         if let Some(r) = res {
             y = (y + r).unwrap();
         }
@@ -110,7 +122,12 @@ impl ResNet50 {
 
     /// Every conv with its real input shape, activation and residual, as (layer, x, act, res).
     fn conv_stack(&self) -> Vec<(&Layer, Tensor, Activation, Option<Tensor>)> {
-        let mut out = vec![(&self.stem, rand(&[1, 3, SIZE, SIZE], 1.0), Activation::Relu, None)];
+        let mut out = vec![(
+            &self.stem,
+            rand(&[1, 3, SIZE, SIZE], 1.0),
+            Activation::Relu,
+            None,
+        )];
         let mut hw = SIZE / 4;
         let mut cin = 64;
         for b in &self.blocks {
@@ -118,12 +135,27 @@ impl ResNet50 {
             let width = b.conv1.w.dims()[0];
             let cout = width * 4;
             let ho = hw / s;
-            out.push((&b.conv1, rand(&[1, cin, hw, hw], 1.0), Activation::Relu, None));
-            out.push((&b.conv2, rand(&[1, width, hw, hw], 1.0), Activation::Relu, None));
+            out.push((
+                &b.conv1,
+                rand(&[1, cin, hw, hw], 1.0),
+                Activation::Relu,
+                None,
+            ));
+            out.push((
+                &b.conv2,
+                rand(&[1, width, hw, hw], 1.0),
+                Activation::Relu,
+                None,
+            ));
             if let Some(d) = &b.down {
                 out.push((d, rand(&[1, cin, hw, hw], 1.0), Activation::None, None));
             }
-            out.push((&b.conv3, rand(&[1, width, ho, ho], 1.0), Activation::Relu, Some(rand(&[1, cout, ho, ho], 1.0))));
+            out.push((
+                &b.conv3,
+                rand(&[1, width, ho, ho], 1.0),
+                Activation::Relu,
+                Some(rand(&[1, cout, ho, ho], 1.0)),
+            ));
             hw = ho;
             cin = cout;
         }
@@ -151,14 +183,28 @@ impl Lite0 {
         hw = hw.div_ceil(2);
         let mut blocks = Vec::new();
         let mut cin = 32;
-        let stages = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)];
+        let stages = [
+            (1, 3, 1, 16, 1),
+            (6, 3, 2, 24, 2),
+            (6, 5, 2, 40, 2),
+            (6, 3, 2, 80, 3),
+            (6, 5, 1, 112, 3),
+            (6, 5, 2, 192, 4),
+            (6, 3, 1, 320, 1),
+        ];
         for (e, k, stride, cout, n) in stages {
             for i in 0..n {
                 let s = if i == 0 { stride } else { 1 };
                 let mid = cin * e;
                 blocks.push(MbConv {
-                    expand: (e != 1).then(|| Layer::new(cin, mid, 1, ConvSpec::same_as_torch(1, 0))),
-                    dw: Layer::new(mid, mid, k, ConvSpec::tf_same((hw, hw), (k, k), s, 1).with_groups(mid)),
+                    expand: (e != 1)
+                        .then(|| Layer::new(cin, mid, 1, ConvSpec::same_as_torch(1, 0))),
+                    dw: Layer::new(
+                        mid,
+                        mid,
+                        k,
+                        ConvSpec::tf_same((hw, hw), (k, k), s, 1).with_groups(mid),
+                    ),
                     project: Layer::new(mid, cout, 1, ConvSpec::same_as_torch(1, 0)),
                     skip: s == 1 && cin == cout,
                 });
@@ -185,7 +231,10 @@ impl Lite0 {
 
 /// CPU time of the whole process (all threads), in ms.
 fn cpu_ms() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: plain syscall writing into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
@@ -202,7 +251,9 @@ fn time_ms(f: impl Fn(), reps: usize) -> (f64, f64) {
             f();
             (t.elapsed().as_secs_f64() * 1e3, cpu_ms() - c)
         })
-        .fold((f64::INFINITY, f64::INFINITY), |(a, b), (w, c)| (a.min(w), b.min(c)))
+        .fold((f64::INFINITY, f64::INFINITY), |(a, b), (w, c)| {
+            (a.min(w), b.min(c))
+        })
 }
 
 impl Lite0 {
@@ -233,29 +284,72 @@ impl Lite0 {
 fn print_layers(net: &ResNet50, with_candle: bool) {
     let mut seen = std::collections::HashSet::new();
     let (mut tot_o, mut tot_cpu, mut tot_c) = (0.0, 0.0, 0.0);
-    println!("{:<44} {:>8} {:>8} {:>7} {:>9} {:>6}", "layer (Cin->Cout k s @ HxW) x count", "ours ms", "(cpu ms)", "GFLOP/s", "candle ms", "ratio");
+    println!(
+        "{:<44} {:>8} {:>8} {:>7} {:>9} {:>6}",
+        "layer (Cin->Cout k s @ HxW) x count",
+        "ours ms",
+        "(cpu ms)",
+        "GFLOP/s",
+        "candle ms",
+        "ratio"
+    );
     let stack = net.conv_stack();
     for (l, x, act, r) in &stack {
         let d = l.w.dims();
         let key = (d.to_vec(), x.dims().to_vec(), l.spec, r.is_some());
-        let count = stack.iter().filter(|(l2, x2, _, r2)| (l2.w.dims().to_vec(), x2.dims().to_vec(), l2.spec, r2.is_some()) == key).count();
+        let count = stack
+            .iter()
+            .filter(|(l2, x2, _, r2)| {
+                (
+                    l2.w.dims().to_vec(),
+                    x2.dims().to_vec(),
+                    l2.spec,
+                    r2.is_some(),
+                ) == key
+            })
+            .count();
         if !seen.insert(key) {
             continue;
         }
         let (o, cpu) = time_ms(|| drop(l.ours(x, *act, r.as_ref())), 7);
-        let c = if with_candle { time_ms(|| drop(l.candle(x, *act, r.as_ref())), 2).0 } else { f64::NAN };
+        let c = if with_candle {
+            time_ms(|| drop(l.candle(x, *act, r.as_ref())), 2).0
+        } else {
+            f64::NAN
+        };
         let y = l.ours(x, *act, r.as_ref());
         let flops = 2.0 * (y.elem_count() * d[1] * d[2] * d[3]) as f64;
         tot_o += o * count as f64;
         tot_cpu += cpu * count as f64;
         tot_c += c * count as f64;
-        let name = format!("{}->{} {}x{} s{} @ {}x{} x{count}", d[1], d[0], d[2], d[3], l.spec.stride.0, x.dims()[2], x.dims()[3]);
-        println!("{name:<44} {o:>8.2} {cpu:>8.2} {:>7.1} {c:>9.2} {:>6.2}", flops / o / 1e6, c / o);
+        let name = format!(
+            "{}->{} {}x{} s{} @ {}x{} x{count}",
+            d[1],
+            d[0],
+            d[2],
+            d[3],
+            l.spec.stride.0,
+            x.dims()[2],
+            x.dims()[3]
+        );
+        println!(
+            "{name:<44} {o:>8.2} {cpu:>8.2} {:>7.1} {c:>9.2} {:>6.2}",
+            flops / o / 1e6,
+            c / o
+        );
     }
     let x = rand(&[1, 64, SIZE / 2, SIZE / 2], 1.0);
     let (o, cpu) = time_ms(|| drop(ops::conv::max_pool2d(&x, 3, 2, 1).unwrap()), 7);
-    println!("{:<44} {o:>8.2} {cpu:>8.2}", "max_pool2d 3x3 s2 p1 @ 64x240x240");
-    println!("{:<44} {tot_o:>8.1} {tot_cpu:>8.1} {:>7} {tot_c:>9.1} {:>6.2}", "total (weighted by count)", "", tot_c / tot_o);
+    println!(
+        "{:<44} {o:>8.2} {cpu:>8.2}",
+        "max_pool2d 3x3 s2 p1 @ 64x240x240"
+    );
+    println!(
+        "{:<44} {tot_o:>8.1} {tot_cpu:>8.1} {:>7} {tot_c:>9.1} {:>6.2}",
+        "total (weighted by count)",
+        "",
+        tot_c / tot_o
+    );
 }
 
 fn benches(c: &mut Criterion) {
@@ -276,7 +370,9 @@ fn benches(c: &mut Criterion) {
     }
     let stack = net.conv_stack();
     let mut g = c.benchmark_group("resnet50_conv_stack");
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
     g.bench_function("ours", |b| {
         b.iter(|| {
             for (l, x, act, r) in &stack {
@@ -295,12 +391,16 @@ fn benches(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("resnet50_forward");
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
     g.bench_function("ours", |b| b.iter(|| net.forward(&x)));
     g.finish();
 
     let mut g = c.benchmark_group("efficientnet_lite0_forward");
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
     g.bench_function("ours", |b| b.iter(|| lite.forward(&x)));
     g.finish();
 }

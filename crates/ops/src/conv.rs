@@ -38,12 +38,22 @@ pub struct ConvSpec {
 impl ConvSpec {
     /// PyTorch-style symmetric padding, no dilation, one group.
     pub fn same_as_torch(stride: usize, pad: usize) -> Self {
-        Self { stride: (stride, stride), padding: [pad; 4], dilation: (1, 1), groups: 1 }
+        Self {
+            stride: (stride, stride),
+            padding: [pad; 4],
+            dilation: (1, 1),
+            groups: 1,
+        }
     }
 
     /// TensorFlow "SAME" padding for an input of `in_hw`: the output is `ceil(in / stride)` and
     /// an odd total padding puts the extra pixel at the bottom / right, as TF does.
-    pub fn tf_same(in_hw: (usize, usize), k: (usize, usize), stride: usize, dilation: usize) -> Self {
+    pub fn tf_same(
+        in_hw: (usize, usize),
+        k: (usize, usize),
+        stride: usize,
+        dilation: usize,
+    ) -> Self {
         let total = |i: usize, k: usize| {
             let s = stride.max(1);
             let out = i.div_ceil(s);
@@ -67,7 +77,10 @@ impl ConvSpec {
 
     /// The same spec with dilation `d` on both axes.
     pub fn with_dilation(self, d: usize) -> Self {
-        Self { dilation: (d, d), ..self }
+        Self {
+            dilation: (d, d),
+            ..self
+        }
     }
 }
 
@@ -110,23 +123,34 @@ fn err(msg: String) -> candle_core::Error {
 }
 
 /// Checks the spec and the weight shape; returns (cout, cin/groups, kh, kw).
-fn check_weight(weight_dims: &[usize], spec: &ConvSpec) -> candle_core::Result<(usize, usize, usize, usize)> {
+fn check_weight(
+    weight_dims: &[usize],
+    spec: &ConvSpec,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
     let &[cout, cin_g, kh, kw] = weight_dims else {
         return Err(err(format!(
             "conv2d: weight must be (Cout, Cin/groups, kh, kw), got shape {weight_dims:?}"
         )));
     };
     if spec.stride.0 == 0 || spec.stride.1 == 0 {
-        return Err(err(format!("conv2d: stride must be >= 1, got {:?}", spec.stride)));
+        return Err(err(format!(
+            "conv2d: stride must be >= 1, got {:?}",
+            spec.stride
+        )));
     }
     if spec.dilation.0 == 0 || spec.dilation.1 == 0 {
-        return Err(err(format!("conv2d: dilation must be >= 1, got {:?}", spec.dilation)));
+        return Err(err(format!(
+            "conv2d: dilation must be >= 1, got {:?}",
+            spec.dilation
+        )));
     }
     if spec.groups == 0 {
         return Err(err("conv2d: groups must be >= 1".to_string()));
     }
     if cout == 0 || cin_g == 0 || kh == 0 || kw == 0 {
-        return Err(err(format!("conv2d: weight has an empty dimension: {weight_dims:?}")));
+        return Err(err(format!(
+            "conv2d: weight has an empty dimension: {weight_dims:?}"
+        )));
     }
     if cout % spec.groups != 0 {
         return Err(err(format!(
@@ -146,7 +170,9 @@ fn geometry(
 ) -> candle_core::Result<Geometry> {
     let (cout, cin_g, kh, kw) = check_weight(weight_dims, &spec)?;
     let &[n, cin, h, w] = x_dims else {
-        return Err(err(format!("conv2d: input must be (N, Cin, H, W), got shape {x_dims:?}")));
+        return Err(err(format!(
+            "conv2d: input must be (N, Cin, H, W), got shape {x_dims:?}"
+        )));
     };
     if cin != cin_g * spec.groups {
         return Err(err(format!(
@@ -157,7 +183,9 @@ fn geometry(
     }
     if let Some(b) = bias_dims {
         if b != [cout] {
-            return Err(err(format!("conv2d: bias must have shape [{cout}], got {b:?}")));
+            return Err(err(format!(
+                "conv2d: bias must have shape [{cout}], got {b:?}"
+            )));
         }
     }
     let [pt, pb, pl, pr] = spec.padding;
@@ -180,7 +208,18 @@ fn geometry(
             )));
         }
     }
-    Ok(Geometry { n, cin, h, w, cout, kh, kw, ho, wo, spec })
+    Ok(Geometry {
+        n,
+        cin,
+        h,
+        w,
+        cout,
+        kh,
+        kw,
+        ho,
+        wo,
+        spec,
+    })
 }
 
 /// Borrows the f32 data of a contiguous CPU tensor (None when it is not f32 on CPU).
@@ -204,9 +243,15 @@ fn is_cpu_f32(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
-fn check_same_kind(x: &Tensor, weight: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<()> {
+fn check_same_kind(
+    x: &Tensor,
+    weight: &Tensor,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<()> {
     if !x.device().same_device(weight.device()) {
-        return Err(err("conv2d: input and weight are on different devices".to_string()));
+        return Err(err(
+            "conv2d: input and weight are on different devices".to_string()
+        ));
     }
     if x.dtype() != weight.dtype() {
         return Err(err(format!(
@@ -217,7 +262,9 @@ fn check_same_kind(x: &Tensor, weight: &Tensor, residual: Option<&Tensor>) -> ca
     }
     if let Some(r) = residual {
         if r.dtype() != x.dtype() || !r.device().same_device(x.device()) {
-            return Err(err("conv2d: residual must have the input's dtype and device".to_string()));
+            return Err(err(
+                "conv2d: residual must have the input's dtype and device".to_string(),
+            ));
         }
     }
     Ok(())
@@ -323,10 +370,15 @@ impl FrozenConv2d {
         let (cout, ..) = check_weight(weight.dims(), &spec)?;
         if let Some(b) = &bias {
             if b.dims() != [cout] {
-                return Err(err(format!("conv2d: bias must have shape [{cout}], got {:?}", b.dims())));
+                return Err(err(format!(
+                    "conv2d: bias must have shape [{cout}], got {:?}",
+                    b.dims()
+                )));
             }
             if b.dtype() != weight.dtype() || !b.device().same_device(weight.device()) {
-                return Err(err("conv2d: bias must have the weight's dtype and device".to_string()));
+                return Err(err(
+                    "conv2d: bias must have the weight's dtype and device".to_string()
+                ));
             }
         }
         let weight = weight.detach();
@@ -338,7 +390,12 @@ impl FrozenConv2d {
         } else {
             None
         };
-        Ok(Self { weight, bias, spec, packed })
+        Ok(Self {
+            weight,
+            bias,
+            spec,
+            packed,
+        })
     }
 
     pub fn spec(&self) -> ConvSpec {
@@ -356,12 +413,30 @@ impl FrozenConv2d {
 
     /// x (N, Cin, H, W) -> (N, Cout, Ho, Wo); act applied after bias and after adding `residual`
     /// (N, Cout, Ho, Wo) if given: out = act(conv(x) + bias + residual)
-    pub fn forward(&self, x: &Tensor, act: Activation, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        act: Activation,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         check_same_kind(x, &self.weight, residual)?;
-        let geo = geometry(x.dims(), self.weight.dims(), None, residual.map(|r| r.dims()), self.spec)?;
+        let geo = geometry(
+            x.dims(),
+            self.weight.dims(),
+            None,
+            residual.map(|r| r.dims()),
+            self.spec,
+        )?;
         match &self.packed {
             Some((w, b)) => forward_cpu(x, w, b.as_deref(), residual, &geo, act),
-            None => fallback(x, &self.weight, self.bias.as_ref(), self.spec, act, residual),
+            None => fallback(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.spec,
+                act,
+                residual,
+            ),
         }
     }
 }
@@ -378,10 +453,18 @@ pub fn conv2d(
     check_same_kind(x, weight, residual)?;
     if let Some(b) = bias {
         if b.dtype() != weight.dtype() || !b.device().same_device(weight.device()) {
-            return Err(err("conv2d: bias must have the weight's dtype and device".to_string()));
+            return Err(err(
+                "conv2d: bias must have the weight's dtype and device".to_string()
+            ));
         }
     }
-    let geo = geometry(x.dims(), weight.dims(), bias.map(|b| b.dims()), residual.map(|r| r.dims()), spec)?;
+    let geo = geometry(
+        x.dims(),
+        weight.dims(),
+        bias.map(|b| b.dims()),
+        residual.map(|r| r.dims()),
+        spec,
+    )?;
     if !is_cpu_f32(x) {
         return fallback(x, weight, bias, spec, act, residual);
     }
@@ -401,12 +484,18 @@ pub(crate) fn epilogue(out: &mut [f32], bias: f32, residual: Option<&[f32]>, act
     match (residual, act) {
         (None, Activation::None) => out.iter_mut().for_each(|v| *v += bias),
         (None, Activation::Relu) => out.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
-        (None, Activation::Relu6) => out.iter_mut().for_each(|v| *v = (*v + bias).clamp(0.0, 6.0)),
+        (None, Activation::Relu6) => out
+            .iter_mut()
+            .for_each(|v| *v = (*v + bias).clamp(0.0, 6.0)),
         (Some(r), Activation::None) => out.iter_mut().zip(r).for_each(|(v, r)| *v += bias + r),
-        (Some(r), Activation::Relu) => out.iter_mut().zip(r).for_each(|(v, r)| *v = (*v + bias + r).max(0.0)),
-        (Some(r), Activation::Relu6) => {
-            out.iter_mut().zip(r).for_each(|(v, r)| *v = (*v + bias + r).clamp(0.0, 6.0))
-        }
+        (Some(r), Activation::Relu) => out
+            .iter_mut()
+            .zip(r)
+            .for_each(|(v, r)| *v = (*v + bias + r).max(0.0)),
+        (Some(r), Activation::Relu6) => out
+            .iter_mut()
+            .zip(r)
+            .for_each(|(v, r)| *v = (*v + bias + r).clamp(0.0, 6.0)),
     }
 }
 
@@ -429,27 +518,49 @@ impl SyncPtr {
 /// `max_pool2d(x, 3, 2, 1)`. f32 on CPU runs a direct kernel parallel over planes (candle's own
 /// pool has no padding and is several times slower); anything else falls back to candle ops.
 /// Unlike torch, NaN inputs are not propagated on the fast path (f32::max skips them).
-pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
+pub fn max_pool2d(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
     let &[n, c, h, w] = x.dims() else {
-        return Err(err(format!("max_pool2d: input must be (N, C, H, W), got shape {:?}", x.dims())));
+        return Err(err(format!(
+            "max_pool2d: input must be (N, C, H, W), got shape {:?}",
+            x.dims()
+        )));
     };
     if kernel == 0 || stride == 0 {
-        return Err(err(format!("max_pool2d: kernel ({kernel}) and stride ({stride}) must be >= 1")));
+        return Err(err(format!(
+            "max_pool2d: kernel ({kernel}) and stride ({stride}) must be >= 1"
+        )));
     }
     if 2 * padding > kernel {
-        return Err(err(format!("max_pool2d: padding {padding} must be at most half the kernel {kernel}")));
+        return Err(err(format!(
+            "max_pool2d: padding {padding} must be at most half the kernel {kernel}"
+        )));
     }
     if h + 2 * padding < kernel || w + 2 * padding < kernel {
-        return Err(err(format!("max_pool2d: padded input {}x{} is smaller than the kernel {kernel}", h + 2 * padding, w + 2 * padding)));
+        return Err(err(format!(
+            "max_pool2d: padded input {}x{} is smaller than the kernel {kernel}",
+            h + 2 * padding,
+            w + 2 * padding
+        )));
     }
     let ho = (h + 2 * padding - kernel) / stride + 1;
     let wo = (w + 2 * padding - kernel) / stride + 1;
     if !is_cpu_f32(x) {
         // -inf borders keep padding out of the max, then candle's unpadded pool.
         let x = if padding > 0 {
-            let pad_h = Tensor::full(f32::NEG_INFINITY, (n, c, padding, w), x.device())?.to_dtype(x.dtype())?;
+            let pad_h = Tensor::full(f32::NEG_INFINITY, (n, c, padding, w), x.device())?
+                .to_dtype(x.dtype())?;
             let x = Tensor::cat(&[&pad_h, x, &pad_h], 2)?;
-            let pad_w = Tensor::full(f32::NEG_INFINITY, (n, c, h + 2 * padding, padding), x.device())?.to_dtype(x.dtype())?;
+            let pad_w = Tensor::full(
+                f32::NEG_INFINITY,
+                (n, c, h + 2 * padding, padding),
+                x.device(),
+            )?
+            .to_dtype(x.dtype())?;
             Tensor::cat(&[&pad_w, &x, &pad_w], 3)?
         } else {
             x.clone()
@@ -462,41 +573,49 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> c
         use rayon::prelude::*;
         let mut out = vec![0f32; n * c * ho * wo];
         let pw = w.div_ceil(stride);
-        out.par_chunks_mut(ho * wo).zip(xs.par_chunks(h * w)).for_each_init(
-            || (vec![0f32; stride * pw], vec![0f32; h * wo]),
-            |(phases, hmax), (o, plane)| {
-                // Horizontal max of every input row, over the column phases so each tap is a
-                // contiguous, vectorisable max; then the vertical max over rows.
-                for (row, hm) in plane.chunks_exact(w).zip(hmax.chunks_exact_mut(wo)) {
-                    let src_row: &[f32] = if stride == 1 {
-                        row
-                    } else {
-                        for p in 0..stride {
-                            let dst = &mut phases[p * pw..(p + 1) * pw];
-                            dst.iter_mut().zip(row.iter().skip(p).step_by(stride)).for_each(|(d, v)| *d = *v);
+        out.par_chunks_mut(ho * wo)
+            .zip(xs.par_chunks(h * w))
+            .for_each_init(
+                || (vec![0f32; stride * pw], vec![0f32; h * wo]),
+                |(phases, hmax), (o, plane)| {
+                    // Horizontal max of every input row, over the column phases so each tap is a
+                    // contiguous, vectorisable max; then the vertical max over rows.
+                    for (row, hm) in plane.chunks_exact(w).zip(hmax.chunks_exact_mut(wo)) {
+                        let src_row: &[f32] = if stride == 1 {
+                            row
+                        } else {
+                            for p in 0..stride {
+                                let dst = &mut phases[p * pw..(p + 1) * pw];
+                                dst.iter_mut()
+                                    .zip(row.iter().skip(p).step_by(stride))
+                                    .for_each(|(d, v)| *d = *v);
+                            }
+                            phases
+                        };
+                        hm.fill(f32::NEG_INFINITY);
+                        for kx in 0..kernel {
+                            let off = kx as isize - padding as isize;
+                            let (lo, hi) = gemm_path::valid_range(off, stride, w, wo);
+                            let phase = off.rem_euclid(stride as isize) as usize;
+                            let start =
+                                (lo as isize + (off - phase as isize) / stride as isize) as usize;
+                            let src = &src_row[phase * pw + start..][..hi - lo];
+                            hm[lo..hi]
+                                .iter_mut()
+                                .zip(src)
+                                .for_each(|(m, v)| *m = m.max(*v));
                         }
-                        phases
-                    };
-                    hm.fill(f32::NEG_INFINITY);
-                    for kx in 0..kernel {
-                        let off = kx as isize - padding as isize;
-                        let (lo, hi) = gemm_path::valid_range(off, stride, w, wo);
-                        let phase = off.rem_euclid(stride as isize) as usize;
-                        let start = (lo as isize + (off - phase as isize) / stride as isize) as usize;
-                        let src = &src_row[phase * pw + start..][..hi - lo];
-                        hm[lo..hi].iter_mut().zip(src).for_each(|(m, v)| *m = m.max(*v));
                     }
-                }
-                for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
-                    orow.fill(f32::NEG_INFINITY);
-                    let y0 = (oy * stride).saturating_sub(padding);
-                    let y1 = (oy * stride + kernel - padding).min(h);
-                    for hm in hmax.chunks_exact(wo).take(y1).skip(y0) {
-                        orow.iter_mut().zip(hm).for_each(|(m, v)| *m = m.max(*v));
+                    for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
+                        orow.fill(f32::NEG_INFINITY);
+                        let y0 = (oy * stride).saturating_sub(padding);
+                        let y1 = (oy * stride + kernel - padding).min(h);
+                        for hm in hmax.chunks_exact(wo).take(y1).skip(y0) {
+                            orow.iter_mut().zip(hm).for_each(|(m, v)| *m = m.max(*v));
+                        }
                     }
-                }
-            },
-        );
+                },
+            );
         out
     })?
     .ok_or_else(|| err("max_pool2d: input must be an f32 CPU tensor".to_string()))?;

@@ -304,13 +304,33 @@ fn conv_depthwise_3x3_and_5x5_stride1_stride2_tf_same() {
 fn conv_depthwise_wide_rows_all_block_widths() {
     // Output widths 70 / 35 / 20 exercise the 64-, 32- and 16-column register blocks, with
     // partial last blocks, TF-SAME borders and both strides.
-    let mut seed = 95;
-    for (hw, k, stride) in [((9, 70), 5, 1), ((8, 70), 3, 2), ((7, 40), 5, 2), ((6, 20), 3, 1), ((10, 129), 3, 2)] {
+    let cases = [
+        ((9, 70), 5, 1),
+        ((8, 70), 3, 2),
+        ((7, 40), 5, 2),
+        ((6, 20), 3, 1),
+        ((10, 129), 3, 2),
+    ];
+    for (seed, (hw, k, stride)) in (95..).zip(cases) {
         let spec = ConvSpec::tf_same(hw, (k, k), stride, 1).with_groups(4);
-        check(&Case { n: 1, cin: 4, cout: 4, hw, k: (k, k), spec }, seed);
-        seed += 1;
+        check(
+            &Case {
+                n: 1,
+                cin: 4,
+                cout: 4,
+                hw,
+                k: (k, k),
+                spec,
+            },
+            seed,
+        );
     }
-    let spec = ConvSpec { stride: (2, 1), padding: [1, 0, 3, 2], dilation: (1, 2), groups: 3 };
+    let spec = ConvSpec {
+        stride: (2, 1),
+        padding: [1, 0, 3, 2],
+        dilation: (1, 2),
+        groups: 3,
+    };
     let x = seeded(&[1, 3, 11, 66], 99);
     let w = seeded(&[3, 1, 3, 3], 98);
     // Unequal stride / dilation (candle cannot run these): each channel must equal the same conv
@@ -319,7 +339,15 @@ fn conv_depthwise_wide_rows_all_block_widths() {
     for ch in 0..3 {
         let xc = x.narrow(1, ch, 1).unwrap();
         let wc = w.narrow(0, ch, 1).unwrap();
-        let want = conv2d(&xc, &wc, None, ConvSpec { groups: 1, ..spec }, Activation::None, None).unwrap();
+        let want = conv2d(
+            &xc,
+            &wc,
+            None,
+            ConvSpec { groups: 1, ..spec },
+            Activation::None,
+            None,
+        )
+        .unwrap();
         let e = rel_err(&got.narrow(1, ch, 1).unwrap(), &want);
         assert!(e < 1e-5, "channel {ch}: rel err {e}");
     }

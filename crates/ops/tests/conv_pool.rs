@@ -29,7 +29,10 @@ fn naive(x: &Tensor, k: usize, s: usize, p: usize) -> (Vec<usize>, Vec<f32>) {
                 let mut m = f32::NEG_INFINITY;
                 for ky in 0..k {
                     for kx in 0..k {
-                        let (iy, ix) = ((oy * s + ky) as isize - p as isize, (ox * s + kx) as isize - p as isize);
+                        let (iy, ix) = (
+                            (oy * s + ky) as isize - p as isize,
+                            (ox * s + kx) as isize - p as isize,
+                        );
                         if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
                             m = m.max(v[plane * h * w + iy as usize * w + ix as usize]);
                         }
@@ -56,28 +59,52 @@ fn max_pool_matches_direct_loop_with_negative_inputs() {
         let (dims, want) = naive(&x, k, s, p);
         let got = max_pool2d(&x, k, s, p).unwrap();
         assert_eq!(got.dims(), &dims[..], "shape for {shape:?} k{k} s{s} p{p}");
-        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "{shape:?} k{k} s{s} p{p}");
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want,
+            "{shape:?} k{k} s{s} p{p}"
+        );
         // The candle fallback (f64) agrees.
         let got64 = max_pool2d(&x.to_dtype(DType::F64).unwrap(), k, s, p).unwrap();
-        assert_eq!(got64.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        assert_eq!(
+            got64
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            want
+        );
     }
 }
 
 #[test]
 fn max_pool_resnet_stem_shape_and_values() {
-    let x = Tensor::arange(0f32, 36., &Device::Cpu).unwrap().reshape((1, 1, 6, 6)).unwrap();
+    let x = Tensor::arange(0f32, 36., &Device::Cpu)
+        .unwrap()
+        .reshape((1, 1, 6, 6))
+        .unwrap();
     let y = max_pool2d(&x, 3, 2, 1).unwrap();
     assert_eq!(y.dims(), &[1, 1, 3, 3]);
-    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![7., 9., 11., 19., 21., 23., 31., 33., 35.]);
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![7., 9., 11., 19., 21., 23., 31., 33., 35.]
+    );
     let x = x.transpose(2, 3).unwrap();
     let y = max_pool2d(&x, 3, 2, 1).unwrap();
-    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![7., 19., 31., 9., 21., 33., 11., 23., 35.]);
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![7., 19., 31., 9., 21., 33., 11., 23., 35.]
+    );
 }
 
 #[test]
 fn max_pool_errors() {
     let x = seeded(&[1, 2, 5, 5], 9);
-    let e = max_pool2d(&seeded(&[2, 5, 5], 1), 3, 2, 1).unwrap_err().to_string();
+    let e = max_pool2d(&seeded(&[2, 5, 5], 1), 3, 2, 1)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("input must be (N, C, H, W)"), "{e}");
     let e = max_pool2d(&x, 0, 2, 0).unwrap_err().to_string();
     assert!(e.contains("must be >= 1"), "{e}");

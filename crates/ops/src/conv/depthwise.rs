@@ -59,7 +59,10 @@ fn fill_padded(x: &[f32], geo: &Geometry, pd: &Padded, dst: &mut [f32]) {
             out[hi..].fill(0.0);
             if hi > lo {
                 let first = lo * s + p - pl;
-                out[lo..hi].iter_mut().zip(row[first..].iter().step_by(s)).for_each(|(d, v)| *d = *v);
+                out[lo..hi]
+                    .iter_mut()
+                    .zip(row[first..].iter().step_by(s))
+                    .for_each(|(d, v)| *d = *v);
             }
         }
     }
@@ -68,7 +71,15 @@ fn fill_padded(x: &[f32], geo: &Geometry, pd: &Padded, dst: &mut [f32]) {
 /// One output row: `orow[ox] = sum over taps of w * P[phase][oy*sh + ky*dh][ox + shift]`,
 /// computed `L` columns at a time with the accumulators in registers.
 #[inline(always)]
-fn row_blocks<const L: usize>(src: &[f32], taps: &[f32], tap_at: &[(usize, usize)], oy: usize, geo: &Geometry, pd: &Padded, orow: &mut [f32]) {
+fn row_blocks<const L: usize>(
+    src: &[f32],
+    taps: &[f32],
+    tap_at: &[(usize, usize)],
+    oy: usize,
+    geo: &Geometry,
+    pd: &Padded,
+    orow: &mut [f32],
+) {
     let (sh, _) = geo.spec.stride;
     let dh = geo.spec.dilation.0;
     for (cx, out) in orow.chunks_exact_mut(L).enumerate() {
@@ -91,12 +102,23 @@ fn row_blocks<const L: usize>(src: &[f32], taps: &[f32], tap_at: &[(usize, usize
 
 /// One channel plane: `x` (H, W) -> `out` (Ho, Wo), bias / residual / activation included.
 #[allow(clippy::too_many_arguments)]
-fn plane(x: &[f32], taps: &[f32], bias: f32, residual: Option<&[f32]>, out: &mut [f32], geo: &Geometry, act: Activation, block: usize) {
+fn plane(
+    x: &[f32],
+    taps: &[f32],
+    bias: f32,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    geo: &Geometry,
+    act: Activation,
+    block: usize,
+) {
     let pd = Padded::new(geo, block);
     let sw = geo.spec.stride.1;
     let dw = geo.spec.dilation.1;
     // Tap kx reads padded column ox*sw + kx*dw = (ox + shift)*sw + phase.
-    let tap_at: Vec<(usize, usize)> = (0..geo.kw).map(|kx| ((kx * dw) % sw, (kx * dw) / sw)).collect();
+    let tap_at: Vec<(usize, usize)> = (0..geo.kw)
+        .map(|kx| ((kx * dw) % sw, (kx * dw) / sw))
+        .collect();
     SCRATCH.with(|cell| {
         let mut guard = cell.borrow_mut();
         let (padded, orow) = &mut *guard;
@@ -118,7 +140,12 @@ fn plane(x: &[f32], taps: &[f32], bias: f32, residual: Option<&[f32]>, out: &mut
             }
             let o = &mut out[oy * geo.wo..(oy + 1) * geo.wo];
             o.copy_from_slice(&orow[..geo.wo]);
-            epilogue(o, bias, residual.map(|r| &r[oy * geo.wo..(oy + 1) * geo.wo]), act);
+            epilogue(
+                o,
+                bias,
+                residual.map(|r| &r[oy * geo.wo..(oy + 1) * geo.wo]),
+                act,
+            );
         }
     });
 }

@@ -58,16 +58,18 @@ pub(crate) fn valid_range(off: isize, stride: usize, len: usize, out: usize) -> 
 fn split_phases(x: &[f32], planes: usize, h: usize, w: usize, s: usize) -> Vec<f32> {
     let pw = w.div_ceil(s);
     let mut out = vec![0f32; planes * s * h * pw];
-    out.par_chunks_mut(s * h * pw).zip(x.par_chunks(h * w)).for_each(|(o, x)| {
-        for (y, row) in x.chunks_exact(w).enumerate() {
-            for p in 0..s {
-                let dst = &mut o[(p * h + y) * pw..(p * h + y + 1) * pw];
-                for (d, v) in dst.iter_mut().zip(row.iter().skip(p).step_by(s)) {
-                    *d = *v;
+    out.par_chunks_mut(s * h * pw)
+        .zip(x.par_chunks(h * w))
+        .for_each(|(o, x)| {
+            for (y, row) in x.chunks_exact(w).enumerate() {
+                for p in 0..s {
+                    let dst = &mut o[(p * h + y) * pw..(p * h + y + 1) * pw];
+                    for (d, v) in dst.iter_mut().zip(row.iter().skip(p).step_by(s)) {
+                        *d = *v;
+                    }
                 }
             }
-        }
-    });
+        });
     out
 }
 
@@ -119,7 +121,9 @@ fn im2col_tile(x: &[f32], geo: &Geometry, phased: bool, p0: usize, p1: usize, bu
                                 if sw == 1 {
                                     dst.copy_from_slice(&plane[start..start + (b - a)]);
                                 } else {
-                                    dst.iter_mut().zip(plane[start..].iter().step_by(sw)).for_each(|(d, v)| *d = *v);
+                                    dst.iter_mut()
+                                        .zip(plane[start..].iter().step_by(sw))
+                                        .for_each(|(d, v)| *d = *v);
                                 }
                             }
                         }
@@ -137,7 +141,16 @@ fn im2col_tile(x: &[f32], geo: &Geometry, phased: bool, p0: usize, p1: usize, bu
 /// # Safety
 /// The pointers must cover the described matrices and `dst` must not alias the inputs.
 #[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, rhs: *const f32, rhs_rs: usize) {
+unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    rhs: *const f32,
+    rhs_rs: usize,
+) {
     gemm19::gemm(
         m,
         n,
@@ -180,20 +193,30 @@ pub(crate) fn conv_gemm(
         // conv on the smaller map (one cheap gather instead of a phase split plus im2col).
         let (sh, sw) = geo.spec.stride;
         let mut sub = vec![0f32; geo.n * geo.cin * hw];
-        sub.par_chunks_mut(hw).zip(x.par_chunks(hw_in)).for_each(|(dst, plane)| {
-            for (oy, drow) in dst.chunks_exact_mut(geo.wo).enumerate() {
-                let row = &plane[oy * sh * geo.w..][..geo.w];
-                drow.iter_mut().zip(row.iter().step_by(sw)).for_each(|(d, v)| *d = *v);
-            }
-        });
+        sub.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw_in))
+            .for_each(|(dst, plane)| {
+                for (oy, drow) in dst.chunks_exact_mut(geo.wo).enumerate() {
+                    let row = &plane[oy * sh * geo.w..][..geo.w];
+                    drow.iter_mut()
+                        .zip(row.iter().step_by(sw))
+                        .for_each(|(d, v)| *d = *v);
+                }
+            });
         let mut spec = geo.spec;
         spec.stride = (1, 1);
-        let sub_geo = Geometry { h: geo.ho, w: geo.wo, spec, ..*geo };
+        let sub_geo = Geometry {
+            h: geo.ho,
+            w: geo.wo,
+            spec,
+            ..*geo
+        };
         return conv_gemm(&sub, w, bias, residual, &sub_geo, act);
     }
     let direct = pointwise && geo.spec.stride == (1, 1);
     // Strided kxk / 1x1: one pass splitting column phases beats strided gathers in every tile.
-    let phases = (!direct && geo.spec.stride.1 > 1).then(|| split_phases(x, geo.n * geo.cin, geo.h, geo.w, geo.spec.stride.1));
+    let phases = (!direct && geo.spec.stride.1 > 1)
+        .then(|| split_phases(x, geo.n * geo.cin, geo.h, geo.w, geo.spec.stride.1));
     let x_plane = match phases {
         Some(_) => geo.spec.stride.1 * geo.h * geo.w.div_ceil(geo.spec.stride.1),
         None => hw_in,
@@ -223,7 +246,18 @@ pub(crate) fn conv_gemm(
         // img; the gemm reads x / w slices that outlive this call.
         let dst = unsafe { out_ptr.get().add(out_off) };
         if direct {
-            unsafe { sgemm(cout_g, n, k, dst, hw, w_g.as_ptr(), x_g.as_ptr().add(p0), hw_in) };
+            unsafe {
+                sgemm(
+                    cout_g,
+                    n,
+                    k,
+                    dst,
+                    hw,
+                    w_g.as_ptr(),
+                    x_g.as_ptr().add(p0),
+                    hw_in,
+                )
+            };
         } else {
             SCRATCH.with(|s| {
                 let mut buf = s.borrow_mut();
@@ -237,7 +271,8 @@ pub(crate) fn conv_gemm(
         for co in 0..cout_g {
             let c = g * cout_g + co;
             // SAFETY: this row segment belongs to this task and was fully written by the gemm.
-            let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(out_off + co * hw), n) };
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(out_off + co * hw), n) };
             let b = bias.map_or(0.0, |b| b[c]);
             let r = residual.map(|r| &r[img * geo.cout * hw + c * hw + p0..][..n]);
             epilogue(row, b, r, act);
