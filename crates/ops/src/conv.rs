@@ -270,10 +270,13 @@ fn check_same_kind(
     Ok(())
 }
 
-/// The fast path on raw slices. `w` is (Cout, Cin/groups * kh * kw) row-major.
+/// The fast path on raw slices. `w` is (Cout, Cin/groups * kh * kw) row-major; `taps`, if
+/// given, the same weights tap-major (see [`gemm_path::tap_major`]).
+#[allow(clippy::too_many_arguments)]
 fn run_cpu(
     x: &[f32],
     w: &[f32],
+    taps: Option<&[f32]>,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     geo: &Geometry,
@@ -282,7 +285,7 @@ fn run_cpu(
     if geo.is_depthwise() {
         depthwise::depthwise(x, w, bias, residual, geo, act)
     } else {
-        gemm_path::conv_gemm(x, w, bias, residual, geo, act)
+        gemm_path::conv_gemm(x, w, taps, bias, residual, geo, act)
     }
 }
 
@@ -294,14 +297,15 @@ fn output_tensor(data: Vec<f32>, geo: &Geometry) -> candle_core::Result<Tensor> 
 fn forward_cpu(
     x: &Tensor,
     w: &[f32],
+    taps: Option<&[f32]>,
     bias: Option<&[f32]>,
     residual: Option<&Tensor>,
     geo: &Geometry,
     act: Activation,
 ) -> candle_core::Result<Tensor> {
     let out = with_cpu_f32(x, |xs| match residual {
-        None => Ok(run_cpu(xs, w, bias, None, geo, act)),
-        Some(r) => with_cpu_f32(r, |rs| run_cpu(xs, w, bias, Some(rs), geo, act))?
+        None => Ok(run_cpu(xs, w, taps, bias, None, geo, act)),
+        Some(r) => with_cpu_f32(r, |rs| run_cpu(xs, w, taps, bias, Some(rs), geo, act))?
             .ok_or_else(|| err("conv2d: residual must be an f32 CPU tensor".to_string())),
     })?
     .ok_or_else(|| err("conv2d: input must be an f32 CPU tensor".to_string()))??;
@@ -349,8 +353,16 @@ pub struct FrozenConv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     spec: ConvSpec,
-    /// Weight as (Cout, Cin/groups * kh * kw) and bias, copied out once when f32 on CPU.
-    packed: Option<(Vec<f32>, Option<Vec<f32>>)>,
+    /// Copied out once when f32 on CPU.
+    packed: Option<Packed>,
+}
+
+struct Packed {
+    /// (Cout, Cin/groups * kh * kw)
+    w: Vec<f32>,
+    /// tap-major copy for the stride-1 shifted-gemm path (kxk, not depthwise)
+    taps: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for FrozenConv2d {
@@ -385,8 +397,12 @@ impl FrozenConv2d {
         let bias = bias.map(|b| b.detach());
         let packed = if is_cpu_f32(&weight) {
             let w = weight.flatten_all()?.to_vec1::<f32>()?;
+            let (_, cin_g, kh, kw) = weight.dims4()?;
+            let depthwise = cin_g == 1 && cout == spec.groups;
+            let taps = (kh * kw > 1 && !depthwise)
+                .then(|| gemm_path::tap_major(&w, spec.groups, cout / spec.groups, cin_g, kh * kw));
             let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-            Some((w, b))
+            Some(Packed { w, taps, bias: b })
         } else {
             None
         };
@@ -428,7 +444,15 @@ impl FrozenConv2d {
             self.spec,
         )?;
         match &self.packed {
-            Some((w, b)) => forward_cpu(x, w, b.as_deref(), residual, &geo, act),
+            Some(p) => forward_cpu(
+                x,
+                &p.w,
+                p.taps.as_deref(),
+                p.bias.as_deref(),
+                residual,
+                &geo,
+                act,
+            ),
             None => fallback(
                 x,
                 &self.weight,
@@ -469,9 +493,11 @@ pub fn conv2d(
         return fallback(x, weight, bias, spec, act, residual);
     }
     with_cpu_f32(weight, |ws| match bias {
-        None => forward_cpu(x, ws, None, residual, &geo, act),
-        Some(b) => with_cpu_f32(b, |bs| forward_cpu(x, ws, Some(bs), residual, &geo, act))?
-            .ok_or_else(|| err("conv2d: bias must be an f32 CPU tensor".to_string()))?,
+        None => forward_cpu(x, ws, None, None, residual, &geo, act),
+        Some(b) => with_cpu_f32(b, |bs| {
+            forward_cpu(x, ws, None, Some(bs), residual, &geo, act)
+        })?
+        .ok_or_else(|| err("conv2d: bias must be an f32 CPU tensor".to_string()))?,
     })?
     .ok_or_else(|| err("conv2d: weight must be an f32 CPU tensor".to_string()))?
 }

@@ -490,6 +490,67 @@ fn conv_large_enough_for_many_tiles() {
 }
 
 #[test]
+fn conv_stride1_wide_rows() {
+    // Stride-1 kxk convs on rows much wider than the padding take the shifted-gemm path (no
+    // im2col); cover dilation, groups, asymmetric padding, kernels 3/5/7 and batches there.
+    let cases = [
+        (
+            1,
+            8,
+            12,
+            (9, 64),
+            (3, 3),
+            ConvSpec::same_as_torch(1, 2).with_dilation(2),
+        ),
+        (
+            1,
+            8,
+            12,
+            (8, 40),
+            (3, 3),
+            ConvSpec::same_as_torch(1, 1).with_groups(4),
+        ),
+        (
+            1,
+            4,
+            6,
+            (8, 60),
+            (3, 5),
+            ConvSpec {
+                stride: (1, 1),
+                padding: [0, 2, 3, 1],
+                dilation: (1, 1),
+                groups: 1,
+            },
+        ),
+        (2, 6, 10, (6, 30), (3, 3), ConvSpec::same_as_torch(1, 1)),
+        (1, 3, 8, (6, 80), (7, 7), ConvSpec::same_as_torch(1, 3)),
+        (
+            1,
+            5,
+            7,
+            (7, 50),
+            (5, 5),
+            ConvSpec::tf_same((7, 50), (5, 5), 1, 1),
+        ),
+        (1, 4, 4, (5, 33), (3, 3), ConvSpec::same_as_torch(1, 0)),
+    ];
+    for (seed, (n, cin, cout, hw, k, spec)) in (200..).zip(cases) {
+        check(
+            &Case {
+                n,
+                cin,
+                cout,
+                hw,
+                k,
+                spec,
+            },
+            seed,
+        );
+    }
+}
+
+#[test]
 fn conv_asymmetric_kernel_and_padding() {
     let spec = ConvSpec {
         stride: (1, 1),

@@ -23,8 +23,7 @@ thread_local! {
 }
 
 /// Pixels per task: bounded by the cache budget, and small enough that every thread gets work.
-fn tile_size(geo: &Geometry, k: usize) -> usize {
-    let hw = geo.ho * geo.wo;
+fn tile_size(geo: &Geometry, hw: usize, k: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     // Measured on the ResNet-50 shapes: 64K..512K floats all land within noise of each other.
     let by_cache = (TILE_BUDGET_FLOATS / k).clamp(MIN_TILE, MAX_TILE);
@@ -174,9 +173,11 @@ unsafe fn sgemm(
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_gemm(
     x: &[f32],
     w: &[f32],
+    taps: Option<&[f32]>,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     geo: &Geometry,
@@ -211,9 +212,28 @@ pub(crate) fn conv_gemm(
             spec,
             ..*geo
         };
-        return conv_gemm(&sub, w, bias, residual, &sub_geo, act);
+        return conv_gemm(&sub, w, taps, bias, residual, &sub_geo, act);
     }
     let direct = pointwise && geo.spec.stride == (1, 1);
+    let wp = geo.w + geo.spec.padding[2] + geo.spec.padding[3];
+    // Stride-1 kxk on rows wide enough that the (Wp - Wo) junk columns cost little.
+    if !pointwise && geo.spec.stride == (1, 1) && (wp - geo.wo) * 10 <= geo.wo {
+        let owned;
+        let taps = match taps {
+            Some(t) => t,
+            None => {
+                owned = tap_major(
+                    w,
+                    geo.spec.groups,
+                    geo.cout_g(),
+                    geo.cin_g(),
+                    geo.kh * geo.kw,
+                );
+                &owned
+            }
+        };
+        return conv_shifted(x, taps, bias, residual, geo, act);
+    }
     // Strided kxk / 1x1: one pass splitting column phases beats strided gathers in every tile.
     let phases = (!direct && geo.spec.stride.1 > 1)
         .then(|| split_phases(x, geo.n * geo.cin, geo.h, geo.w, geo.spec.stride.1));
@@ -222,7 +242,7 @@ pub(crate) fn conv_gemm(
         None => hw_in,
     };
     let x_src: &[f32] = phases.as_deref().unwrap_or(x);
-    let tn = tile_size(geo, k);
+    let tn = tile_size(geo, hw, k);
     let tiles = hw.div_ceil(tn);
     let tasks = geo.n * groups * tiles;
 
@@ -280,5 +300,152 @@ pub(crate) fn conv_gemm(
     });
     // SAFETY: the tasks covered every (image, channel, pixel) of the output exactly once.
     unsafe { out.set_len(len) };
+    out
+}
+
+/// Stride-1 kxk convolution without im2col. With the input zero-padded to (Hp, Wp) and the
+/// output computed in the same row pitch Wp ("wide" pixels, the last Wp - Wo of each row junk),
+/// tap (ky, kx) is a plain shift of the flattened padded plane: `out_wide[:, p] +=
+/// W[:, :, ky, kx] * P[:, p + ky*dh*Wp + kx*dw]`. So each pixel tile is kh*kw accumulating gemms
+/// that read the padded input in place (with `taps` the weights in [`tap_major`] order), and
+/// the epilogue drops the junk columns while applying bias / residual / activation.
+fn conv_shifted(
+    x: &[f32],
+    taps: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    geo: &Geometry,
+    act: Activation,
+) -> Vec<f32> {
+    let groups = geo.spec.groups;
+    let (cin_g, cout_g) = (geo.cin_g(), geo.cout_g());
+    let (kh, kw) = (geo.kh, geo.kw);
+    let (dh, dw) = geo.spec.dilation;
+    let [pt, pb, pl, pr] = geo.spec.padding;
+    let (hp, wp) = (geo.h + pt + pb, geo.w + pl + pr);
+    // The last wide pixel's last tap reads (kw - 1) * dw floats past the padded plane.
+    let plane = hp * wp + (kw - 1) * dw;
+    let mut padded = vec![0f32; geo.n * geo.cin * plane];
+    padded
+        .par_chunks_mut(plane)
+        .zip(x.par_chunks(geo.h * geo.w))
+        .for_each(|(dst, src)| {
+            for (y, row) in src.chunks_exact(geo.w).enumerate() {
+                dst[(y + pt) * wp + pl..][..geo.w].copy_from_slice(row);
+            }
+        });
+
+    let hw = geo.ho * geo.wo;
+    let wide = geo.ho * wp;
+    // No im2col tile here: the cache budget bounds the output tile instead.
+    let tn = tile_size(geo, wide, cout_g);
+    let tiles = wide.div_ceil(tn);
+    let tasks = geo.n * groups * tiles;
+    let len = geo.n * geo.cout * hw;
+    let mut out = Vec::<f32>::with_capacity(len);
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+
+    (0..tasks).into_par_iter().for_each(|t| {
+        let img = t / (groups * tiles);
+        let g = (t / tiles) % groups;
+        let p0 = (t % tiles) * tn;
+        let p1 = (p0 + tn).min(wide);
+        let n = p1 - p0;
+        let x_g = &padded[(img * geo.cin + g * cin_g) * plane..][..cin_g * plane];
+        SCRATCH.with(|cell| {
+            let mut acc = cell.borrow_mut();
+            if acc.len() < cout_g * n {
+                acc.resize(cout_g * n, 0.0);
+            }
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let tap = ky * kw + kx;
+                    let shift = ky * dh * wp + kx * dw;
+                    debug_assert!(p1 - 1 + shift < plane);
+                    let w_tap = &taps[(g * kh * kw + tap) * cout_g * cin_g..][..cout_g * cin_g];
+                    // SAFETY: lhs is tap (ky, kx)'s (cout_g x cin_g) row-major matrix; rhs
+                    // columns p0 + shift .. p1 + shift of each padded plane lie inside it
+                    // (checked above); acc holds cout_g x n.
+                    unsafe {
+                        gemm19::gemm(
+                            cout_g,
+                            n,
+                            cin_g,
+                            acc.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            tap > 0,
+                            w_tap.as_ptr(),
+                            1,
+                            cin_g as isize,
+                            x_g.as_ptr().add(p0 + shift),
+                            1,
+                            plane as isize,
+                            1.0f32,
+                            1.0f32,
+                            false,
+                            false,
+                            false,
+                            gemm19::Parallelism::None,
+                        )
+                    };
+                }
+            }
+            // Compact the valid columns of each wide row segment into the output.
+            for co in 0..cout_g {
+                let c = g * cout_g + co;
+                let b = bias.map_or(0.0, |b| b[c]);
+                let acc_row = &acc[co * n..(co + 1) * n];
+                let mut p = p0;
+                while p < p1 {
+                    let (oy, ox0) = (p / wp, p % wp);
+                    let ox1 = wp.min(ox0 + (p1 - p));
+                    let valid = ox1.min(geo.wo);
+                    if ox0 < valid {
+                        let off = (img * geo.cout + c) * hw + oy * geo.wo + ox0;
+                        // SAFETY: output pixels (oy, ox0..valid) of channel c belong to this task
+                        // (its wide pixel range), and are initialised by this copy.
+                        let dst = unsafe {
+                            let ptr = out_ptr.get().add(off);
+                            std::ptr::copy_nonoverlapping(
+                                acc_row.as_ptr().add(p - p0),
+                                ptr,
+                                valid - ox0,
+                            );
+                            std::slice::from_raw_parts_mut(ptr, valid - ox0)
+                        };
+                        epilogue(dst, b, residual.map(|r| &r[off..off + valid - ox0]), act);
+                    }
+                    p += ox1 - ox0;
+                }
+            }
+        });
+    });
+    // SAFETY: every valid output pixel lies in exactly one task's wide pixel range.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Weights (groups * Cout_g, Cin_g, taps) reordered to (groups, taps, Cout_g, Cin_g), so each
+/// tap's matrix is contiguous for the shifted-gemm path (a strided weight view made every gemm
+/// call gather its weights).
+pub(crate) fn tap_major(
+    w: &[f32],
+    groups: usize,
+    cout_g: usize,
+    cin_g: usize,
+    taps: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for g in 0..groups {
+        for co in 0..cout_g {
+            for ci in 0..cin_g {
+                let src = &w[((g * cout_g + co) * cin_g + ci) * taps..][..taps];
+                for (t, v) in src.iter().enumerate() {
+                    out[((g * taps + t) * cout_g + co) * cin_g + ci] = *v;
+                }
+            }
+        }
+    }
     out
 }
