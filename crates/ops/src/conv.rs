@@ -1,19 +1,22 @@
-//! Fast CPU convolution (NCHW, f32).
+//! Fast CPU convolution (NCHW, f32), plus the max-pool the ResNet stem needs.
 //!
 //! candle's stock CPU conv2d is several times slower than PyTorch on the backbone shapes, so
 //! inference-only convolutions (the frozen backbone, BN already folded into weight + bias) go
-//! through this module instead:
+//! through this module instead. All paths split the work into (image, group, pixel tile) or
+//! (image, channel) tasks over rayon's pool, each gemm running single-threaded (this scales
+//! better on 2 cores than the gemm's own splitting):
 //!
-//! - 1x1 stride 1 without padding: one gemm per (image, group, pixel tile) read straight from the
-//!   NCHW input (`W[Cout x Cin] * X[Cin x HW]`), no copy at all;
-//! - every other dense or grouped case: im2col of one pixel tile into a per-thread scratch
-//!   buffer sized to stay in L2, then the same gemm;
-//! - depthwise (`groups == Cin == Cout`): a direct kernel, parallel over (image, channel) planes;
+//! - 1x1 stride 1, unpadded: gemm straight on the NCHW input (`W[Cout x Cin] * X[Cin x HW]`);
+//! - 1x1 strided, unpadded: one subsampling gather, then the same;
+//! - kxk stride 1 on rows wide compared with the padding: kh*kw accumulating gemms over shifted
+//!   views of a zero-padded copy of the input (no im2col);
+//! - everything else dense or grouped: im2col of one pixel tile into a per-thread scratch that
+//!   stays in L2 (column-phase split first when strided, so copies are contiguous), then gemm;
+//! - depthwise (`groups == Cin == Cout`): a direct register-blocked kernel per plane.
 //!
-//! and bias, residual add and activation are applied to each output tile right after the gemm
-//! wrote it, while it is still in cache. The gemm is the `gemm` crate (the one candle uses) with
-//! its AVX-512 kernels enabled; tiles are spread over rayon's pool and each gemm runs
-//! single-threaded, which scales better on few cores than gemm's own splitting.
+//! Bias, residual add and activation are applied to each output tile right after the gemm wrote
+//! it, while it is still in cache; outputs are never zero-filled first. The gemm is the `gemm`
+//! crate 0.19 (the one candle links) with its AVX-512 kernels compiled in.
 //!
 //! Any other device or dtype falls back to candle's conv2d so CUDA builds keep working.
 
