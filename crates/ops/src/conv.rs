@@ -360,9 +360,8 @@ pub struct FrozenConv2d {
     packed: Option<Packed>,
 }
 
+/// What the CPU path needs besides the weight tensor itself (read in place, it is contiguous).
 struct Packed {
-    /// (Cout, Cin/groups * kh * kw)
-    w: Vec<f32>,
     /// tap-major copy for the stride-1 shifted-gemm path (kxk, not depthwise)
     taps: Option<Vec<f32>>,
     bias: Option<Vec<f32>>,
@@ -396,16 +395,25 @@ impl FrozenConv2d {
                 ));
             }
         }
-        let weight = weight.detach();
+        let weight = weight.detach().contiguous()?;
         let bias = bias.map(|b| b.detach());
         let packed = if is_cpu_f32(&weight) {
-            let w = weight.flatten_all()?.to_vec1::<f32>()?;
             let (_, cin_g, kh, kw) = weight.dims4()?;
             let depthwise = cin_g == 1 && cout == spec.groups;
-            let taps = (kh * kw > 1 && !depthwise)
-                .then(|| gemm_path::tap_major(&w, spec.groups, cout / spec.groups, cin_g, kh * kw));
+            let taps = if kh * kw > 1 && !depthwise {
+                let w = weight.flatten_all()?.to_vec1::<f32>()?;
+                Some(gemm_path::tap_major(
+                    &w,
+                    spec.groups,
+                    cout / spec.groups,
+                    cin_g,
+                    kh * kw,
+                ))
+            } else {
+                None
+            };
             let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-            Some(Packed { w, taps, bias: b })
+            Some(Packed { taps, bias: b })
         } else {
             None
         };
@@ -447,15 +455,18 @@ impl FrozenConv2d {
             self.spec,
         )?;
         match &self.packed {
-            Some(p) => forward_cpu(
-                x,
-                &p.w,
-                p.taps.as_deref(),
-                p.bias.as_deref(),
-                residual,
-                &geo,
-                act,
-            ),
+            Some(p) => with_cpu_f32(&self.weight, |ws| {
+                forward_cpu(
+                    x,
+                    ws,
+                    p.taps.as_deref(),
+                    p.bias.as_deref(),
+                    residual,
+                    &geo,
+                    act,
+                )
+            })?
+            .ok_or_else(|| err("conv2d: internal error, weight left the CPU".to_string()))?,
             None => fallback(
                 x,
                 &self.weight,
