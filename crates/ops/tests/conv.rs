@@ -490,29 +490,17 @@ fn conv_large_enough_for_many_tiles() {
 }
 
 #[test]
-fn conv_stride1_wide_rows() {
-    // Stride-1 kxk convs on rows much wider than the padding take the shifted-gemm path (no
-    // im2col); cover dilation, groups, asymmetric padding, kernels 3/5/7 and batches there.
+fn conv_shifted_gemm_wide_rows() {
+    // kxk convs with Cin/groups >= 16 on rows much wider than the padding take the shifted-gemm
+    // path (no im2col); cover dilation, groups, asymmetric padding, kernels 3/5/7, strides 1-3
+    // and batches there.
+    let same = ConvSpec::same_as_torch;
     let cases = [
+        (1, 16, 12, (9, 64), (3, 3), same(1, 2).with_dilation(2)),
+        (1, 64, 24, (8, 40), (3, 3), same(1, 1).with_groups(4)),
         (
             1,
-            8,
-            12,
-            (9, 64),
-            (3, 3),
-            ConvSpec::same_as_torch(1, 2).with_dilation(2),
-        ),
-        (
-            1,
-            8,
-            12,
-            (8, 40),
-            (3, 3),
-            ConvSpec::same_as_torch(1, 1).with_groups(4),
-        ),
-        (
-            1,
-            4,
+            16,
             6,
             (8, 60),
             (3, 5),
@@ -523,17 +511,43 @@ fn conv_stride1_wide_rows() {
                 groups: 1,
             },
         ),
-        (2, 6, 10, (6, 30), (3, 3), ConvSpec::same_as_torch(1, 1)),
-        (1, 3, 8, (6, 80), (7, 7), ConvSpec::same_as_torch(1, 3)),
+        (2, 16, 10, (6, 30), (3, 3), same(1, 1)),
+        (1, 16, 8, (6, 80), (7, 7), same(1, 3)),
         (
             1,
-            5,
+            20,
             7,
             (7, 50),
             (5, 5),
             ConvSpec::tf_same((7, 50), (5, 5), 1, 1),
         ),
-        (1, 4, 4, (5, 33), (3, 3), ConvSpec::same_as_torch(1, 0)),
+        (1, 16, 4, (5, 33), (3, 3), same(1, 0)),
+        (1, 16, 8, (9, 64), (3, 3), same(2, 1)),
+        (
+            2,
+            32,
+            8,
+            (10, 61),
+            (3, 3),
+            ConvSpec::tf_same((10, 61), (3, 3), 2, 1),
+        ),
+        (
+            1,
+            16,
+            8,
+            (11, 70),
+            (5, 5),
+            ConvSpec::tf_same((11, 70), (5, 5), 2, 1),
+        ),
+        (
+            1,
+            32,
+            8,
+            (8, 66),
+            (3, 3),
+            same(2, 2).with_dilation(2).with_groups(2),
+        ),
+        (1, 16, 8, (9, 100), (7, 7), same(3, 3)),
     ];
     for (seed, (n, cin, cout, hw, k, spec)) in (200..).zip(cases) {
         check(
@@ -548,6 +562,17 @@ fn conv_stride1_wide_rows() {
             seed,
         );
     }
+    // Unequal strides there too: (2, 1) is the stride-1 result on every other row.
+    let x = seeded(&[1, 16, 9, 40], 230);
+    let w = seeded(&[8, 16, 3, 3], 231);
+    let spec = ConvSpec {
+        stride: (2, 1),
+        ..same(1, 1)
+    };
+    let got = conv2d(&x, &w, None, spec, Activation::None, None).unwrap();
+    let full = reference(&x, &w, None, same(1, 1), Activation::None, None);
+    let rows = Tensor::new(&[0u32, 2, 4, 6, 8], &Device::Cpu).unwrap();
+    assert!(rel_err(&got, &full.index_select(&rows, 2).unwrap()) < 1e-4);
 }
 
 #[test]

@@ -215,9 +215,10 @@ pub(crate) fn conv_gemm(
         return conv_gemm(&sub, w, taps, bias, residual, &sub_geo, act);
     }
     let direct = pointwise && geo.spec.stride == (1, 1);
-    let wp = geo.w + geo.spec.padding[2] + geo.spec.padding[3];
-    // Stride-1 kxk on rows wide enough that the (Wp - Wo) junk columns cost little.
-    if !pointwise && geo.spec.stride == (1, 1) && (wp - geo.wo) * 10 <= geo.wo {
+    let wq = (geo.w + geo.spec.padding[2] + geo.spec.padding[3]).div_ceil(geo.spec.stride.1);
+    // Shifted gemms when each tap's gemm has a useful depth (Cin_g >= 16: not the RGB stem) and
+    // the rows are wide enough that the (Wq - Wo) junk columns cost little.
+    if !pointwise && geo.cin_g() >= 16 && (wq - geo.wo) * 10 <= geo.wo {
         let owned;
         let taps = match taps {
             Some(t) => t,
@@ -303,12 +304,14 @@ pub(crate) fn conv_gemm(
     out
 }
 
-/// Stride-1 kxk convolution without im2col. With the input zero-padded to (Hp, Wp) and the
-/// output computed in the same row pitch Wp ("wide" pixels, the last Wp - Wo of each row junk),
-/// tap (ky, kx) is a plain shift of the flattened padded plane: `out_wide[:, p] +=
-/// W[:, :, ky, kx] * P[:, p + ky*dh*Wp + kx*dw]`. So each pixel tile is kh*kw accumulating gemms
-/// that read the padded input in place (with `taps` the weights in [`tap_major`] order), and
-/// the epilogue drops the junk columns while applying bias / residual / activation.
+/// kxk convolution without im2col. The input is zero-padded to (Hp, Wp) and split into
+/// sh*sw phase images `P[py][px][r][c] = padded[r*sh + py][c*sw + px]` of (Hq, Wq) (for stride 1
+/// just the padded plane), and the output is computed with the same row pitch Wq ("wide"
+/// pixels, the last Wq - Wo of each row junk). Then tap (ky, kx), with d = ky*dh and e = kx*dw,
+/// is a plain shift of one flattened phase image: `out_wide[:, p] += W[:, :, ky, kx] *
+/// P[d % sh][e % sw][:, p + (d / sh)*Wq + e / sw]`. So each pixel tile is kh*kw accumulating
+/// gemms reading the phase images in place (weights in [`tap_major`] order), and the epilogue
+/// drops the junk columns while applying bias / residual / activation.
 fn conv_shifted(
     x: &[f32],
     taps: &[f32],
@@ -321,19 +324,38 @@ fn conv_shifted(
     let (cin_g, cout_g) = (geo.cin_g(), geo.cout_g());
     let (kh, kw) = (geo.kh, geo.kw);
     let (dh, dw) = geo.spec.dilation;
+    let (sh, sw) = geo.spec.stride;
     let [pt, pb, pl, pr] = geo.spec.padding;
-    let (hp, wp) = (geo.h + pt + pb, geo.w + pl + pr);
-    // The last wide pixel's last tap reads (kw - 1) * dw floats past the padded plane.
-    let plane = hp * wp + (kw - 1) * dw;
+    let (hq, wq) = (
+        (geo.h + pt + pb).div_ceil(sh),
+        (geo.w + pl + pr).div_ceil(sw),
+    );
+    let phase_len = hq * wq;
+    // The last wide pixel's last tap reads up to (kw - 1) * dw / sw floats past its phase image
+    // (into the next one, or this slack after the last).
+    let plane = sh * sw * phase_len + ((kw - 1) * dw) / sw + 1;
     let mut padded = vec![0f32; geo.n * geo.cin * plane];
     padded
         .par_chunks_mut(plane)
         .zip(x.par_chunks(geo.h * geo.w))
         .for_each(|(dst, src)| {
             for (y, row) in src.chunks_exact(geo.w).enumerate() {
-                dst[(y + pt) * wp + pl..][..geo.w].copy_from_slice(row);
+                let r = y + pt;
+                let (py, q) = (r % sh, r / sh);
+                for px in 0..sw {
+                    // Phase column c holds input column c*sw + px - pl.
+                    let (lo, hi) = valid_range(px as isize - pl as isize, sw, geo.w, wq);
+                    if hi > lo {
+                        let d = &mut dst[(py * sw + px) * phase_len + q * wq..][lo..hi];
+                        let first = lo * sw + px - pl;
+                        d.iter_mut()
+                            .zip(row[first..].iter().step_by(sw))
+                            .for_each(|(d, v)| *d = *v);
+                    }
+                }
             }
         });
+    let wp = wq;
 
     let hw = geo.ho * geo.wo;
     let wide = geo.ho * wp;
@@ -360,7 +382,8 @@ fn conv_shifted(
             for ky in 0..kh {
                 for kx in 0..kw {
                     let tap = ky * kw + kx;
-                    let shift = ky * dh * wp + kx * dw;
+                    let (d, e) = (ky * dh, kx * dw);
+                    let shift = ((d % sh) * sw + e % sw) * phase_len + (d / sh) * wq + e / sw;
                     debug_assert!(p1 - 1 + shift < plane);
                     let w_tap = &taps[(g * kh * kw + tap) * cout_g * cin_g..][..cout_g * cin_g];
                     // SAFETY: lhs is tap (ky, kx)'s (cout_g x cin_g) row-major matrix; rhs
