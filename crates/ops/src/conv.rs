@@ -8,8 +8,8 @@
 //!
 //! - 1x1 stride 1, unpadded: gemm straight on the NCHW input (`W[Cout x Cin] * X[Cin x HW]`);
 //! - 1x1 strided, unpadded: one subsampling gather, then the same;
-//! - kxk stride 1 on rows wide compared with the padding: kh*kw accumulating gemms over shifted
-//!   views of a zero-padded copy of the input (no im2col);
+//! - kxk with Cin/groups >= 16 on rows wide compared with the padding: kh*kw accumulating gemms
+//!   over shifted views of a zero-padded (for strides, phase-split) copy of the input, no im2col;
 //! - everything else dense or grouped: im2col of one pixel tile into a per-thread scratch that
 //!   stays in L2 (column-phase split first when strided, so copies are contiguous), then gemm;
 //! - depthwise (`groups == Cin == Cout`): a direct register-blocked kernel per plane.
