@@ -2,6 +2,7 @@
 
 mod assets;
 mod bench;
+mod pipeline;
 
 use std::path::PathBuf;
 
@@ -26,6 +27,19 @@ enum Cmd {
         #[arg(long)]
         cache: Option<PathBuf>,
     },
+    /// Write the synthetic few-shot dataset (40 classes, 4 folds, VOC layout); reused when up to date.
+    MakeSynthetic {
+        #[arg(long, default_value = "data/synthetic")]
+        out: PathBuf,
+        #[arg(long, default_value_t = data::synthetic::SyntheticConfig::default().seed)]
+        seed: u64,
+        #[arg(long, default_value_t = data::synthetic::SyntheticConfig::default().num_train)]
+        num_train: usize,
+        #[arg(long, default_value_t = data::synthetic::SyntheticConfig::default().num_val)]
+        num_val: usize,
+    },
+    /// Stage 1: train the Potential Objects Segmenter on the base classes of a fold.
+    TrainPos(pipeline::stage1::Stage1Args),
     /// Speed against PyTorch on this machine (same threads, interleaved, medians).
     Bench {
         /// What to time: backbone (more groups come with their stages).
@@ -54,6 +68,23 @@ fn main() -> Result<()> {
             let cache = cache.unwrap_or_else(|| assets::workspace_root().join("target/assets-cache"));
             assets::fetch_assets(&dest, &cache)
         }
+        Cmd::MakeSynthetic { out, seed, num_train, num_val } => {
+            let cfg = data::synthetic::SyntheticConfig { seed, num_train, num_val, ..Default::default() };
+            let pb = indicatif::ProgressBar::new((num_train + num_val) as u64);
+            let progress = |done: usize, _total: usize| pb.set_position(done as u64);
+            let s = data::synthetic::generate(&cfg, &out, Some(&progress))?;
+            pb.finish_and_clear();
+            println!(
+                "{}: {} classes, {} train + {} val images, {:.1} MB",
+                out.display(),
+                s.num_classes,
+                s.num_train,
+                s.num_val,
+                s.bytes_on_disk as f64 / 1e6
+            );
+            Ok(())
+        }
+        Cmd::TrainPos(args) => pipeline::stage1::train_pos(&args),
         Cmd::Bench { what, size, reps, threads, json } => {
             set_threads(threads)?;
             let mut torch = bench::TorchServer::start(threads, &["--fuse-bn"])?;

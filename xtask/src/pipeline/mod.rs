@@ -1,0 +1,123 @@
+//! Wiring shared by the pipeline commands: presets, model construction, episode → tensor
+//! conversion and the proposal-selection rules used by every report (oracle, baseline).
+
+pub mod stage1;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use backbone::{Backbone, EfficientNetLite0, ResNet50};
+use candle_core::{DType, Device, Tensor};
+use data::{Label, NormalizedImage};
+use pos::PosConfig;
+use serde::{Deserialize, Serialize};
+
+/// Model size and input recipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// EfficientNet-Lite0 (real ImageNet weights) + a small POS, 256² inputs: trains on a 2-core CPU in minutes.
+    Cpu,
+    /// The paper: ResNet-50 + the full POS, 480² inputs.
+    Paper,
+}
+
+impl Preset {
+    pub fn pos_config(self) -> PosConfig {
+        match self {
+            Preset::Cpu => PosConfig::cpu(),
+            Preset::Paper => PosConfig::paper(),
+        }
+    }
+
+    /// Training crop and test resize side (the paper's 480).
+    pub fn input_size(self) -> u32 {
+        match self {
+            Preset::Cpu => 256,
+            Preset::Paper => 480,
+        }
+    }
+
+    /// Matching points per mask (12544 = 1/18 of a 480² image; scaled with the area).
+    pub fn num_points(self) -> usize {
+        match self {
+            Preset::Cpu => 3584,
+            Preset::Paper => 12544,
+        }
+    }
+}
+
+/// The frozen backbone of a preset. `weights`: a torchvision / official / safetensors file for
+/// ResNet-50 (required), or the EfficientNet-Lite0 file (default: the fetched asset).
+pub fn load_backbone(preset: Preset, weights: Option<&Path>) -> Result<Box<dyn Backbone>> {
+    Ok(match preset {
+        Preset::Cpu => {
+            let path: PathBuf = weights.map(Path::to_path_buf).unwrap_or_else(backbone::assets::efficientnet_lite0_path);
+            if !path.exists() {
+                bail!("{}: EfficientNet-Lite0 weights not found; run `cargo xtask fetch-assets`", path.display());
+            }
+            Box::new(EfficientNetLite0::from_file(&path).with_context(|| format!("loading {}", path.display()))?)
+        }
+        Preset::Paper => {
+            let path = weights.context(
+                "the paper preset needs ResNet-50 weights: --backbone-weights resnet50-19c8e357.pth (torchvision) or an official MM-Former checkpoint",
+            )?;
+            Box::new(ResNet50::from_file(path).with_context(|| format!("loading {}", path.display()))?)
+        }
+    })
+}
+
+/// (B, 3, H, W) f32 from normalised images of one size.
+pub fn images_to_tensor(images: &[&NormalizedImage], device: &Device) -> Result<Tensor> {
+    let (h, w) = (images[0].height, images[0].width);
+    let mut data = Vec::with_capacity(images.len() * 3 * h * w);
+    for im in images {
+        if (im.height, im.width) != (h, w) {
+            bail!("images of one batch must share a size: {}x{} vs {h}x{w}", im.height, im.width);
+        }
+        data.extend_from_slice(&im.data);
+    }
+    Ok(Tensor::from_vec(data, (images.len(), 3, h, w), device)?)
+}
+
+/// (B, H, W) f32 label values (0/1/255 or class ids).
+pub fn labels_to_tensor(labels: &[&Label], device: &Device) -> Result<Tensor> {
+    let (h, w) = (labels[0].height() as usize, labels[0].width() as usize);
+    let mut data = Vec::with_capacity(labels.len() * h * w);
+    for l in labels {
+        if (l.height() as usize, l.width() as usize) != (h, w) {
+            bail!("labels of one batch must share a size");
+        }
+        data.extend(l.data().iter().map(|&v| v as f32));
+    }
+    Ok(Tensor::from_vec(data, (labels.len(), h, w), device)?)
+}
+
+/// Backbone features as the POS wants them: [res2, res3, res4, res5].
+pub fn pos_features(f: &backbone::Features) -> Vec<Tensor> {
+    vec![f.res2.clone(), f.res3.clone(), f.res4.clone(), f.res5.clone()]
+}
+
+/// (N, H, W) proposal probabilities at the label size: sigmoid, then bilinear
+/// (align_corners=False), as the official few-shot head upsamples them.
+pub fn upsampled_proposals(pred_masks: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
+    let p = candle_nn::ops::sigmoid(pred_masks)?;
+    Ok(ops::resize::resize_bilinear(&p, hw, false)?)
+}
+
+/// The oracle proposal (best soft IoU with the label, 255 → 0) and its binary mask.
+pub fn oracle_mask(probs: &Tensor, label: &[u8]) -> Result<(usize, Vec<u8>)> {
+    let (_, h, w) = probs.dims3()?;
+    if label.len() != h * w {
+        bail!("label has {} pixels, proposals are {h}x{w}", label.len());
+    }
+    let t = Tensor::from_vec(label.iter().map(|&v| f32::from(v == 1)).collect::<Vec<_>>(), (1, h, w), probs.device())?;
+    let iou = losses::fewshot::soft_iou(&probs.unsqueeze(0)?, &t)?.squeeze(0)?;
+    let best = iou.argmax(0)?.to_scalar::<u32>()? as usize;
+    Ok((best, binary(&probs.get(best)?)?))
+}
+
+/// Threshold probabilities at 0.5 into a row-major 0/1 mask.
+pub fn binary(probs: &Tensor) -> Result<Vec<u8>> {
+    Ok(probs.ge(0.5)?.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?)
+}
