@@ -61,7 +61,8 @@ impl Checkpoint {
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// Hex sha256 of a file (checkpoints record it; other tools reuse it).
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = fs::File::open(path).map_err(|e| TrainError::Checkpoint { path: path.into(), msg: e.to_string() })?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -6,7 +6,7 @@ mod checkpoint;
 mod log;
 mod optim;
 
-pub use checkpoint::{Checkpoint, CheckpointStore, TrainState};
+pub use checkpoint::{sha256_file, Checkpoint, CheckpointStore, TrainState};
 pub use log::JsonlLog;
 pub use optim::{clip_grad_norm, default_no_decay, AdamW, AdamWConfig, NamedVar, PolyLr};
 
