@@ -138,6 +138,15 @@ impl MmOutput {
     }
 }
 
+/// How the proposals are given to [`MaskMatching`].
+#[derive(Clone, Copy)]
+enum Proposals<'a> {
+    /// POS `pred_masks` logits.
+    Logits(&'a Tensor),
+    /// `sigmoid(pred_masks)`.
+    Probabilities(&'a Tensor),
+}
+
 /// The query's per-level features after self-alignment and channel reduction, with their
 /// positional encodings. Computed once per episode whatever the shot count.
 struct QuerySide {
@@ -194,7 +203,21 @@ impl MaskMatching {
         proposal_logits: &Tensor,
         input_hw: (usize, usize),
     ) -> Result<MmOutput> {
-        self.run(query_feats, support_feats, support_labels, proposal_logits, input_hw, None)
+        self.run(query_feats, support_feats, support_labels, Proposals::Logits(proposal_logits), input_hw, None)
+    }
+
+    /// [`Self::forward`] on proposal probabilities (`sigmoid(pred_masks)`, (B, N, h, w)) instead
+    /// of logits: what stage 2 reads from the proposal shards, where the masks are stored as
+    /// probabilities (a u8-quantised 0 or 1 has no finite logit).
+    pub fn forward_with_probabilities(
+        &self,
+        query_feats: &LevelFeatures,
+        support_feats: &[LevelFeatures],
+        support_labels: &[Tensor],
+        proposal_probs: &Tensor,
+        input_hw: (usize, usize),
+    ) -> Result<MmOutput> {
+        self.run(query_feats, support_feats, support_labels, Proposals::Probabilities(proposal_probs), input_hw, None)
     }
 
     /// [`Self::forward`], also recording the intermediates listed at [`Trace`].
@@ -207,7 +230,7 @@ impl MaskMatching {
         input_hw: (usize, usize),
         trace: &mut Trace,
     ) -> Result<MmOutput> {
-        self.run(query_feats, support_feats, support_labels, proposal_logits, input_hw, Some(trace))
+        self.run(query_feats, support_feats, support_labels, Proposals::Logits(proposal_logits), input_hw, Some(trace))
     }
 
     fn run(
@@ -215,10 +238,13 @@ impl MaskMatching {
         query_feats: &LevelFeatures,
         support_feats: &[LevelFeatures],
         support_labels: &[Tensor],
-        proposal_logits: &Tensor,
+        proposals_in: Proposals,
         input_hw: (usize, usize),
         mut trace: Option<&mut Trace>,
     ) -> Result<MmOutput> {
+        let proposal_logits = match proposals_in {
+            Proposals::Logits(t) | Proposals::Probabilities(t) => t,
+        };
         let b = self.check_levels(query_feats, "query", None)?;
         if support_feats.is_empty() {
             bail!("MaskMatching: at least one support shot is needed");
@@ -245,7 +271,10 @@ impl MaskMatching {
             bail!("MaskMatching: input size {input_hw:?} must be positive");
         }
         let dtype = query_feats[0].dtype();
-        let proposals = candle_nn::ops::sigmoid(&proposal_logits.to_dtype(dtype)?)?;
+        let proposals = match proposals_in {
+            Proposals::Logits(t) => candle_nn::ops::sigmoid(&t.to_dtype(dtype)?)?,
+            Proposals::Probabilities(t) => t.to_dtype(dtype)?,
+        };
 
         let query = self.query_side(query_feats, &mut trace)?;
         let mut sum: Option<(Tensor, Tensor)> = None;

@@ -1,6 +1,7 @@
 //! Wiring shared by the pipeline commands: presets, model construction, episode → tensor
 //! conversion and the proposal-selection rules used by every report (oracle, baseline).
 
+pub mod model;
 pub mod stage1;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,28 @@ impl Preset {
         match self {
             Preset::Cpu => 256,
             Preset::Paper => 480,
+        }
+    }
+
+    /// The mask-matching module on this preset's backbone taps (res5/res4/res3 equivalents).
+    /// The CPU preset halves the official widths (hidden 128, FFN 256) to match its small POS.
+    pub fn mm_config(self) -> mm::MmConfig {
+        match self {
+            Preset::Cpu => mm::MmConfig {
+                hidden_dim: 128,
+                dim_feedforward: 256,
+                num_queries: PosConfig::cpu().num_queries,
+                ..mm::MmConfig::efficientnet_lite0()
+            },
+            Preset::Paper => mm::MmConfig::resnet50(),
+        }
+    }
+
+    /// Name of the preset's backbone (shard specs, checkpoint metadata).
+    pub fn backbone_name(self) -> &'static str {
+        match self {
+            Preset::Cpu => "efficientnet-lite0",
+            Preset::Paper => "resnet50",
         }
     }
 
@@ -91,6 +114,11 @@ pub fn labels_to_tensor(labels: &[&Label], device: &Device) -> Result<Tensor> {
         data.extend(l.data().iter().map(|&v| v as f32));
     }
     Ok(Tensor::from_vec(data, (labels.len(), h, w), device)?)
+}
+
+/// Backbone features as the mask-matching module wants them: [res5, res4, res3].
+pub fn mm_features(f: &backbone::Features) -> [Tensor; 3] {
+    [f.res5.clone(), f.res4.clone(), f.res3.clone()]
 }
 
 /// Backbone features as the POS wants them: [res2, res3, res4, res5].
