@@ -59,6 +59,8 @@ pub enum DataError {
     NoUsableQuery { fold: usize, tries: usize },
     #[error("{source_name}: invalid episode list: {reason}")]
     BadEpisodes { source_name: String, reason: String },
+    #[error(transparent)]
+    Shard(#[from] crate::shard::ShardError),
 }
 
 /// Shorthand used across the crate.

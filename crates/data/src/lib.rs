@@ -36,6 +36,7 @@
 //! opened with [`FewShotDataset::open_fss`].
 
 pub mod augment;
+pub mod cached;
 pub mod coco;
 pub mod dataset;
 pub mod episodes;
@@ -51,6 +52,7 @@ pub mod voc;
 pub use augment::{
     augment_train, test_view, AugmentConfig, NormalizedImage, IMAGENET_MEAN, IMAGENET_STD, PAPER_CROP_SIZE,
 };
+pub use cached::{ShardDataset, ShardEpisode, ShardEpisodeSampler, ShardEpisodeSpec};
 pub use coco::{CocoOptions, CocoSplitFiles};
 pub use dataset::{
     build_fold_list, ClassId, ClassPresence, DatasetKind, DatasetSource, FewShotDataset, FoldList, FoldListFile, FoldScheme, SampleRecord,

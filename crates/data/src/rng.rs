@@ -14,6 +14,11 @@ pub(crate) enum StreamPurpose {
     TrainEpisode = 1,
     TrainEpochOrder = 2,
     TestEpisodes = 3,
+    /// The k-th cached augmented view of a training image (`cache-proposals`).
+    CachedView = 4,
+    /// Stage-2 episodes drawn over cached views.
+    ShardEpisode = 5,
+    ShardEpochOrder = 6,
 }
 
 /// A deterministic random source (ChaCha8, explicit seed, explicit stream).

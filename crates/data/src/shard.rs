@@ -27,7 +27,7 @@ use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change of the byte layout.
-pub const SHARD_FORMAT_VERSION: u32 = 1;
+pub const SHARD_FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"MMFSHARD";
 const ALIGN: u64 = 64;
 
@@ -132,8 +132,9 @@ pub struct RecordMeta {
     pub view: ShardView,
     /// Model input size (H, W) of this view.
     pub input_hw: (usize, usize),
-    /// Class ids present in the label (for episode building without reading payloads).
-    pub classes: Vec<u8>,
+    /// (class id, pixel count) of every class in the label, ascending by id, background (0)
+    /// included, ignore (255) not: episodes are built from the index without reading payloads.
+    pub classes: Vec<(u8, u32)>,
     pub shard: u32,
     /// Payload start in the shard file and its length.
     pub offset: u64,
@@ -278,9 +279,10 @@ impl ShardWriter {
         add("label", &[r.input_hw.0, r.input_hw.1], &label, StoredDType::U8, &mut self.bytes)?;
         let len = self.bytes.len() as u64 - start;
         let crc32 = crc32fast::hash(&self.bytes[start as usize..]);
-        let mut classes: Vec<u8> = r.label.iter().copied().filter(|&c| c != 255).collect();
-        classes.sort_unstable();
-        classes.dedup();
+        let mut counts = [0u32; 256];
+        r.label.iter().for_each(|&c| counts[c as usize] += 1);
+        let classes: Vec<(u8, u32)> =
+            (0..255u8).filter(|&c| counts[c as usize] > 0).map(|c| (c, counts[c as usize])).collect();
         self.records.push(RecordMeta {
             image_id: r.image_id.clone(),
             view: r.view,

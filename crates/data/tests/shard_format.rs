@@ -59,7 +59,7 @@ fn f32_round_trip_is_exact_and_random_access_works() {
         let got = r.get(&want.image_id, want.view).unwrap();
         assert_eq!(got, want);
     }
-    assert_eq!(r.records()[3].classes, vec![0, 3, 7]);
+    assert_eq!(r.records()[3].classes, vec![(0, 24), (3, 24), (7, 24)]);
     let e = r.get("img003", ShardView::Test).unwrap_err().to_string();
     assert!(e.contains("no record for image `img003` view test"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -3,9 +3,11 @@
 //! resume, a JSON-lines log and the progress bar.
 
 mod checkpoint;
+mod init;
 mod log;
 mod optim;
 
+pub use init::seeded_var_builder;
 pub use checkpoint::{sha256_file, Checkpoint, CheckpointStore, TrainState};
 pub use log::JsonlLog;
 pub use optim::{clip_grad_norm, default_no_decay, AdamW, AdamWConfig, NamedVar, PolyLr};

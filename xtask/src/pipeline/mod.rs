@@ -1,8 +1,12 @@
 //! Wiring shared by the pipeline commands: presets, model construction, episode → tensor
 //! conversion and the proposal-selection rules used by every report (oracle, baseline).
 
+pub mod bench_stage2;
+pub mod cache;
+pub mod evaluate;
 pub mod model;
 pub mod stage1;
+pub mod stage2;
 
 use std::path::{Path, PathBuf};
 
@@ -148,4 +152,61 @@ pub fn oracle_mask(probs: &Tensor, label: &[u8]) -> Result<(usize, Vec<u8>)> {
 /// Threshold probabilities at 0.5 into a row-major 0/1 mask.
 pub fn binary(probs: &Tensor) -> Result<Vec<u8>> {
     Ok(probs.ge(0.5)?.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?)
+}
+
+/// The state of a training run in `store`: resumed from its latest checkpoint (weights into `vm`,
+/// optimizer moments into `opt`) when there is one made with the same `config`, else fresh.
+/// A checkpoint of another configuration is refused rather than silently mixed.
+pub fn resume_or_start(
+    store: &train::CheckpointStore,
+    kind: &str,
+    config: &serde_json::Value,
+    vm: &candle_nn::VarMap,
+    opt: &mut train::AdamW,
+) -> Result<train::TrainState> {
+    let Some(ck) = store.latest(kind)? else {
+        return Ok(train::TrainState {
+            format_version: 0,
+            kind: kind.into(),
+            iter: 0,
+            optimizer_step: 0,
+            best_metric: None,
+            best_iter: None,
+            config: config.clone(),
+            model_sha256: String::new(),
+            optimizer_sha256: String::new(),
+        });
+    };
+    if ck.state.config != *config {
+        bail!(
+            "{}: the run in this folder used another configuration ({}); use a new --out or the same flags",
+            ck.dir.display(),
+            ck.state.config
+        );
+    }
+    let device = Device::Cpu;
+    stage1::load_into(vm, &ck.model(&device)?, &ck.model_path())?;
+    ck.restore_optimizer(opt, &device)?;
+    eprintln!("resuming from {} (iteration {})", ck.dir.display(), ck.state.iter);
+    Ok(ck.state)
+}
+
+/// Saves the periodic checkpoint and, when `metric` beats the best so far, the `best` one.
+/// Returns whether it was a new best.
+pub fn save_checkpoints(
+    store: &train::CheckpointStore,
+    vm: &candle_nn::VarMap,
+    opt: &train::AdamW,
+    state: &mut train::TrainState,
+    metric: f64,
+) -> Result<bool> {
+    let tensors = stage1::varmap_tensors(vm);
+    let best = state.best_metric.is_none_or(|b| metric > b);
+    if best {
+        state.best_metric = Some(metric);
+        state.best_iter = Some(state.iter);
+        store.save_best(&tensors, opt, state.clone())?;
+    }
+    store.save(&tensors, opt, state.clone())?;
+    Ok(best)
 }

@@ -159,7 +159,7 @@ impl MmFormer {
 /// Freshly initialised mask-matching tensors (official default inits) for `cfg`.
 pub fn fresh_mm_tensors(cfg: &MmConfig) -> Result<HashMap<String, Tensor>> {
     let vm = candle_nn::VarMap::new();
-    MaskMatching::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    MaskMatching::new(cfg, train::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu))?;
     Ok(super::stage1::varmap_tensors(&vm))
 }
 

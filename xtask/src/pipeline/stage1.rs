@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use data::{AugmentConfig, FewShotDataset, TestEpisodes, TrainEpisodeSampler, VocOptions};
 use losses::{Stage1Config, Stage1Criterion};
 use rand_chacha::rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
-use train::{AdamW, AdamWConfig, CheckpointStore, JsonlLog, NamedVar, PolyLr, TrainState};
+use train::{AdamW, AdamWConfig, CheckpointStore, JsonlLog, NamedVar, PolyLr};
 
 use super::{images_to_tensor, labels_to_tensor, load_backbone, oracle_mask, pos_features, upsampled_proposals, Preset};
 
@@ -97,16 +97,22 @@ pub fn load_into(vm: &VarMap, tensors: &std::collections::HashMap<String, Tensor
     Ok(())
 }
 
-/// A fresh POS in a VarMap, with the scratch init values VarBuilder hints cannot express.
-pub fn new_pos(preset: Preset, device: &Device) -> Result<(VarMap, pos::Pos)> {
+/// A fresh POS in a VarMap, initialised from `seed`, with the scratch init values VarBuilder
+/// hints cannot express.
+pub fn new_pos_seeded(preset: Preset, seed: u64, device: &Device) -> Result<(VarMap, pos::Pos)> {
     let mut vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
+    let vb = train::seeded_var_builder(&vm, seed, DType::F32, device);
     let cfg = preset.pos_config();
     let model = pos::Pos::new(&cfg, vb)?;
     for (name, t) in pos::scratch_init_overrides(&cfg, device)? {
         vm.set_one(&name, &t)?;
     }
     Ok((vm, model))
+}
+
+/// [`new_pos_seeded`] with seed 0 (for models whose weights are loaded right after).
+pub fn new_pos(preset: Preset, device: &Device) -> Result<(VarMap, pos::Pos)> {
+    new_pos_seeded(preset, 0, device)
 }
 
 /// Oracle mIoU (%) of the proposals on `episodes` test episodes of the fold's held-out classes.
@@ -143,7 +149,7 @@ pub fn train_pos(args: &Stage1Args) -> Result<()> {
     let size = args.preset.input_size();
     let sampler = TrainEpisodeSampler::new(&ds, args.fold, 1, args.seed, AugmentConfig::with_crop_size(size))?;
     let backbone = load_backbone(args.preset, args.backbone_weights.as_deref())?;
-    let (vm, model) = new_pos(args.preset, &device)?;
+    let (vm, model) = new_pos_seeded(args.preset, args.seed, &device)?;
     let vars = named_vars(&vm);
     let mut opt = AdamW::new(
         vars.clone(),
@@ -158,30 +164,7 @@ pub fn train_pos(args: &Stage1Args) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let store = CheckpointStore::new(args.out.join("checkpoints"), 2);
     let config = config_fingerprint(args);
-    let mut state = TrainState {
-        format_version: 0,
-        kind: KIND.into(),
-        iter: 0,
-        optimizer_step: 0,
-        best_metric: None,
-        best_iter: None,
-        config: config.clone(),
-        model_sha256: String::new(),
-        optimizer_sha256: String::new(),
-    };
-    if let Some(ck) = store.latest(KIND)? {
-        if ck.state.config != config {
-            bail!(
-                "{}: the run in this folder used another configuration ({}); use a new --out or the same flags",
-                ck.dir.display(),
-                ck.state.config
-            );
-        }
-        load_into(&vm, &ck.model(&device)?, &ck.model_path())?;
-        ck.restore_optimizer(&mut opt, &device)?;
-        state = ck.state.clone();
-        eprintln!("resuming from {} (iteration {})", ck.dir.display(), state.iter);
-    }
+    let mut state = super::resume_or_start(&store, KIND, &config, &vm, &mut opt)?;
     let mut log = JsonlLog::append(&args.out.join("log.jsonl"))?;
     if state.iter == 0 {
         let miou = oracle_miou(&ds, args.fold, &val, size, backbone.as_ref(), &model)?;
@@ -229,13 +212,7 @@ pub fn train_pos(args: &Stage1Args) -> Result<()> {
             let miou = oracle_miou(&ds, args.fold, &val, size, backbone.as_ref(), &model)?;
             log.write(&serde_json::json!({"event": "eval", "iter": state.iter, "oracle_miou": miou, "episodes": val.len()}))?;
             pb.println(format!("iter {}: oracle mIoU {miou:.2} on {} held-out episodes", state.iter, val.len()));
-            let tensors = super::stage1::varmap_tensors(&vm);
-            if state.best_metric.is_none_or(|b| miou > b) {
-                state.best_metric = Some(miou);
-                state.best_iter = Some(state.iter);
-                store.save_best(&tensors, &opt, state.clone())?;
-            }
-            store.save(&tensors, &opt, state.clone())?;
+            super::save_checkpoints(&store, &vm, &opt, &mut state, miou)?;
         }
     }
     pb.finish();

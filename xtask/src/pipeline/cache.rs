@@ -1,0 +1,349 @@
+//! `cargo xtask cache-proposals`: the stage boundary. Runs the frozen backbone and the trained
+//! POS once per image view and writes what stage 2 reads (features, proposals, labels) to
+//! versioned shards (`data::shard`).
+//!
+//! Layout of `--out`:
+//! - `train/`: K seeded augmented views of every image of the fold's train list;
+//! - `val/`: the test view of every image of the fold's val list (test episodes);
+//! - `manifest.json`: what made the shards (dataset, fold, preset, backbone file, stage-1
+//!   checkpoint and their hashes), so `train-mm` can write a full checkpoint without being told
+//!   again and can refuse shards that do not belong to the model.
+//!
+//! Work is split into shards of `--records-per-shard` views; `--shard i/n` takes every n-th
+//! shard, complete shards are skipped (a killed run resumes), and the index is merged once every
+//! shard of a split exists, whichever process wrote it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use data::cached::{cached_test_view, cached_train_view};
+use data::shard::{self, ProposalRecord, ShardIndex, ShardSpec, ShardView, ShardWriter, StoredDType};
+use data::{AugmentConfig, Label, NormalizedImage, Split};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use train::{CheckpointStore, JsonlLog};
+
+use super::stage1::{load_into, new_pos, open_dataset, KIND as POS_KIND};
+use super::{images_to_tensor, load_backbone, mm_features, pos_features, Preset};
+
+pub const MANIFEST: &str = "manifest.json";
+
+/// `--shard i/n`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerSlice {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl std::str::FromStr for WorkerSlice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (i, n) = s.split_once('/').ok_or_else(|| format!("`{s}`: expected i/n, e.g. 0/4"))?;
+        let index: u32 = i.trim().parse().map_err(|_| format!("`{s}`: bad worker index"))?;
+        let count: u32 = n.trim().parse().map_err(|_| format!("`{s}`: bad worker count"))?;
+        if count == 0 || index >= count {
+            return Err(format!("`{s}`: need 0 <= i < n"));
+        }
+        Ok(Self { index, count })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Splits {
+    Train,
+    Val,
+    Both,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, clap::Args)]
+pub struct CacheArgs {
+    /// Dataset root in the VOC layout (PASCAL VOC2012, or the synthetic dataset).
+    #[arg(long, default_value = "data/synthetic")]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub fold: usize,
+    #[arg(long, value_enum, default_value_t = Preset::Cpu)]
+    pub preset: Preset,
+    /// Backbone weight file (ResNet-50 required for the paper preset; default: the Lite0 asset).
+    #[arg(long)]
+    pub backbone_weights: Option<PathBuf>,
+    /// Stage-1 checkpoint folder (e.g. runs/pos/checkpoints/best).
+    #[arg(long, default_value = "runs/pos/checkpoints/best")]
+    pub pos_checkpoint: PathBuf,
+    #[arg(long, default_value = "runs/shards")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Splits::Both)]
+    pub split: Splits,
+    /// Augmented views cached per training image (stage 2 draws among them).
+    #[arg(long, default_value_t = 2)]
+    pub views: u32,
+    /// Seed of the cached augmentations.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Feature precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    pub feature_dtype: String,
+    /// Proposal-mask precision: u8 (probability × 255) or f16.
+    #[arg(long, default_value = "u8")]
+    pub mask_dtype: String,
+    #[arg(long, default_value_t = 64)]
+    pub records_per_shard: usize,
+    /// This process's part of the work: `i/n` takes shards k ≡ i (mod n).
+    #[arg(long)]
+    pub shard: Option<WorkerSlice>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Print the disk estimate and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// What made a shard folder (written as `manifest.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheManifest {
+    pub dataset: PathBuf,
+    pub fold: usize,
+    pub preset: Preset,
+    pub backbone_file: PathBuf,
+    pub backbone_sha256: String,
+    pub pos_checkpoint: PathBuf,
+    pub pos_model_sha256: String,
+    pub model_fingerprint: String,
+    pub views: u32,
+    pub seed: u64,
+}
+
+impl CacheManifest {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let p = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: no shard manifest (run cache-proposals first)", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: malformed manifest", p.display()))
+    }
+}
+
+/// One view to cache.
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    /// Index into the split's samples.
+    sample: usize,
+    view: ShardView,
+}
+
+pub fn backbone_file(preset: Preset, weights: Option<&Path>) -> Result<PathBuf> {
+    match (preset, weights) {
+        (_, Some(p)) => Ok(p.to_path_buf()),
+        (Preset::Cpu, None) => Ok(backbone::assets::efficientnet_lite0_path()),
+        (Preset::Paper, None) => bail!("the paper preset needs --backbone-weights (ResNet-50)"),
+    }
+}
+
+/// The fingerprint shards carry for (backbone file, POS weights).
+pub fn model_fingerprint(backbone_sha: &str, pos_sha: &str) -> String {
+    shard::fingerprint([backbone_sha.as_bytes(), pos_sha.as_bytes()])
+}
+
+fn dtype(s: &str, what: &str, masks: bool) -> Result<StoredDType> {
+    let d = StoredDType::parse(s).with_context(|| format!("--{what} `{s}`: expected f32, f16, bf16 or u8"))?;
+    if !masks && d == StoredDType::U8Prob {
+        bail!("--{what} u8 is for masks only; features take f32, f16 or bf16");
+    }
+    Ok(d)
+}
+
+pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let ds = open_dataset(&args.data)?;
+    let size = args.preset.input_size();
+    let bfile = backbone_file(args.preset, args.backbone_weights.as_deref())?;
+    if !bfile.exists() {
+        bail!("{}: backbone weights not found (run `cargo xtask fetch-assets`)", bfile.display());
+    }
+    let ck = CheckpointStore::open(&args.pos_checkpoint, POS_KIND)
+        .with_context(|| format!("{}: not a stage-1 checkpoint (run train-pos first)", args.pos_checkpoint.display()))?;
+    let backbone_sha = train::sha256_file(&bfile)?;
+    let manifest = CacheManifest {
+        dataset: args.data.clone(),
+        fold: args.fold,
+        preset: args.preset,
+        backbone_file: bfile.clone(),
+        backbone_sha256: backbone_sha.clone(),
+        pos_checkpoint: args.pos_checkpoint.clone(),
+        pos_model_sha256: ck.state.model_sha256.clone(),
+        model_fingerprint: model_fingerprint(&backbone_sha, &ck.state.model_sha256),
+        views: args.views,
+        seed: args.seed,
+    };
+    if let Ok(old) = CacheManifest::read(&args.out) {
+        if old != manifest {
+            bail!(
+                "{}: these shards were made by another model or recipe ({} views, seed {}, POS {}); use a new --out",
+                args.out.join(MANIFEST).display(),
+                old.views,
+                old.seed,
+                old.pos_checkpoint.display()
+            );
+        }
+    }
+    let feature_dtype = dtype(&args.feature_dtype, "feature-dtype", false)?;
+    let mask_dtype = dtype(&args.mask_dtype, "mask-dtype", true)?;
+    let backbone = load_backbone(args.preset, Some(&bfile))?;
+    let (vm, pos) = new_pos(args.preset, &device)?;
+    load_into(&vm, &ck.model(&device)?, &ck.model_path())?;
+
+    let aug = AugmentConfig::with_crop_size(size);
+    let mut plans = Vec::new();
+    if matches!(args.split, Splits::Train | Splits::Both) {
+        let list = ds.fold_list(Split::Train, args.fold)?;
+        let items: Vec<Item> = list
+            .images
+            .iter()
+            .flat_map(|&sample| (0..args.views).map(move |k| Item { sample, view: ShardView::Augmented(k) }))
+            .collect();
+        if items.is_empty() {
+            bail!("--views 0 with the train split: nothing to cache");
+        }
+        plans.push(("train", Split::Train, items));
+    }
+    if matches!(args.split, Splits::Val | Splits::Both) {
+        let list = ds.fold_list(Split::Val, args.fold)?;
+        plans.push(("val", Split::Val, list.images.iter().map(|&sample| Item { sample, view: ShardView::Test }).collect()));
+    }
+
+    let c = backbone.channels();
+    let n = args.preset.pos_config().num_queries;
+    let s = size as usize;
+    let feature_shapes = vec![vec![c[3], s / 32, s / 32], vec![c[2], s / 16, s / 16], vec![c[1], s / 8, s / 8]];
+    let spec_for = |split: &str| ShardSpec {
+        model_fingerprint: manifest.model_fingerprint.clone(),
+        preprocess_fingerprint: shard::fingerprint([
+            split.as_bytes(),
+            size.to_string().as_bytes(),
+            format!("{aug:?}").as_bytes(),
+            args.seed.to_string().as_bytes(),
+            ds.name().as_bytes(),
+        ]),
+        backbone: args.preset.backbone_name().into(),
+        feature_names: vec!["res5".into(), "res4".into(), "res3".into()],
+        feature_dtype,
+        mask_dtype,
+        num_queries: n,
+    };
+    let per_record = shard::record_bytes(&spec_for("train"), &feature_shapes, &[n, s / 4, s / 4], (s, s));
+    let total: u64 = plans.iter().map(|p| p.2.len() as u64 * per_record).sum();
+    let worker = args.shard.unwrap_or(WorkerSlice { index: 0, count: 1 });
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let free = fs4::available_space(&args.out).with_context(|| format!("cannot query free space of {}", args.out.display()))?;
+    let mine = total / worker.count as u64;
+    println!(
+        "cache-proposals: {} views ({}), {:.1} KB each, {:.2} GB in all{}; {:.2} GB free at {}",
+        plans.iter().map(|p| p.2.len()).sum::<usize>(),
+        plans.iter().map(|p| format!("{} {}", p.2.len(), p.0)).collect::<Vec<_>>().join(", "),
+        per_record as f64 / 1e3,
+        total as f64 / 1e9,
+        if worker.count > 1 { format!(" ({:.2} GB for worker {}/{})", mine as f64 / 1e9, worker.index, worker.count) } else { String::new() },
+        free as f64 / 1e9,
+        args.out.display()
+    );
+    if args.dry_run {
+        return Ok(());
+    }
+    if mine > free {
+        bail!(
+            "{}: needs {:.2} GB but only {:.2} GB are free; free space, use --feature-dtype f16/bf16, fewer --views, or split the work with --shard i/n across disks",
+            args.out.display(),
+            mine as f64 / 1e9,
+            free as f64 / 1e9
+        );
+    }
+    std::fs::write(args.out.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
+    let mut log = JsonlLog::append(&args.out.join("log.jsonl"))?;
+
+    for (name, split, items) in &plans {
+        let dir = args.out.join(name);
+        let spec = spec_for(name);
+        let rps = args.records_per_shard.max(1);
+        let num_shards = items.len().div_ceil(rps) as u32;
+        let mine = shard::shards_for_worker(num_shards, worker.index, worker.count);
+        let todo: Vec<u32> = mine.iter().copied().filter(|&k| !shard::shard_is_complete(&dir, k, &spec)).collect();
+        let todo_records: usize = todo.iter().map(|&k| (items.len() - k as usize * rps).min(rps)).sum();
+        if todo.len() < mine.len() {
+            eprintln!("{name}: {} of {} shards already complete, skipped", mine.len() - todo.len(), mine.len());
+        }
+        let pb = train::progress_bar(todo_records as u64, 0, &format!("cache {name}"));
+        let samples = ds.samples(*split);
+        let t0 = Instant::now();
+        for k in todo {
+            let chunk = &items[k as usize * rps..((k as usize + 1) * rps).min(items.len())];
+            let mut w = ShardWriter::new(&dir, k, spec.clone())?;
+            for batch in chunk.chunks(args.batch.max(1)) {
+                let views = batch
+                    .par_iter()
+                    .map(|it| {
+                        let rec = &samples[it.sample];
+                        match it.view {
+                            ShardView::Test => cached_test_view(rec, size),
+                            ShardView::Augmented(v) => cached_train_view(rec, it.sample, v, &aug, args.seed),
+                        }
+                    })
+                    .collect::<data::Result<Vec<(NormalizedImage, Label)>>>()?;
+                for r in forward_records(backbone.as_ref(), &pos, batch, &views, samples, &device)? {
+                    w.push(&r)?;
+                }
+                pb.inc(batch.len() as u64);
+            }
+            let count = w.finish()?;
+            log.write(&serde_json::json!({"event": "shard", "split": name, "shard": k, "records": count, "elapsed_s": t0.elapsed().as_secs_f64()}))?;
+        }
+        pb.finish_and_clear();
+        let complete = (0..num_shards).filter(|&k| shard::shard_is_complete(&dir, k, &spec)).count() as u32;
+        if complete == num_shards {
+            let index = ShardIndex::merge(&dir)?;
+            let bytes: u64 = index.shards.iter().map(|s| s.1).sum();
+            println!("{name}: {} records in {} shards, {:.2} GB → {}", index.records.len(), num_shards, bytes as f64 / 1e9, dir.display());
+            log.write(&serde_json::json!({"event": "merged", "split": name, "records": index.records.len(), "bytes": bytes}))?;
+        } else {
+            println!(
+                "{name}: {complete} of {num_shards} shards complete; the index is merged by whichever worker finishes last (or rerun any worker)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Backbone + POS on a batch of views → shard records.
+fn forward_records(
+    backbone: &dyn backbone::Backbone,
+    pos: &pos::Pos,
+    items: &[Item],
+    views: &[(NormalizedImage, Label)],
+    samples: &[data::SampleRecord],
+    device: &Device,
+) -> Result<Vec<ProposalRecord>> {
+    let x = images_to_tensor(&views.iter().map(|v| &v.0).collect::<Vec<_>>(), device)?;
+    let f = backbone.forward(&x)?;
+    let probs = candle_nn::ops::sigmoid(&pos.forward(&pos_features(&f))?.pred_masks)?;
+    let feats = mm_features(&f);
+    let flat = |t: &Tensor, b: usize| -> Result<(Vec<usize>, Vec<f32>)> {
+        let t = t.get(b)?;
+        Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))
+    };
+    items
+        .iter()
+        .zip(views)
+        .enumerate()
+        .map(|(b, (it, (img, lab)))| {
+            Ok(ProposalRecord {
+                image_id: samples[it.sample].id.clone(),
+                view: it.view,
+                input_hw: (img.height, img.width),
+                features: feats.iter().map(|t| flat(t, b)).collect::<Result<Vec<_>>>()?,
+                proposals: flat(&probs, b)?,
+                label: lab.data().to_vec(),
+            })
+        })
+        .collect()
+}
