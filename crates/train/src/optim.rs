@@ -90,9 +90,12 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for s in &mut self.slots {
             let Some(g) = grads.get(s.var.var.as_tensor()) else { continue };
-            let g = g.to_dtype(DType::F32)?;
-            s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            // A variable's gradient is not detached by candle's backward: it still references the
+            // step's activations. A moment built from it would chain every step's graph (the
+            // stage-1 run grew ~150 MB per iteration until killed), so it is detached first.
+            let g = g.detach().to_dtype(DType::F32)?;
+            s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
+            s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let update = ((&s.m / bc1)? / ((&s.v / bc2)?.sqrt()? + c.eps)?)?;
             let p = s.var.var.as_tensor();
             let decayed = if s.weight_decay > 0.0 { (p * (1.0 - lr * s.weight_decay))? } else { p.clone() };
