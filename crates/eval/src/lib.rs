@@ -8,10 +8,12 @@
 mod metrics;
 mod overlay;
 mod report;
+mod seeds;
 
 pub use metrics::{EpisodeIou, FewShotMetrics, MetricsSummary};
-pub use overlay::{episode_overlay, tint};
+pub use overlay::{episode_overlay, episode_overlay_methods, tint, GROUND_TRUTH_COLOR, PREDICTION_COLOR, SUPPORT_COLOR};
 pub use report::{markdown_table, BenchmarkReport, MethodScores};
+pub use seeds::{markdown_summary, ClassOverSeeds, MethodOverSeeds, SeedStats, SummaryRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {

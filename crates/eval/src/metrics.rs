@@ -93,10 +93,17 @@ impl FewShotMetrics {
         if pred.len() != label.len() {
             return Err(EvalError::SizeMismatch { episode: self.episodes, pred: pred.len(), label: label.len() });
         }
+        let e = EpisodeIou::compute(pred, label);
+        self.add_counts(class, &e)?;
+        Ok(e)
+    }
+
+    /// Adds an episode whose counts were computed already (e.g. memoised for an episode that
+    /// occurs twice); the same as [`add`](Self::add) on the masks they came from.
+    pub fn add_counts(&mut self, class: u32, e: &EpisodeIou) -> Result<()> {
         let Some(acc) = self.per_class.get_mut(&class) else {
             return Err(EvalError::UnknownClass { episode: self.episodes, class, classes: self.classes.clone() });
         };
-        let e = EpisodeIou::compute(pred, label);
         acc.0 += e.inter[1];
         acc.1 += e.union[1];
         acc.2 += 1;
@@ -107,7 +114,12 @@ impl FewShotMetrics {
         self.correct += e.correct;
         self.valid += e.valid;
         self.episodes += 1;
-        Ok(e)
+        Ok(())
+    }
+
+    /// The fold's classes this accumulator averages over.
+    pub fn classes(&self) -> &[u32] {
+        &self.classes
     }
 
     pub fn summary(&self) -> MetricsSummary {

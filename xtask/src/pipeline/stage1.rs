@@ -130,13 +130,14 @@ pub fn oracle_miou(
     let chunk = 8;
     for start in (0..episodes.len()).step_by(chunk) {
         let eps = episodes.load_range(ds, start..(start + chunk).min(episodes.len()), size)?;
-        for e in eps {
-            let x = images_to_tensor(&[&e.query.image], &device)?;
-            let feats = backbone.forward(&x)?;
-            let out = model.forward(&pos_features(&feats))?;
+        // Test views share one size: one batched forward per chunk.
+        let x = images_to_tensor(&eps.iter().map(|e| &e.query.image).collect::<Vec<_>>(), &device)?;
+        let out = model.forward(&pos_features(&backbone.forward(&x)?))?;
+        let (h, w) = (eps[0].query.image.height, eps[0].query.image.width);
+        let probs = upsampled_proposals(&out.pred_masks, (h, w))?;
+        for (b, e) in eps.iter().enumerate() {
             let label = e.query.label.data();
-            let probs = upsampled_proposals(&out.pred_masks, (e.query.image.height, e.query.image.width))?.squeeze(0)?;
-            let (_, mask) = oracle_mask(&probs, label)?;
+            let (_, mask) = oracle_mask(&probs.get(b)?, label)?;
             metrics.add(e.class_id as u32, &mask, label)?;
         }
     }

@@ -460,3 +460,56 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// `cargo xtask eval-shards`: a trained mask-matching module on cached test views (fast: no
+/// backbone or POS). Used to measure what the shard precision does to the mIoU.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EvalShardsArgs {
+    /// Shard folder with `val/` (cache-proposals --split val).
+    #[arg(long, default_value = "runs/shards")]
+    pub shards: PathBuf,
+    /// A train-mm checkpoint folder (e.g. runs/mm/checkpoints/best).
+    #[arg(long, default_value = "runs/mm/checkpoints/best")]
+    pub mm_checkpoint: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub episodes: usize,
+    #[arg(long, default_value_t = 1)]
+    pub shot: usize,
+}
+
+pub fn eval_shards(args: &EvalShardsArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let d = StageTwoData::open(&args.shards)?;
+    let val = d.val.as_ref().with_context(|| format!("{}: no val shards", args.shards.display()))?;
+    let ck = CheckpointStore::open(&args.mm_checkpoint, KIND)?;
+    let run: Stage2Args = serde_json::from_value({
+        let mut c = ck.state.config.clone();
+        c["out"] = serde_json::json!("");
+        c["log_every"] = serde_json::json!(1);
+        c
+    })
+    .with_context(|| format!("{}: unreadable run configuration", args.mm_checkpoint.display()))?;
+    let cfg = run.mm_config(d.manifest.preset);
+    let vm = VarMap::new();
+    let mm = MaskMatching::new(&cfg, train::seeded_var_builder(&vm, 0, DType::F32, &device))?;
+    super::stage1::load_into(&vm, &ck.model(&device)?, &ck.model_path())?;
+    let ds = open_dataset(&d.manifest.dataset)?;
+    let fold = d.manifest.fold;
+    let novel: Vec<u32> = ds.novel_classes(fold)?.iter().map(|&c| c as u32).collect();
+    let eps = TestEpisodes::generate(&ds, fold, args.shot, args.episodes, ds.default_test_seed(fold)?)?;
+    let e = evaluate_on_shards(&mm, val, &eps, &novel)?;
+    let spec = val.spec();
+    println!(
+        "{} ({:?} features, {:?} masks), {}-shot, {} episodes: mIoU {:.2}, FB-IoU {:.2}, baseline {:.2}, oracle {:.2}",
+        args.shards.display(),
+        spec.feature_dtype,
+        spec.mask_dtype,
+        args.shot,
+        e.episodes,
+        e.ours.miou,
+        e.ours.fb_iou,
+        e.baseline.miou,
+        e.oracle.miou
+    );
+    Ok(())
+}
