@@ -2,6 +2,7 @@
 
 mod assets;
 mod bench;
+mod config_file;
 mod demo;
 mod eval_cmd;
 mod pipeline;
@@ -13,7 +14,12 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "MM-Former in Rust: pipeline commands")]
+#[command(
+    name = "cargo xtask",
+    about = "MM-Former in Rust: pipeline commands",
+    after_help = "Every command also takes `--config FILE`: a JSON object of its options (command-line options override the file).",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -91,7 +97,7 @@ fn main() -> Result<()> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(config_file::expand(std::env::args_os().collect())?);
     match cli.cmd {
         Cmd::FetchAssets { dest, cache } => {
             let dest = dest.unwrap_or_else(assets::default_asset_dir);

@@ -260,6 +260,7 @@ pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
         );
     }
     std::fs::write(args.out.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
+    crate::config_file::write_resolved(&args.out, args)?;
     let mut log = JsonlLog::append(&args.out.join("log.jsonl"))?;
 
     for (name, split, items) in &plans {

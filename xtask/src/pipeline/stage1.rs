@@ -163,6 +163,7 @@ pub fn train_pos(args: &Stage1Args) -> Result<()> {
     let val = TestEpisodes::generate(&ds, args.fold, 1, args.eval_episodes, test_seed)?;
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    crate::config_file::write_resolved(&args.out, args)?;
     let store = CheckpointStore::new(args.out.join("checkpoints"), 2);
     let config = config_fingerprint(args);
     let mut state = super::resume_or_start(&store, KIND, &config, &vm, &mut opt)?;
@@ -224,4 +225,54 @@ pub fn train_pos(args: &Stage1Args) -> Result<()> {
         store.dir().join("best").display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run killed after a checkpoint and resumed ends bit for bit where an uninterrupted run
+    /// ends; a resume with other flags is refused; the resolved configuration is written.
+    #[test]
+    fn train_pos_resumes_bit_for_bit_and_refuses_other_flags() {
+        let lite0 = backbone::assets::efficientnet_lite0_path();
+        if !lite0.exists() {
+            eprintln!("note: skipping, {} not found (run `cargo xtask fetch-assets`)", lite0.display());
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("xtask-stage1-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = data::synthetic::SyntheticConfig { num_train: 40, num_val: 24, ..Default::default() };
+        data::synthetic::generate(&cfg, &dir.join("data"), None).unwrap();
+        let args = Stage1Args {
+            data: dir.join("data"),
+            fold: 0,
+            preset: Preset::Cpu,
+            backbone_weights: Some(lite0),
+            batch: 2,
+            iters: 4,
+            lr: 4e-4,
+            weight_decay: 0.05,
+            clip: 0.01,
+            seed: 3,
+            out: dir.join("pos"),
+            eval_every: 2,
+            eval_episodes: 4,
+            log_every: 1,
+        };
+        train_pos(&args).unwrap();
+        let last = dir.join("pos/checkpoints/iter_00000004");
+        let straight = std::fs::read(last.join("model.safetensors")).unwrap();
+        let straight_opt = std::fs::read(last.join("optimizer.safetensors")).unwrap();
+        std::fs::remove_dir_all(&last).unwrap();
+        train_pos(&args).unwrap();
+        assert!(std::fs::read(last.join("model.safetensors")).unwrap() == straight, "resumed weights differ");
+        assert!(std::fs::read(last.join("optimizer.safetensors")).unwrap() == straight_opt, "resumed optimizer differs");
+        let resolved: Stage1Args = serde_json::from_slice(&std::fs::read(dir.join("pos/config.json")).unwrap()).unwrap();
+        assert_eq!(resolved, args);
+        let other = Stage1Args { lr: 1e-4, ..args.clone() };
+        let err = train_pos(&other).unwrap_err().to_string();
+        assert!(err.contains("another configuration"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -272,6 +272,7 @@ pub fn train_mm(args: &Stage2Args) -> Result<()> {
     let weights = Stage2Weights { dice: 10.0, co: cfg.co_loss.then_some(6.0) };
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    crate::config_file::write_resolved(&args.out, args)?;
     let store = CheckpointStore::new(args.out.join("checkpoints"), 2);
     let mut config = config_fingerprint(args);
     config["model_fingerprint"] = serde_json::json!(manifest.model_fingerprint);
