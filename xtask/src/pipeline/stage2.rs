@@ -417,6 +417,22 @@ mod tests {
         let index = std::fs::read(dir.join("shards/train/index.bin")).unwrap();
         cache_proposals(&cache).unwrap(); // complete shards are skipped, the index is unchanged
         assert_eq!(std::fs::read(dir.join("shards/train/index.bin")).unwrap(), index);
+        // Two workers (`--shard 0/2`, `--shard 1/2`) into another folder: the last one merges,
+        // and the records are byte-identical to the single run's.
+        for w in 0..2 {
+            let part = CacheArgs {
+                out: dir.join("shards2"),
+                shard: Some(crate::pipeline::cache::WorkerSlice { index: w, count: 2 }),
+                ..cache.clone()
+            };
+            cache_proposals(&part).unwrap();
+        }
+        let one = ShardReader::open(&dir.join("shards/train"), &ShardExpectation::default()).unwrap();
+        let two = ShardReader::open(&dir.join("shards2/train"), &ShardExpectation::default()).unwrap();
+        assert_eq!(one.len(), two.len());
+        for i in 0..one.len() {
+            assert_eq!(one.get_at(i).unwrap(), two.get_at(i).unwrap(), "record {i}");
+        }
 
         let args = Stage2Args {
             shards: dir.join("shards"),
