@@ -4,6 +4,8 @@ use candle_core::{bail, Result, Tensor, D};
 
 /// Epsilon added to the support mask area (official `get_sup_propotype`).
 const SUPPORT_AREA_EPS: f64 = 1e-7;
+/// Floor of a proposal's area in [`query_prototypes`] (far below any area a sigmoid mask has).
+pub const MIN_PROPOSAL_AREA: f64 = 1e-12;
 /// `F.cosine_similarity`'s default norm floor.
 const COSINE_EPS: f64 = 1e-8;
 
@@ -23,8 +25,10 @@ pub fn support_prototype(features: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// Query prototypes, one per proposal: `Σ(Q·m_q) / Σm_q` with the soft proposals resized
-/// bilinearly (align_corners=True) to the feature size. No epsilon, as in the official code:
-/// soft sigmoid masks are never exactly zero everywhere.
+/// bilinearly (align_corners=True) to the feature size. No epsilon, as in the official code,
+/// except that an area below [`MIN_PROPOSAL_AREA`] is raised to it: float sigmoid masks are never
+/// exactly zero everywhere, but proposals read back from u8 shards can be, and 0/0 would turn the
+/// whole episode (and training) into NaN. Such a proposal gets a zero prototype instead.
 ///
 /// `features`: (B, C, h, w); `proposals`: (B, N, H', W') probabilities -> (B, N, C).
 pub fn query_prototypes(features: &Tensor, proposals: &Tensor) -> Result<Tensor> {
@@ -34,7 +38,7 @@ pub fn query_prototypes(features: &Tensor, proposals: &Tensor) -> Result<Tensor>
         bail!("query_prototypes: {pb} proposal sets for a batch of {b}");
     }
     let m = ops::resize::resize_bilinear(proposals, (h, w), true)?.reshape((b, n, h * w))?;
-    let area = m.sum_keepdim(2)?; // (B, N, 1)
+    let area = m.sum_keepdim(2)?.maximum(MIN_PROPOSAL_AREA)?; // (B, N, 1)
     let pooled = m.matmul(&features.reshape((b, c, h * w))?.transpose(1, 2)?)?; // (B, N, C)
     pooled.broadcast_div(&area)
 }

@@ -216,3 +216,29 @@ fn presets_have_the_documented_channels() {
     assert_eq!((c.hidden_dim, c.num_heads, c.dim_feedforward, c.num_queries, c.mlp_hidden()), (256, 4, 512, 100, 500));
     assert!(c.validate().is_ok());
 }
+
+/// Proposals read back from u8 shards can be exactly zero everywhere; the official `Σ(Q·m)/Σm`
+/// would be 0/0. The output, the cosines and every gradient must stay finite (a NaN there
+/// stopped a stage-2 run at iteration 130).
+#[test]
+fn an_all_zero_proposal_keeps_everything_finite() {
+    let vm = VarMap::new();
+    let cfg = MmConfig { hidden_dim: 32, dim_feedforward: 64, num_queries: 4, ..MmConfig::with_in_channels([16, 8, 8]) };
+    let m = MaskMatching::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let dev = Device::Cpu;
+    let feats = |s: u64| -> [Tensor; 3] {
+        let f = |c: usize, h: usize, k: u64| Tensor::rand(0f32, 1f32, (1, c, h, h), &dev).unwrap().affine(1.0, k as f64 * 0.01).unwrap();
+        [f(16, 4, s), f(8, 8, s + 1), f(8, 16, s + 2)]
+    };
+    let label = Tensor::ones((1, 64, 64), DType::F32, &dev).unwrap();
+    let mut probs = Tensor::rand(0f32, 1f32, (1, 4, 16, 16), &dev).unwrap();
+    probs = Tensor::cat(&[probs.narrow(1, 0, 3).unwrap(), Tensor::zeros((1, 1, 16, 16), DType::F32, &dev).unwrap()], 1).unwrap();
+    let out = m.forward_with_probabilities(&feats(0), &[feats(7)], &[label], &probs, (64, 64)).unwrap();
+    let finite = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite());
+    assert!(finite(&out.out) && finite(&out.cosine), "cosine {}", out.cosine);
+    let grads = out.out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in vm.data().lock().unwrap().iter() {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert!(finite(g), "gradient of {name} is not finite");
+    }
+}
