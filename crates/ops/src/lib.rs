@@ -17,6 +17,10 @@
 //! - [`position`]: DETR/Mask2Former sine positional encoding.
 //! - [`attention`]: `nn.MultiheadAttention` (batch-first) with boolean masks.
 //!
+//! On CPU, attention, softmax (last dimension) and `LayerNorm` run fused kernels with analytic
+//! backwards (see [`fused_kernels_enabled`]); the composed versions remain as the reference and
+//! the path on other devices.
+//!
 //! All float operations accept f32 (the model's dtype) and f64 (used by the gradient checks).
 
 pub mod attention;
@@ -27,4 +31,26 @@ pub mod position;
 pub mod resize;
 pub mod sample;
 
+pub(crate) mod fastmath;
+pub use fastmath::{fused_kernels_enabled, set_fused_kernels};
+
+/// Makes candle run its element-wise CPU ops on the calling thread (`CANDLE_NUM_THREADS=1`)
+/// unless the environment already sets `CANDLE_NUM_THREADS`; returns the value in effect.
+///
+/// candle's "barrier pool" (used for element-wise ops of 64k+ elements) spin-waits between
+/// ops; on a 2-core machine it competes with rayon's workers (which run the matmuls and the
+/// fused kernels here) and with any other process, which made CrossAt forward+backward 2-3x
+/// slower under load, for at most ~10% gain on an idle machine. Matmuls keep using rayon.
+///
+/// Call it first thing in `main`, before any candle op and before other threads start (it
+/// sets a process environment variable; candle reads it once, when the pool is first used).
+pub fn init_cpu_threads() -> String {
+    match std::env::var("CANDLE_NUM_THREADS") {
+        Ok(v) => v,
+        Err(_) => {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+            "1".into()
+        }
+    }
+}
 pub(crate) mod util;

@@ -1,16 +1,37 @@
 //! Normalisation layers, softmax and the Mask2Former MLP, built from gradient-carrying candle
 //! primitives (candle's fused softmax / layer-norm kernels have no backward).
 
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 
+use crate::fastmath::fused_kernels_enabled;
 use crate::util::ensure_float;
+
+mod fused;
+
+/// Whether `x` can take a fused CPU kernel.
+fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && fused_kernels_enabled()
+}
 
 /// Numerically stable softmax over `dim`; gradients flow to `x`.
 ///
+/// Over the last dimension on CPU this is one fused op with an analytic backward; otherwise
+/// [`softmax_composed`].
+pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    ensure_float(x, "softmax")?;
+    if dim + 1 == x.rank() && fusable(x) {
+        let d = x.dim(dim)?;
+        return x.contiguous()?.apply_op1(fused::SoftmaxLast { d });
+    }
+    softmax_composed(x, dim)
+}
+
+/// [`softmax`] from candle primitives (max, exp, sum, div).
+///
 /// The row maximum is subtracted first and detached: the shift does not change the result, so
 /// its gradient is exactly zero and tracking it would only cost time.
-pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+pub fn softmax_composed(x: &Tensor, dim: usize) -> Result<Tensor> {
     ensure_float(x, "softmax")?;
     if dim >= x.rank() {
         bail!(
@@ -22,6 +43,57 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(dim)?;
     e.broadcast_div(&s)
+}
+
+/// `torch.nn.functional.linear`: `x` (..., in) · `weight` (out, in)ᵀ + `bias` (out) ->
+/// (..., out), gradients to all three. On CPU one fused op (row-parallel gemms, dx/dW/db in one
+/// backward pass); elsewhere candle's matmul + broadcast add, as `candle_nn::Linear` does.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, weight, bias, false)
+}
+
+/// `relu(linear(x, weight, bias))`, the ReLU fused into the same op on CPU.
+pub fn linear_relu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, weight, bias, true)
+}
+
+fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+    let (d_out, d_in) = weight.dims2()?;
+    if x.rank() == 0 || x.dim(D::Minus1)? != d_in {
+        bail!("linear: input shape {:?} must end in {d_in}", x.shape());
+    }
+    if let Some(b) = bias {
+        if b.dims() != [d_out] {
+            bail!("linear: bias shape {:?} must be ({d_out})", b.shape());
+        }
+    }
+    let same = |t: &Tensor| t.dtype() == x.dtype();
+    if fusable(x) && same(weight) && bias.is_none_or(same) {
+        let mut out_shape = x.dims().to_vec();
+        *out_shape.last_mut().unwrap() = d_out;
+        let n = x.elem_count() / d_in.max(1);
+        let b = match bias {
+            Some(b) => b.contiguous()?,
+            None => Tensor::zeros(d_out, x.dtype(), x.device())?,
+        };
+        let op = fused::LinearOp {
+            n,
+            d_in,
+            d_out,
+            relu,
+        };
+        return x
+            .contiguous()?
+            .reshape((n, d_in))?
+            .apply_op3(&weight.contiguous()?, &b, op)?
+            .reshape(out_shape);
+    }
+    let y = candle_nn::Linear::new(weight.clone(), bias.cloned()).forward(x)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
 }
 
 /// Normalises `x` over the dimensions in `dims` (population variance, like torch).
@@ -47,8 +119,32 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
-    /// `x`: (..., dim) -> (..., dim).
+    /// `x`: (..., dim) -> (..., dim). Fused (one pass per row, analytic backward) on CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ensure_float(x, "LayerNorm")?;
+        let dim = self.weight.dim(0)?;
+        if x.rank() == 0 || x.dim(D::Minus1)? != dim {
+            bail!(
+                "LayerNorm({dim}): input shape {:?} must end in {dim}",
+                x.shape()
+            );
+        }
+        if fusable(x) && self.weight.dtype() == x.dtype() && self.bias.dtype() == x.dtype() {
+            let op = fused::LayerNormLast {
+                d: dim,
+                eps: self.eps,
+            };
+            return x.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &self.bias.contiguous()?,
+                op,
+            );
+        }
+        self.forward_composed(x)
+    }
+
+    /// [`Self::forward`] from candle primitives (mean, centring, variance, division, affine).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         ensure_float(x, "LayerNorm")?;
         let dim = self.weight.dim(0)?;
         if x.rank() == 0 || x.dim(D::Minus1)? != dim {

@@ -1,0 +1,413 @@
+//! Fused CPU scaled-dot-product attention as a candle `CustomOp3` with a hand-written backward.
+//!
+//! Works directly on the head-interleaved (B, L, heads·dh) layout the projections produce, so
+//! heads are never split into or merged from a (B, heads, L, dh) copy: each head is a strided
+//! view (row stride heads·dh) that the `gemm` crate reads and writes in place. Work is split
+//! over (batch, block of query rows), every task running its gemms single-threaded on rayon's
+//! pool; the (rows × Lk) logits of one block stay in cache.
+//!
+//! Forward, per block and head: `S = scale·Q Kᵀ + mask`, `P = softmax(S)` row-wise,
+//! `O = P V`. The probabilities are not stored: the backward recomputes them block by block
+//! (one more `Q Kᵀ`), then `dP = dO Vᵀ`, `dS = scale·P ⊙ (dP − rowsum(dO ⊙ O))`,
+//! `dQ = dS K`, `dK += dSᵀ Q`, `dV += Pᵀ dO`, with per-task dK/dV partial sums reduced at the end.
+
+use std::sync::Arc;
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::fastmath::{dot, gemm, guard_slice, softmax_row, storage_slice, Real};
+
+/// A mask (or its rows): additive, or forbidden pairs (nonzero).
+#[derive(Clone, Copy)]
+enum MaskRef<'a, T> {
+    Add(&'a [T]),
+    Forbid(&'a [u8]),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Sdpa {
+    pub b: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub heads: usize,
+    pub dh: usize,
+    pub scale: f64,
+    /// The mask, `(B or B·heads, Lq, Lk)` contiguous: `U8` (nonzero = not attended) or
+    /// additive in the inputs' dtype; and whether it has one slice per head (B·heads) rather
+    /// than one per batch item.
+    pub mask: Option<(Arc<CpuStorage>, bool)>,
+}
+
+impl Sdpa {
+    fn e(&self) -> usize {
+        self.heads * self.dh
+    }
+
+    /// Query rows per block: at least ~4 blocks per thread over the whole batch, at most 128
+    /// rows (128 × Lk logits stay in L2).
+    fn row_block(&self) -> usize {
+        let threads = rayon::current_num_threads().max(1);
+        let rows = (self.b * self.lq).div_ceil(4 * threads);
+        rows.clamp(8, 128).min(self.lq.max(1))
+    }
+
+    /// The whole mask, typed.
+    fn mask_ref<T: Real>(&self) -> Option<MaskRef<'_, T>> {
+        self.mask.as_ref().map(|(s, _)| match &**s {
+            CpuStorage::U8(v) => MaskRef::Forbid(v),
+            other => MaskRef::Add(T::cpu_slice(other).expect("mask dtype checked in cpu_fwd")),
+        })
+    }
+
+    /// The mask rows of (batch `bi`, head `h`), starting at query row `r0`.
+    fn mask_rows<'a, T: Real>(
+        &self,
+        mask: Option<MaskRef<'a, T>>,
+        bi: usize,
+        h: usize,
+        r0: usize,
+        n: usize,
+    ) -> Option<MaskRef<'a, T>> {
+        let per_head = self.mask.as_ref().map(|m| m.1).unwrap_or(false);
+        let slab = if per_head { bi * self.heads + h } else { bi };
+        let range = (slab * self.lq + r0) * self.lk..(slab * self.lq + r0 + n) * self.lk;
+        mask.map(|m| match m {
+            MaskRef::Add(v) => MaskRef::Add(&v[range]),
+            MaskRef::Forbid(v) => MaskRef::Forbid(&v[range]),
+        })
+    }
+
+    /// `s` (n × Lk) = softmax(scale · Q[rows] K[head]ᵀ + mask) for `n` query rows at `q`.
+    ///
+    /// # Safety
+    /// `q` must point at the first of `n` rows of stride E, `k` at the head's first key.
+    unsafe fn probs<T: Real>(
+        &self,
+        q: *const T,
+        k: *const T,
+        s: &mut [T],
+        n: usize,
+        mask: Option<MaskRef<'_, T>>,
+    ) {
+        let (lk, e) = (self.lk, self.e());
+        gemm(
+            n,
+            lk,
+            self.dh,
+            s.as_mut_ptr(),
+            lk,
+            false,
+            q,
+            e,
+            1,
+            k,
+            1,
+            e,
+            T::from_f64(self.scale),
+        );
+        for (i, row) in s.chunks_exact_mut(lk).take(n).enumerate() {
+            match mask {
+                None => {}
+                Some(MaskRef::Add(m)) => {
+                    for (x, &a) in row.iter_mut().zip(&m[i * lk..(i + 1) * lk]) {
+                        *x += a;
+                    }
+                }
+                Some(MaskRef::Forbid(m)) => {
+                    for (x, &f) in row.iter_mut().zip(&m[i * lk..(i + 1) * lk]) {
+                        if f != 0 {
+                            *x = T::NEG_INF;
+                        }
+                    }
+                }
+            }
+            softmax_row(row);
+        }
+    }
+
+    pub(crate) fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        let (lq, lk, e, dh) = (self.lq, self.lk, self.e(), self.dh);
+        let mask = self.mask_ref::<T>();
+        let r = self.row_block();
+        let mut out = vec![T::from_f64(0.0); self.b * lq * e];
+        if lk == 0 || out.is_empty() {
+            return out;
+        }
+        out.par_chunks_mut(lq * e).enumerate().for_each(|(bi, ob)| {
+            ob.par_chunks_mut(r * e).enumerate().for_each(|(blk, o)| {
+                let (r0, n) = (blk * r, o.len() / e);
+                let mut s = vec![T::from_f64(0.0); n * lk];
+                for h in 0..self.heads {
+                    unsafe {
+                        let qp = q.as_ptr().add((bi * lq + r0) * e + h * dh);
+                        let kp = k.as_ptr().add(bi * lk * e + h * dh);
+                        self.probs(qp, kp, &mut s, n, self.mask_rows(mask, bi, h, r0, n));
+                        let vp = v.as_ptr().add(bi * lk * e + h * dh);
+                        gemm(
+                            n,
+                            dh,
+                            lk,
+                            o.as_mut_ptr().add(h * dh),
+                            e,
+                            false,
+                            s.as_ptr(),
+                            lk,
+                            1,
+                            vp,
+                            e,
+                            1,
+                            T::from_f64(1.0),
+                        );
+                    }
+                }
+            });
+        });
+        out
+    }
+
+    /// Gradients w.r.t. q, k, v given the output `o` and its gradient `go`.
+    pub(crate) fn backward<T: Real>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        o: &[T],
+        go: &[T],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (b, lq, lk, e, dh) = (self.b, self.lq, self.lk, self.e(), self.dh);
+        let zero = T::from_f64(0.0);
+        let scale = T::from_f64(self.scale);
+        let mask = self.mask_ref::<T>();
+        let mut dq = vec![zero; b * lq * e];
+        let mut dk = vec![zero; b * lk * e];
+        let mut dv = vec![zero; b * lk * e];
+        if lk == 0 || lq == 0 || b == 0 || e == 0 {
+            return (dq, dk, dv);
+        }
+        // Tasks: (batch, chunk of consecutive row blocks); each chunk sums its own dK, dV.
+        let threads = rayon::current_num_threads().max(1);
+        let r = self.row_block();
+        let nblk = lq.div_ceil(r);
+        let chunks = (2 * threads).div_ceil(b).clamp(1, nblk);
+        let blk_per_chunk = nblk.div_ceil(chunks);
+        let chunks = nblk.div_ceil(blk_per_chunk);
+        let chunk_rows = blk_per_chunk * r;
+        let part_len = 2 * lk * e;
+        let mut parts = vec![zero; b * chunks * part_len];
+        dq.par_chunks_mut(lq * e)
+            .zip(parts.par_chunks_mut(chunks * part_len))
+            .enumerate()
+            .for_each(|(bi, (dqb, pb))| {
+                dqb.par_chunks_mut(chunk_rows * e)
+                    .zip(pb.par_chunks_mut(part_len))
+                    .enumerate()
+                    .for_each(|(c, (dqc, part))| {
+                        let (dkp, dvp) = part.split_at_mut(lk * e);
+                        let mut s = vec![zero; r * lk];
+                        let mut dp = vec![zero; r * lk];
+                        for (j, dqblk) in dqc.chunks_mut(r * e).enumerate() {
+                            let r0 = c * chunk_rows + j * r;
+                            let n = dqblk.len() / e;
+                            let row0 = (bi * lq + r0) * e;
+                            for h in 0..self.heads {
+                                let hq = row0 + h * dh;
+                                let hk = bi * lk * e + h * dh;
+                                unsafe {
+                                    let qp = q.as_ptr().add(hq);
+                                    let gop = go.as_ptr().add(hq);
+                                    self.probs(
+                                        qp,
+                                        k.as_ptr().add(hk),
+                                        &mut s,
+                                        n,
+                                        self.mask_rows(mask, bi, h, r0, n),
+                                    );
+                                    // dP = dO Vᵀ
+                                    gemm(
+                                        n,
+                                        lk,
+                                        dh,
+                                        dp.as_mut_ptr(),
+                                        lk,
+                                        false,
+                                        gop,
+                                        e,
+                                        1,
+                                        v.as_ptr().add(hk),
+                                        1,
+                                        e,
+                                        T::from_f64(1.0),
+                                    );
+                                }
+                                // dS = scale · P ⊙ (dP − rowsum(dO ⊙ O)), in dp.
+                                for i in 0..n {
+                                    let at = hq + i * e;
+                                    let d = dot(&go[at..at + dh], &o[at..at + dh]);
+                                    let prow = &s[i * lk..(i + 1) * lk];
+                                    for (g, &p) in dp[i * lk..(i + 1) * lk].iter_mut().zip(prow) {
+                                        // 0·NaN stays NaN for fully masked rows, as in torch.
+                                        *g = scale * p * (*g - d);
+                                    }
+                                }
+                                unsafe {
+                                    let one = T::from_f64(1.0);
+                                    // dQ = dS K
+                                    gemm(
+                                        n,
+                                        dh,
+                                        lk,
+                                        dqblk.as_mut_ptr().add(h * dh),
+                                        e,
+                                        false,
+                                        dp.as_ptr(),
+                                        lk,
+                                        1,
+                                        k.as_ptr().add(hk),
+                                        e,
+                                        1,
+                                        one,
+                                    );
+                                    // dK += dSᵀ Q, dV += Pᵀ dO
+                                    gemm(
+                                        lk,
+                                        dh,
+                                        n,
+                                        dkp.as_mut_ptr().add(h * dh),
+                                        e,
+                                        true,
+                                        dp.as_ptr(),
+                                        1,
+                                        lk,
+                                        q.as_ptr().add(hq),
+                                        e,
+                                        1,
+                                        one,
+                                    );
+                                    gemm(
+                                        lk,
+                                        dh,
+                                        n,
+                                        dvp.as_mut_ptr().add(h * dh),
+                                        e,
+                                        true,
+                                        s.as_ptr(),
+                                        1,
+                                        lk,
+                                        go.as_ptr().add(hq),
+                                        e,
+                                        1,
+                                        one,
+                                    );
+                                }
+                            }
+                        }
+                    });
+            });
+        let parts = &parts;
+        dk.par_chunks_mut(lk * e)
+            .zip(dv.par_chunks_mut(lk * e))
+            .enumerate()
+            .for_each(|(bi, (dkb, dvb))| {
+                for c in 0..chunks {
+                    let p = &parts[(bi * chunks + c) * part_len..][..part_len];
+                    for (x, &y) in dkb.iter_mut().zip(&p[..lk * e]) {
+                        *x += y;
+                    }
+                    for (x, &y) in dvb.iter_mut().zip(&p[lk * e..]) {
+                        *x += y;
+                    }
+                }
+            });
+        (dq, dk, dv)
+    }
+}
+
+impl CustomOp3 for Sdpa {
+    fn name(&self) -> &'static str {
+        "fused-sdpa"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &Sdpa,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let q = storage_slice::<T>(s1, l1, "fused attention q")?;
+            let k = storage_slice::<T>(s2, l2, "fused attention k")?;
+            let v = storage_slice::<T>(s3, l3, "fused attention v")?;
+            if let Some((m, _)) = &op.mask {
+                if !matches!(**m, CpuStorage::U8(_)) && T::cpu_slice(m).is_none() {
+                    bail!("fused attention: an additive mask must have the inputs' dtype");
+                }
+            }
+            Ok(T::into_storage(op.forward(q, k, v)))
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => run::<f32>(self, s1, l1, s2, l2, s3, l3)?,
+            CpuStorage::F64(_) => run::<f64>(self, s1, l1, s2, l2, s3, l3)?,
+            _ => bail!("fused attention: only f32 and f64 are supported"),
+        };
+        Ok((out, Shape::from((self.b, self.lq, self.e()))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(
+            op: &Sdpa,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Tensor, Tensor, Tensor)> {
+            let grad = grad.contiguous()?;
+            let res = res.contiguous()?;
+            let (gq, gk, gv) = (
+                q.storage_and_layout(),
+                k.storage_and_layout(),
+                v.storage_and_layout(),
+            );
+            let (go, gg) = (res.storage_and_layout(), grad.storage_and_layout());
+            let (dq, dk, dv) = op.backward(
+                guard_slice::<T>(&gq, "fused attention q")?,
+                guard_slice::<T>(&gk, "fused attention k")?,
+                guard_slice::<T>(&gv, "fused attention v")?,
+                guard_slice::<T>(&go, "fused attention output")?,
+                guard_slice::<T>(&gg, "fused attention grad")?,
+            );
+            drop((gq, gk, gv, go, gg));
+            let dev = q.device();
+            Ok((
+                Tensor::from_vec(dq, q.shape(), dev)?,
+                Tensor::from_vec(dk, k.shape(), dev)?,
+                Tensor::from_vec(dv, v.shape(), dev)?,
+            ))
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => run::<f32>(self, q, k, v, res, grad)?,
+            DType::F64 => run::<f64>(self, q, k, v, res, grad)?,
+            dt => bail!("fused attention: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}

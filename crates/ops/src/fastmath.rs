@@ -1,0 +1,320 @@
+//! Small numeric kernels shared by the fused CPU ops (attention, softmax, layer norm): row
+//! reductions written with independent lanes so they vectorise, a vectorisable `exp` for f32,
+//! the `gemm` crate call, and access to a tensor's CPU buffer without copying it.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, WithDType};
+
+static FUSED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the fused CPU kernels (attention, softmax, layer norm) are used. On by default;
+/// `OPS_COMPOSED=1` in the environment (read once) or [`set_fused_kernels`] switch every op back
+/// to its composed candle-primitive path, e.g. to compare against it.
+pub fn fused_kernels_enabled() -> bool {
+    match FUSED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var("OPS_COMPOSED").is_ok_and(|v| !v.is_empty() && v != "0");
+            FUSED.store(if off { 2 } else { 1 }, Ordering::Relaxed);
+            !off
+        }
+    }
+}
+
+/// Turns the fused CPU kernels on or off for the whole process (see [`fused_kernels_enabled`]).
+pub fn set_fused_kernels(on: bool) {
+    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Lanes of the manual reductions: one AVX-512 register of f32.
+const LANES: usize = 16;
+
+/// f32 / f64 with what the fused kernels need beyond [`WithDType`].
+pub(crate) trait Real: WithDType + Copy + Send + Sync + 'static {
+    const NEG_INF: Self;
+    const NAN: Self;
+    fn max_of(self, other: Self) -> Self;
+    fn sqrt_of(self) -> Self;
+    /// `xs[i] = exp(xs[i] - shift)` in place; returns the sum of the new values.
+    fn exp_shift_sum(xs: &mut [Self], shift: Self) -> Self;
+    /// The buffer of a CPU storage of this dtype.
+    fn cpu_slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn into_storage(v: Vec<Self>) -> CpuStorage;
+}
+
+/// `exp(x)` for `x <= 0` (larger arguments up to ~88 also work), Cephes' `expf` polynomial
+/// (about 1 ulp), written branch-free so loops over it vectorise. Arguments below -87 give
+/// exactly 0 (`exp(-inf) = 0` for masked logits; the true value there is below 2^-125).
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let xc = if x > -87.0 { x } else { -87.0 };
+    let xc = if xc < 88.0 { xc } else { 88.0 };
+    let fx = (xc * LOG2E + 0.5).floor();
+    let r = xc - fx * C1 - fx * C2;
+    let z = r * r;
+    let mut y = 1.987_569_1e-4f32;
+    y = y * r + 1.398_199_9e-3;
+    y = y * r + 8.333_452e-3;
+    y = y * r + 4.166_579_6e-2;
+    y = y * r + 1.666_666_5e-1;
+    y = y * r + 0.5;
+    let y = y * z + r + 1.0;
+    // SAFETY: fx is an integer in [-126, 127] after the clamps, so the conversion is exact (and,
+    // unlike a saturating `as`, vectorises).
+    let pow2 = f32::from_bits(((unsafe { fx.to_int_unchecked::<i32>() } + 127) << 23) as u32);
+    if x > -87.0 {
+        y * pow2
+    } else {
+        0.0
+    }
+}
+
+impl Real for f32 {
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    const NAN: Self = f32::NAN;
+    #[inline(always)]
+    fn max_of(self, other: Self) -> Self {
+        if other > self {
+            other
+        } else {
+            self
+        }
+    }
+    fn sqrt_of(self) -> Self {
+        self.sqrt()
+    }
+    fn exp_shift_sum(xs: &mut [f32], shift: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = xs.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                let e = exp_f32(c[l] - shift);
+                c[l] = e;
+                acc[l] += e;
+            }
+        }
+        let mut s = 0f32;
+        for x in chunks.into_remainder() {
+            *x = exp_f32(*x - shift);
+            s += *x;
+        }
+        s + acc.iter().sum::<f32>()
+    }
+    fn cpu_slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn into_storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Real for f64 {
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    const NAN: Self = f64::NAN;
+    #[inline(always)]
+    fn max_of(self, other: Self) -> Self {
+        if other > self {
+            other
+        } else {
+            self
+        }
+    }
+    fn sqrt_of(self) -> Self {
+        self.sqrt()
+    }
+    fn exp_shift_sum(xs: &mut [f64], shift: f64) -> f64 {
+        let mut s = 0f64;
+        for x in xs.iter_mut() {
+            *x = (*x - shift).exp();
+            s += *x;
+        }
+        s
+    }
+    fn cpu_slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn into_storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// Maximum of a non-empty slice (NaN-ignoring; `-inf` when every element is `-inf`).
+#[inline]
+pub(crate) fn max<T: Real>(xs: &[T]) -> T {
+    let mut acc = [T::NEG_INF; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max_of(c[l]);
+        }
+    }
+    let mut m = T::NEG_INF;
+    for &x in chunks.remainder() {
+        m = m.max_of(x);
+    }
+    acc.iter().fold(m, |m, &x| m.max_of(x))
+}
+
+/// Sum of a slice.
+#[inline]
+pub(crate) fn sum<T: Real>(xs: &[T]) -> T {
+    let zero = T::from_f64(0.0);
+    let mut acc = [zero; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    let mut s = zero;
+    for &x in chunks.remainder() {
+        s += x;
+    }
+    acc.iter().fold(s, |s, &x| s + x)
+}
+
+/// Dot product of two equally long slices.
+#[inline]
+pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let zero = T::from_f64(0.0);
+    let mut acc = [zero; LANES];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = zero;
+    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    acc.iter().fold(s, |s, &x| s + x)
+}
+
+/// In-place numerically stable softmax of one row. A row whose entries are all `-inf` (every
+/// key masked) becomes NaN, as in torch.
+#[inline]
+pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
+    let m = max(row);
+    if m == T::NEG_INF {
+        row.fill(T::NAN);
+        return;
+    }
+    let s = T::exp_shift_sum(row, m);
+    let inv = T::from_f64(1.0) / s;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// Single-threaded `dst = beta·lhs·rhs` (`accumulate`: `dst += beta·lhs·rhs`) with the `gemm`
+/// crate; `(rs, cs)` are the row and column strides of each m×k / k×n / m×n matrix.
+///
+/// # Safety
+/// The pointers must address matrices of the given sizes and strides; `dst` must not alias the
+/// inputs and no other thread may write it.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn gemm<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const T,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const T,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: T,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j) = T::from_f64(0.0);
+                }
+            }
+        }
+        return;
+    }
+    gemm19::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::from_f64(1.0),
+        beta,
+        false,
+        false,
+        false,
+        gemm19::Parallelism::None,
+    )
+}
+
+/// The buffer of a contiguous CPU tensor, borrowed from its storage guard
+/// (`let g = t.storage_and_layout();`).
+pub(crate) fn guard_slice<'a, T: Real>(
+    g: &'a (candle_core::StorageRef<'a>, &'a Layout),
+    what: &str,
+) -> Result<&'a [T]> {
+    let s = match &*g.0 {
+        Storage::Cpu(cs) => match T::cpu_slice(cs) {
+            Some(s) => s,
+            None => bail!("{what}: expected a {:?} tensor", T::DTYPE),
+        },
+        _ => bail!("{what}: expected a CPU tensor"),
+    };
+    layout_slice(s, g.1, what)
+}
+
+/// The elements of a contiguous layout.
+pub(crate) fn layout_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{what}: tensor must be contiguous"),
+    }
+}
+
+/// The buffer of a CPU storage of dtype `T` in a contiguous layout.
+pub(crate) fn storage_slice<'a, T: Real>(
+    s: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    match T::cpu_slice(s) {
+        Some(v) => layout_slice(v, layout, what),
+        None => bail!(
+            "{what}: all inputs must have the same dtype ({:?})",
+            T::DTYPE
+        ),
+    }
+}

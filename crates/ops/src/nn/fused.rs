@@ -1,0 +1,533 @@
+//! Fused CPU softmax (last dimension), layer norm and linear layer as candle custom ops with
+//! analytic backwards: one pass instead of 2-6 candle ops (each allocating a tensor and, in the
+//! backward, several more).
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::fastmath::{dot, gemm, guard_slice, softmax_row, storage_slice, sum, Real};
+
+/// Elements per parallel task: below this a row loop runs inline (rayon would cost more).
+const TASK_ELEMS: usize = 16 * 1024;
+
+fn rows_per_task(d: usize) -> usize {
+    (TASK_ELEMS / d.max(1)).max(1)
+}
+
+/// Softmax over the last dimension (size `d`) of a contiguous tensor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SoftmaxLast {
+    pub d: usize,
+}
+
+impl SoftmaxLast {
+    fn forward<T: Real>(&self, x: &[T]) -> Vec<T> {
+        let mut y = x.to_vec();
+        if self.d == 0 {
+            return y;
+        }
+        let d = self.d;
+        y.par_chunks_mut(rows_per_task(d) * d)
+            .for_each(|c| c.chunks_exact_mut(d).for_each(softmax_row));
+        y
+    }
+
+    /// dx = y ⊙ (dy − rowsum(dy ⊙ y)).
+    fn backward<T: Real>(&self, y: &[T], dy: &[T]) -> Vec<T> {
+        let d = self.d;
+        let mut dx = vec![T::from_f64(0.0); y.len()];
+        if d == 0 {
+            return dx;
+        }
+        let rt = rows_per_task(d) * d;
+        dx.par_chunks_mut(rt)
+            .zip(y.par_chunks(rt).zip(dy.par_chunks(rt)))
+            .for_each(|(dxc, (yc, gc))| {
+                for ((dxr, yr), gr) in dxc
+                    .chunks_exact_mut(d)
+                    .zip(yc.chunks_exact(d))
+                    .zip(gc.chunks_exact(d))
+                {
+                    let s = dot(yr, gr);
+                    for ((o, &yv), &g) in dxr.iter_mut().zip(yr).zip(gr) {
+                        *o = yv * (g - s);
+                    }
+                }
+            });
+        dx
+    }
+}
+
+impl CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => {
+                f32::into_storage(self.forward(storage_slice::<f32>(s, l, "softmax")?))
+            }
+            CpuStorage::F64(_) => {
+                f64::into_storage(self.forward(storage_slice::<f64>(s, l, "softmax")?))
+            }
+            _ => bail!("fused softmax: only f32 and f64 are supported"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        fn run<T: Real>(op: &SoftmaxLast, res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+            let res = res.contiguous()?;
+            let grad = grad.contiguous()?;
+            let (gy, gg) = (res.storage_and_layout(), grad.storage_and_layout());
+            let dx = op.backward(
+                guard_slice::<T>(&gy, "softmax output")?,
+                guard_slice::<T>(&gg, "softmax grad")?,
+            );
+            drop((gy, gg));
+            Tensor::from_vec(dx, res.shape(), res.device())
+        }
+        Ok(Some(match res.dtype() {
+            DType::F32 => run::<f32>(self, res, grad)?,
+            DType::F64 => run::<f64>(self, res, grad)?,
+            dt => bail!("fused softmax: unsupported dtype {dt:?}"),
+        }))
+    }
+}
+
+/// Layer norm over the last dimension (size `d`) with affine weight and bias, population
+/// variance (like torch): `y = (x − mean) / sqrt(var + eps) · w + b`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerNormLast {
+    pub d: usize,
+    pub eps: f64,
+}
+
+impl LayerNormLast {
+    /// (mean, 1/sqrt(var + eps)) of one row, two-pass like the composed version.
+    #[inline]
+    fn stats<T: Real>(&self, row: &[T]) -> (T, T) {
+        let n = T::from_f64(self.d as f64);
+        let mean = sum(row) / n;
+        let zero = T::from_f64(0.0);
+        let mut acc = [zero; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            for l in 0..16 {
+                let t = c[l] - mean;
+                acc[l] += t * t;
+            }
+        }
+        let mut ss = zero;
+        for &x in chunks.remainder() {
+            ss += (x - mean) * (x - mean);
+        }
+        let ss = acc.iter().fold(ss, |s, &x| s + x);
+        let var = ss / n;
+        (
+            mean,
+            T::from_f64(1.0) / (var + T::from_f64(self.eps)).sqrt_of(),
+        )
+    }
+
+    fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        let d = self.d;
+        let mut y = vec![T::from_f64(0.0); x.len()];
+        if d == 0 {
+            return y;
+        }
+        let rt = rows_per_task(d) * d;
+        y.par_chunks_mut(rt)
+            .zip(x.par_chunks(rt))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                    let (mean, rstd) = self.stats(xr);
+                    for (((o, &xv), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                        *o = (xv - mean) * rstd * wv + bv;
+                    }
+                }
+            });
+        y
+    }
+
+    /// (dx, dw, db).
+    fn backward<T: Real>(&self, x: &[T], w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let d = self.d;
+        let zero = T::from_f64(0.0);
+        let mut dx = vec![zero; x.len()];
+        if d == 0 || x.is_empty() {
+            return (dx, vec![zero; d], vec![zero; d]);
+        }
+        let rt = rows_per_task(d) * d;
+        let n_tasks = x.len().div_ceil(rt);
+        // Per task: [dw partial | db partial].
+        let mut parts = vec![zero; n_tasks * 2 * d];
+        let inv_d = T::from_f64(1.0 / d as f64);
+        dx.par_chunks_mut(rt)
+            .zip(x.par_chunks(rt).zip(dy.par_chunks(rt)))
+            .zip(parts.par_chunks_mut(2 * d))
+            .for_each(|((dxc, (xc, gc)), part)| {
+                let (pw, pb) = part.split_at_mut(d);
+                let mut xhat = vec![zero; d];
+                let mut g = vec![zero; d];
+                for ((dxr, xr), gr) in dxc
+                    .chunks_exact_mut(d)
+                    .zip(xc.chunks_exact(d))
+                    .zip(gc.chunks_exact(d))
+                {
+                    let (mean, rstd) = self.stats(xr);
+                    for i in 0..d {
+                        xhat[i] = (xr[i] - mean) * rstd;
+                        g[i] = gr[i] * w[i];
+                        pw[i] += gr[i] * xhat[i];
+                        pb[i] += gr[i];
+                    }
+                    let mg = sum(&g) * inv_d;
+                    let mgx = dot(&g, &xhat) * inv_d;
+                    for i in 0..d {
+                        dxr[i] = rstd * (g[i] - mg - xhat[i] * mgx);
+                    }
+                }
+            });
+        let mut dw = vec![zero; d];
+        let mut db = vec![zero; d];
+        for part in parts.chunks_exact(2 * d) {
+            for i in 0..d {
+                dw[i] += part[i];
+                db[i] += part[d + i];
+            }
+        }
+        (dx, dw, db)
+    }
+}
+
+impl CustomOp3 for LayerNormLast {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &LayerNormLast,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let x = storage_slice::<T>(s1, l1, "layer norm x")?;
+            let w = storage_slice::<T>(s2, l2, "layer norm weight")?;
+            let b = storage_slice::<T>(s3, l3, "layer norm bias")?;
+            if w.len() != op.d || b.len() != op.d {
+                bail!("fused layer norm: weight/bias must have {} elements", op.d);
+            }
+            Ok(T::into_storage(op.forward(x, w, b)))
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => run::<f32>(self, s1, l1, s2, l2, s3, l3)?,
+            CpuStorage::F64(_) => run::<f64>(self, s1, l1, s2, l2, s3, l3)?,
+            _ => bail!("fused layer norm: only f32 and f64 are supported"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(
+            op: &LayerNormLast,
+            x: &Tensor,
+            w: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+            let grad = grad.contiguous()?;
+            let (gx, gw, gg) = (
+                x.storage_and_layout(),
+                w.storage_and_layout(),
+                grad.storage_and_layout(),
+            );
+            let r = op.backward(
+                guard_slice::<T>(&gx, "layer norm x")?,
+                guard_slice::<T>(&gw, "layer norm weight")?,
+                guard_slice::<T>(&gg, "layer norm grad")?,
+            );
+            drop((gx, gw, gg));
+            Ok(r)
+        }
+        let dev = x.device();
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => {
+                let (a, b, c) = run::<f32>(self, x, w, grad)?;
+                (
+                    Tensor::from_vec(a, x.shape(), dev)?,
+                    Tensor::from_vec(b, w.shape(), dev)?,
+                    Tensor::from_vec(c, w.shape(), dev)?,
+                )
+            }
+            DType::F64 => {
+                let (a, b, c) = run::<f64>(self, x, w, grad)?;
+                (
+                    Tensor::from_vec(a, x.shape(), dev)?,
+                    Tensor::from_vec(b, w.shape(), dev)?,
+                    Tensor::from_vec(c, w.shape(), dev)?,
+                )
+            }
+            dt => bail!("fused layer norm: unsupported dtype {dt:?}"),
+        };
+        let _ = b;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `y = x Wᵀ + b` for a 2D `x` (N, in), `W` (out, in), `b` (out): rayon over row chunks, each
+/// running a single-threaded gemm. The backward does dx, dW and db in one pass over the rows
+/// (per-chunk dW/db partial sums) instead of candle's two matmuls on transposed operands plus a
+/// broadcast-sum for the bias.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinearOp {
+    pub n: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    /// Apply ReLU to the output (its backward masks the incoming gradient by `y > 0`).
+    pub relu: bool,
+}
+
+impl LinearOp {
+    /// Rows per chunk: a few chunks per thread, at least 32 rows.
+    fn chunk_rows(&self, per_thread: usize) -> usize {
+        let threads = rayon::current_num_threads().max(1);
+        self.n.div_ceil(per_thread * threads).max(32)
+    }
+
+    fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        let (din, dout) = (self.d_in, self.d_out);
+        let mut y = vec![T::from_f64(0.0); self.n * dout];
+        if y.is_empty() {
+            return y;
+        }
+        let rows = self.chunk_rows(4);
+        y.par_chunks_mut(rows * dout)
+            .enumerate()
+            .for_each(|(c, yc)| {
+                let n = yc.len() / dout;
+                for r in yc.chunks_exact_mut(dout) {
+                    r.copy_from_slice(b);
+                }
+                // SAFETY: yc is n×dout, the x rows n×din, W dout×din; all in bounds.
+                unsafe {
+                    gemm(
+                        n,
+                        dout,
+                        din,
+                        yc.as_mut_ptr(),
+                        dout,
+                        true,
+                        x.as_ptr().add(c * rows * din),
+                        din,
+                        1,
+                        w.as_ptr(),
+                        1,
+                        din,
+                        T::from_f64(1.0),
+                    );
+                }
+                if self.relu {
+                    let zero = T::from_f64(0.0);
+                    for v in yc.iter_mut() {
+                        *v = if *v > zero { *v } else { zero };
+                    }
+                }
+            });
+        y
+    }
+
+    /// (dx, dW, db); `y` is the output (used for the ReLU mask).
+    fn backward<T: Real>(&self, x: &[T], w: &[T], y: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (din, dout) = (self.d_in, self.d_out);
+        let zero = T::from_f64(0.0);
+        let mut dx = vec![zero; self.n * din];
+        let mut dw = vec![zero; dout * din];
+        let mut db = vec![zero; dout];
+        if self.n == 0 || din == 0 || dout == 0 {
+            return (dx, dw, db);
+        }
+        let rows = self.chunk_rows(1);
+        let n_chunks = self.n.div_ceil(rows);
+        let part = dout * din + dout;
+        let mut parts = vec![zero; n_chunks * part];
+        dx.par_chunks_mut(rows * din)
+            .zip(parts.par_chunks_mut(part))
+            .enumerate()
+            .for_each(|(c, (dxc, p))| {
+                let n = dxc.len() / din;
+                let (pw, pb) = p.split_at_mut(dout * din);
+                let gy = &dy[c * rows * dout..][..n * dout];
+                let masked: Vec<T>;
+                let gy = if self.relu {
+                    let yc = &y[c * rows * dout..][..n * dout];
+                    masked = gy
+                        .iter()
+                        .zip(yc)
+                        .map(|(&g, &v)| if v > zero { g } else { zero })
+                        .collect();
+                    &masked[..]
+                } else {
+                    gy
+                };
+                // SAFETY: every matrix is in bounds of its slice; outputs are task-local.
+                unsafe {
+                    let one = T::from_f64(1.0);
+                    gemm(
+                        n,
+                        din,
+                        dout,
+                        dxc.as_mut_ptr(),
+                        din,
+                        false,
+                        gy.as_ptr(),
+                        dout,
+                        1,
+                        w.as_ptr(),
+                        din,
+                        1,
+                        one,
+                    );
+                    gemm(
+                        dout,
+                        din,
+                        n,
+                        pw.as_mut_ptr(),
+                        din,
+                        false,
+                        gy.as_ptr(),
+                        1,
+                        dout,
+                        x.as_ptr().add(c * rows * din),
+                        din,
+                        1,
+                        one,
+                    );
+                }
+                for r in gy.chunks_exact(dout) {
+                    for (s, &g) in pb.iter_mut().zip(r) {
+                        *s += g;
+                    }
+                }
+            });
+        for p in parts.chunks_exact(part) {
+            for (s, &g) in dw.iter_mut().zip(&p[..dout * din]) {
+                *s += g;
+            }
+            for (s, &g) in db.iter_mut().zip(&p[dout * din..]) {
+                *s += g;
+            }
+        }
+        (dx, dw, db)
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &LinearOp,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let x = storage_slice::<T>(s1, l1, "linear x")?;
+            let w = storage_slice::<T>(s2, l2, "linear weight")?;
+            let b = storage_slice::<T>(s3, l3, "linear bias")?;
+            if x.len() != op.n * op.d_in || w.len() != op.d_out * op.d_in || b.len() != op.d_out {
+                bail!("fused linear: inconsistent sizes");
+            }
+            Ok(T::into_storage(op.forward(x, w, b)))
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => run::<f32>(self, s1, l1, s2, l2, s3, l3)?,
+            CpuStorage::F64(_) => run::<f64>(self, s1, l1, s2, l2, s3, l3)?,
+            _ => bail!("fused linear: only f32 and f64 are supported"),
+        };
+        Ok((out, Shape::from((self.n, self.d_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(
+            op: &LinearOp,
+            x: &Tensor,
+            w: &Tensor,
+            res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+            let grad = grad.contiguous()?;
+            let res = res.contiguous()?;
+            let (gx, gw) = (x.storage_and_layout(), w.storage_and_layout());
+            let (gy, gg) = (res.storage_and_layout(), grad.storage_and_layout());
+            let r = op.backward(
+                guard_slice::<T>(&gx, "linear x")?,
+                guard_slice::<T>(&gw, "linear weight")?,
+                guard_slice::<T>(&gy, "linear output")?,
+                guard_slice::<T>(&gg, "linear grad")?,
+            );
+            drop((gx, gw, gy, gg));
+            Ok(r)
+        }
+        let dev = x.device();
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => {
+                let (a, c, d) = run::<f32>(self, x, w, res, grad)?;
+                (
+                    Tensor::from_vec(a, x.shape(), dev)?,
+                    Tensor::from_vec(c, w.shape(), dev)?,
+                    Tensor::from_vec(d, b.shape(), dev)?,
+                )
+            }
+            DType::F64 => {
+                let (a, c, d) = run::<f64>(self, x, w, res, grad)?;
+                (
+                    Tensor::from_vec(a, x.shape(), dev)?,
+                    Tensor::from_vec(c, w.shape(), dev)?,
+                    Tensor::from_vec(d, b.shape(), dev)?,
+                )
+            }
+            dt => bail!("fused linear: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}

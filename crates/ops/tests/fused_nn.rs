@@ -1,0 +1,213 @@
+//! The fused softmax and LayerNorm kernels against their composed versions: forward and every
+//! gradient, f32 and f64, sizes spanning one to many parallel tasks, odd widths, masked rows;
+//! the fused linear against `candle_nn::Linear` and by finite differences. (Softmax and
+//! LayerNorm finite-difference checks are in gradcheck.rs, which goes through the fused paths.)
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::Module;
+use candle_nn::{VarBuilder, VarMap};
+use common::{assert_close, check_grads, Rng};
+use ops::nn::{linear, linear_relu, softmax, softmax_composed, LayerNorm};
+
+fn grads_of(out: &Tensor, proj: &Tensor, vars: &[&Var]) -> Vec<Tensor> {
+    let g = out
+        .mul(proj)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    vars.iter()
+        .map(|v| g.get(v.as_tensor()).expect("gradient").clone())
+        .collect()
+}
+
+#[test]
+fn fused_softmax_matches_composed() {
+    let mut rng = Rng::new(700);
+    for (dtype, tol) in [(DType::F64, 1e-13), (DType::F32, 1e-6)] {
+        for shape in [
+            vec![1usize],
+            vec![3, 5],
+            vec![2, 3, 17],
+            vec![4, 300, 225],
+            vec![7, 1],
+        ] {
+            let x = Var::from_tensor(&rng.tensor(&shape, -4.0, 4.0, dtype)).unwrap();
+            let proj = rng.tensor(&shape, -1.0, 1.0, dtype);
+            let last = shape.len() - 1;
+            let a = softmax(&x, last).unwrap();
+            let b = softmax_composed(&x, last).unwrap();
+            let what = format!("softmax {dtype:?} {shape:?}");
+            assert_close(&a, &b, tol, &what);
+            let (ga, gb) = (grads_of(&a, &proj, &[&x]), grads_of(&b, &proj, &[&x]));
+            assert_close(&ga[0], &gb[0], tol, &format!("{what} grad"));
+        }
+    }
+    // -inf entries get weight 0; an all -inf row is NaN in both.
+    let x = Tensor::new(
+        &[[0f32, f32::NEG_INFINITY, 1.0], [f32::NEG_INFINITY; 3]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let a = common::to_vec(&softmax(&x, 1).unwrap());
+    let b = common::to_vec(&softmax_composed(&x, 1).unwrap());
+    assert_eq!(a[1], 0.0);
+    assert!((a[0] - b[0]).abs() < 1e-7 && (a[2] - b[2]).abs() < 1e-7);
+    assert!(a[3..].iter().all(|v| v.is_nan()) && b[3..].iter().all(|v| v.is_nan()));
+}
+
+#[test]
+fn fused_layer_norm_matches_composed() {
+    let mut rng = Rng::new(701);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        for shape in [
+            vec![5usize],
+            vec![3, 7],
+            vec![2, 3, 17],
+            vec![4, 1024, 128],
+            vec![1, 3600, 256],
+        ] {
+            let d = *shape.last().unwrap();
+            let vm = VarMap::new();
+            let ln =
+                LayerNorm::new(d, 1e-5, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
+            let vars: Vec<Var> = {
+                let data = vm.data().lock().unwrap();
+                let mut v: Vec<(String, Var)> =
+                    data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v.into_iter().map(|(_, v)| v).collect()
+            };
+            for v in &vars {
+                v.set(&rng.tensor(v.dims(), 0.5, 1.5, dtype)).unwrap();
+            }
+            let x = Var::from_tensor(&rng.tensor(&shape, -3.0, 3.0, dtype)).unwrap();
+            let proj = rng.tensor(&shape, -1.0, 1.0, dtype);
+            let a = ln.forward(&x).unwrap();
+            let b = ln.forward_composed(&x).unwrap();
+            let what = format!("LayerNorm {dtype:?} {shape:?}");
+            assert_close(&a, &b, tol, &what);
+            let all: Vec<&Var> = vars.iter().chain([&x]).collect();
+            let (ga, gb) = (grads_of(&a, &proj, &all), grads_of(&b, &proj, &all));
+            for (i, (p, q)) in ga.iter().zip(&gb).enumerate() {
+                // Parameter gradients sum over many rows: scale the tolerance with them.
+                let scale = common::to_vec(q).iter().fold(1f64, |m, v| m.max(v.abs()));
+                assert_close(p, q, tol * scale, &format!("{what} grad {i}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_norm_non_contiguous_input() {
+    let mut rng = Rng::new(702);
+    let vm = VarMap::new();
+    let ln = LayerNorm::new(
+        6,
+        1e-5,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let x = rng.tensor(&[6, 4], -1.0, 1.0, DType::F32).t().unwrap();
+    assert_close(
+        &ln.forward(&x).unwrap(),
+        &ln.forward_composed(&x).unwrap(),
+        1e-6,
+        "transposed input",
+    );
+}
+
+#[test]
+fn fused_linear_gradient_fd() {
+    let mut rng = Rng::new(703);
+    let x = rng.var(&[2, 3, 5], -1.0, 1.0);
+    let w = rng.var(&[4, 5], -1.0, 1.0);
+    let b = rng.var(&[4], -1.0, 1.0);
+    check_grads(
+        "linear",
+        &[("x", &x), ("w", &w), ("b", &b)],
+        || linear(&x, &w, Some(&b)),
+        60,
+        1e-6,
+        1e-6,
+    );
+    check_grads(
+        "linear, no bias",
+        &[("x", &x), ("w", &w)],
+        || linear(&x, &w, None),
+        60,
+        1e-6,
+        1e-6,
+    );
+    check_grads(
+        "linear_relu",
+        &[("x", &x), ("w", &w), ("b", &b)],
+        || linear_relu(&x, &w, Some(&b)),
+        60,
+        1e-6,
+        1e-6,
+    );
+}
+
+#[test]
+fn fused_linear_matches_candle() {
+    let mut rng = Rng::new(704);
+    for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 1e-4)] {
+        for (shape, d_out) in [
+            (vec![1usize, 1usize], 1usize),
+            (vec![7, 5], 3),
+            (vec![4, 1024, 128], 128),
+            (vec![1, 3600, 256], 256),
+            (vec![2, 3, 33, 17], 9),
+        ] {
+            let d_in = *shape.last().unwrap();
+            let x = Var::from_tensor(&rng.tensor(&shape, -1.0, 1.0, dtype)).unwrap();
+            let w = Var::from_tensor(&rng.tensor(&[d_out, d_in], -0.3, 0.3, dtype)).unwrap();
+            let b = Var::from_tensor(&rng.tensor(&[d_out], -1.0, 1.0, dtype)).unwrap();
+            let mut out_shape = shape.clone();
+            *out_shape.last_mut().unwrap() = d_out;
+            let proj = rng.tensor(&out_shape, -1.0, 1.0, dtype);
+            for (with_bias, relu) in [(true, false), (false, false), (true, true)] {
+                let bias = with_bias.then(|| b.as_tensor());
+                let (a, c) = if relu {
+                    let c = candle_nn::Linear::new(w.as_tensor().clone(), bias.cloned())
+                        .forward(&x)
+                        .unwrap();
+                    (linear_relu(&x, &w, bias).unwrap(), c.relu().unwrap())
+                } else {
+                    let c = candle_nn::Linear::new(w.as_tensor().clone(), bias.cloned())
+                        .forward(&x)
+                        .unwrap();
+                    (linear(&x, &w, bias).unwrap(), c)
+                };
+                let what =
+                    format!("linear {dtype:?} {shape:?}->{d_out} bias {with_bias} relu {relu}");
+                assert_close(&a, &c, tol, &what);
+                let vars: Vec<&Var> = if with_bias {
+                    vec![&x, &w, &b]
+                } else {
+                    vec![&x, &w]
+                };
+                let (ga, gc) = (grads_of(&a, &proj, &vars), grads_of(&c, &proj, &vars));
+                for (i, (p, q)) in ga.iter().zip(&gc).enumerate() {
+                    let scale = common::to_vec(q).iter().fold(1f64, |m, v| m.max(v.abs()));
+                    assert_close(p, q, tol * scale, &format!("{what} grad {i}"));
+                }
+            }
+        }
+    }
+    // Non-contiguous input and weight.
+    let x = rng.tensor(&[6, 4], -1.0, 1.0, DType::F32).t().unwrap();
+    let w = rng.tensor(&[6, 3], -1.0, 1.0, DType::F32).t().unwrap();
+    let c = candle_nn::Linear::new(w.clone(), None).forward(&x).unwrap();
+    assert_close(
+        &linear(&x, &w, None).unwrap(),
+        &c,
+        1e-6,
+        "transposed operands",
+    );
+    assert!(linear(&x, &w.t().unwrap(), None).is_err());
+}
