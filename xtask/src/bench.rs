@@ -56,7 +56,16 @@ impl TorchServer {
             return Ok(None);
         }
         let script = workspace_root().join("tools/bench_torch.py");
-        let mut child = Command::new(&python)
+        let mut cmd = Command::new(&python);
+        // GNU OpenMP's default spin-waiting makes every parallel region wait for a worker that
+        // another process has pushed off its core: on a shared 2-core machine a 31 ms
+        // EfficientNet-Lite0 forward took 1.9 s with 2 threads (and its spinning slows our side
+        // between requests). Passive waiting is torch's better setting there; an explicit
+        // OMP_WAIT_POLICY in the environment wins.
+        if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+            cmd.env("OMP_WAIT_POLICY", "PASSIVE");
+        }
+        let mut child = cmd
             .arg(&script)
             .args(["--threads", &threads.to_string()])
             .args(extra)
@@ -73,12 +82,24 @@ impl TorchServer {
         if ready["ready"] != serde_json::Value::Bool(true) {
             bail!("bench_torch.py: unexpected first line {line:?}");
         }
-        eprintln!("PyTorch {} with {} threads", ready["torch"], ready["threads"]);
+        eprintln!(
+            "PyTorch {} with {} threads (OMP_WAIT_POLICY={})",
+            ready["torch"],
+            ready["threads"],
+            std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into())
+        );
         Ok(Some(Self { child, stdin, stdout }))
     }
 
     /// Runs one request (`<model> <size> <reps>` or a model-specific line) and returns the times.
     pub fn time(&mut self, request: &str) -> Result<Vec<f64>> {
+        let v = self.request(request)?;
+        let times = v["times_ms"].as_array().context("no times_ms")?;
+        Ok(times.iter().filter_map(|t| t.as_f64()).collect())
+    }
+
+    /// Runs one request and returns the whole JSON answer (an `error` answer is an error).
+    pub fn request(&mut self, request: &str) -> Result<serde_json::Value> {
         writeln!(self.stdin, "{request}")?;
         self.stdin.flush()?;
         let mut line = String::new();
@@ -88,8 +109,7 @@ impl TorchServer {
         if let Some(e) = v.get("error") {
             bail!("bench_torch.py: {e} (request `{request}`)");
         }
-        let times = v["times_ms"].as_array().context("no times_ms")?;
-        Ok(times.iter().filter_map(|t| t.as_f64()).collect())
+        Ok(v)
     }
 }
 
@@ -337,6 +357,193 @@ pub fn bench_episode(paper_size: usize, reps: usize) -> Result<Vec<BenchRow>> {
     Ok(rows)
 }
 
+// ---- bench pos ----------------------------------------------------------------------------
+
+/// Random post-ReLU backbone features [res2, res3, res4, res5] of a `batch`×3×`size`² input for
+/// the preset's POS (strides 4, 8, 16, 32).
+pub fn pos_bench_features(preset: crate::pipeline::Preset, size: usize, batch: usize) -> Result<Vec<Tensor>> {
+    let cfg = preset.pos_config();
+    cfg.in_channels
+        .iter()
+        .zip([4usize, 8, 16, 32])
+        .map(|(&c, s)| Ok(Tensor::randn(0f32, 1f32, (batch, c, size / s, size / s), &Device::Cpu)?.relu()?))
+        .collect()
+}
+
+/// The benchmark's stage-1 targets, the same formula as `synthetic_targets` in tools/pos_torch.py:
+/// per image b a semantic label with background 0 and two rectangles (classes 1 and 2), so three
+/// GT masks (M_b, size, size), and the episode label (B, size, size) = class 1's rectangle.
+pub fn pos_bench_targets(size: usize, batch: usize) -> Result<(Vec<Tensor>, Tensor)> {
+    let mut targets = Vec::with_capacity(batch);
+    let mut labels = Vec::with_capacity(batch * size * size);
+    for b in 0..batch {
+        let mut sem = vec![0u8; size * size];
+        let mut fill = |y0: usize, x0: usize, h: usize, w: usize, v: u8| {
+            for y in y0..(y0 + h).min(size) {
+                for x in x0..(x0 + w).min(size) {
+                    sem[y * size + x] = v;
+                }
+            }
+        };
+        fill(size / 8 + 4 * b, size / 8 + 6 * b, size / 3, size / 3, 1);
+        fill(size / 2 + 2 * b, size / 2 - 3 * b, size / 4, size / 3, 2);
+        let t = Tensor::from_vec(sem.iter().map(|&v| v as f32).collect::<Vec<_>>(), (size, size), &Device::Cpu)?;
+        targets.push(losses::stage1_targets(&t, &[])?);
+        labels.extend(sem.iter().map(|&v| f32::from(v == 1)));
+    }
+    Ok((targets, Tensor::from_vec(labels, (batch, size, size), &Device::Cpu)?))
+}
+
+/// One stage-1 training iteration as `train-pos` runs it (xtask/src/pipeline/stage1.rs), on
+/// fixed backbone features: POS on trainable `Var`s, forward + criterion + backward + clip +
+/// AdamW step.
+pub struct PosTrainBench {
+    pub model: pos::Pos,
+    pub vars: Vec<train::NamedVar>,
+    pub opt: train::AdamW,
+    pub criterion: losses::Stage1Criterion,
+    pub features: Vec<Tensor>,
+    pub targets: Vec<Tensor>,
+    pub label: Tensor,
+    pub iter: u64,
+}
+
+/// Names of the phases [`PosTrainBench::step`] times.
+pub const TRAIN_PHASES: [&str; 4] = ["forward", "criterion", "backward", "clip+step"];
+
+impl PosTrainBench {
+    pub fn new(preset: crate::pipeline::Preset, size: usize, batch: usize) -> Result<Self> {
+        use crate::pipeline::stage1;
+        let (vm, model) = stage1::new_pos_seeded(preset, 0, &Device::Cpu)?;
+        let vars = stage1::named_vars(&vm);
+        let opt = train::AdamW::new(vars.clone(), train::AdamWConfig::default(), train::default_no_decay)?;
+        let criterion = losses::Stage1Criterion::new(losses::Stage1Config {
+            num_points: preset.num_points(),
+            ..Default::default()
+        });
+        let features = pos_bench_features(preset, size, batch)?;
+        let (targets, label) = pos_bench_targets(size, batch)?;
+        Ok(Self { model, vars, opt, criterion, features, targets, label, iter: 0 })
+    }
+
+    /// One iteration; returns the wall ms of each of [`TRAIN_PHASES`] and the loss.
+    pub fn step(&mut self) -> Result<([f64; 4], f64)> {
+        use rand_chacha::rand_core::SeedableRng;
+        let t0 = Instant::now();
+        let out = self.model.forward(&self.features)?;
+        let t1 = Instant::now();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.iter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let l = self.criterion.forward_with_rng(&out.all_predictions(), &self.targets, &self.label, &mut rng)?;
+        let t2 = Instant::now();
+        let mut grads = l.total.backward()?;
+        let t3 = Instant::now();
+        train::clip_grad_norm(&mut grads, &self.vars, 0.01)?;
+        self.opt.step(&grads, 1e-4)?;
+        let t4 = Instant::now();
+        self.iter += 1;
+        let loss = l.total.to_scalar::<f32>()? as f64;
+        if !loss.is_finite() {
+            bail!("POS training bench: loss is {loss}");
+        }
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        Ok(([ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4)], loss))
+    }
+}
+
+/// `cargo xtask bench pos`: the POS against tools/pos_torch.py (the official Mask2Former /
+/// MM-Former code re-implemented with our configurations), interleaved, medians, same threads:
+///
+/// - `pos_forward_paper_<size>`: inference forward, paper config, 1 image (weights as plain
+///   tensors, as loaded from a checkpoint; torch in eval + inference_mode);
+/// - `pos_train_iter_cpu_256_b4`: one stage-1 training iteration of the cpu config on fixed
+///   backbone features of a 4×3×256² batch (forward + criterion + backward + clip + AdamW), with
+///   the per-phase medians of both sides printed below the table;
+/// - `backbone_efficientnet_lite0_256_b4`: the frozen backbone forward that a real training
+///   iteration adds (BN folded on both sides), for scale.
+pub fn bench_pos(paper_size: usize, threads: usize, reps: usize) -> Result<Vec<BenchRow>> {
+    use crate::pipeline::Preset;
+    let reps = reps.max(1);
+    let mut torch = TorchServer::start(threads, &["--fuse-bn"])?;
+    let mut rows = Vec::new();
+
+    // 1. Paper-preset inference forward.
+    let model = synthetic_model(Preset::Paper, 0)?;
+    let feats = pos_bench_features(Preset::Paper, paper_size, 1)?;
+    let mut ours = || -> Result<()> {
+        let out = model.pos.forward(&feats)?;
+        out.pred_masks.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    };
+    let req = format!("pos_forward_paper {paper_size} 1 1");
+    let t = torch.as_mut().map(|s| (s, req.as_str()));
+    rows.push(compare(&format!("pos_forward_paper_{paper_size}"), &mut ours, t, reps)?);
+    drop(model);
+
+    // 2. CPU-preset training iteration, per phase.
+    let (size, batch) = (Preset::Cpu.input_size() as usize, 4);
+    let mut bench = PosTrainBench::new(Preset::Cpu, size, batch)?;
+    bench.step()?; // warm-up
+    let mut ours_t = Vec::new();
+    let mut ours_p: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let mut torch_t = Vec::new();
+    let mut torch_p: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let mut solver = String::new();
+    let req = format!("pos_train_cpu {size} 1 {batch}");
+    for _ in 0..reps {
+        let (p, _) = bench.step()?;
+        ours_t.push(p.iter().sum::<f64>());
+        for (v, x) in ours_p.iter_mut().zip(p) {
+            v.push(x);
+        }
+        if let Some(s) = torch.as_mut() {
+            let v = s.request(&req)?;
+            torch_t.extend(v["times_ms"].as_array().context("no times_ms")?.iter().filter_map(|x| x.as_f64()));
+            for (name, dst) in TRAIN_PHASES.iter().zip(torch_p.iter_mut()) {
+                dst.extend(v["phases_ms"][*name].as_array().into_iter().flatten().filter_map(|x| x.as_f64()));
+            }
+            solver = v["solver"].as_str().unwrap_or("").to_string();
+        }
+    }
+    let ours_ms = median(ours_t);
+    let torch_ms = (!torch_t.is_empty()).then(|| median(torch_t));
+    let row = BenchRow {
+        name: format!("pos_train_iter_cpu_{size}_b{batch}"),
+        ours_ms,
+        torch_ms,
+        ratio: torch_ms.map(|t| ours_ms / t),
+    };
+    print_row(&row);
+    rows.push(row);
+    drop(bench);
+
+    // 3. The frozen backbone a real iteration runs first.
+    let bb = backbone::EfficientNetLite0::synthetic(0)?;
+    let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &Device::Cpu)?;
+    let mut ours = || -> Result<()> {
+        use backbone::Backbone;
+        bb.forward(&x)?;
+        Ok(())
+    };
+    let req = format!("efficientnet_lite0 {size} 1 {batch}");
+    let t = torch.as_mut().map(|s| (s, req.as_str()));
+    rows.push(compare(&format!("backbone_efficientnet_lite0_{size}_b{batch}"), &mut ours, t, reps)?);
+
+    println!("training iteration by phase (median ms over {reps}):");
+    for (i, name) in TRAIN_PHASES.iter().enumerate() {
+        let o = median(ours_p[i].clone());
+        if torch_p[i].is_empty() {
+            println!("  {name:<12} ours {o:>9.1}");
+        } else {
+            let t = median(torch_p[i].clone());
+            println!("  {name:<12} ours {o:>9.1}   torch {t:>9.1}   ours/torch {:>5.2}", o / t);
+        }
+    }
+    if !solver.is_empty() {
+        println!("torch matcher solver: {solver}");
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod profile {
     //! `cargo test --release -p xtask profile_mm -- --ignored --nocapture`: where the
@@ -509,6 +716,100 @@ mod profile_episode {
         let med: Vec<f64> = per.into_iter().map(median).collect();
         let m: Vec<String> =
             EPISODE_STAGES.iter().enumerate().map(|(i, n)| format!("{n} {:.0} (cpu {:.0})", med[i], med[i + 5])).collect();
+        println!("RESULT {}", m.join(" | "));
+    }
+}
+
+#[cfg(test)]
+mod profile_pos_train {
+    use super::*;
+
+
+    fn fb(name: &str, reps: usize, f: &mut dyn FnMut() -> candle_core::Result<Tensor>) {
+        // forward, then backward of sum(y * r) for a fixed random r
+        let y = f().unwrap();
+        let r = Tensor::randn(0f32, 1f32, y.dims(), &Device::Cpu).unwrap();
+        let mut fw = Vec::new();
+        let mut bw = Vec::new();
+        for _ in 0..reps + 1 {
+            let t = Instant::now();
+            let y = f().unwrap();
+            let t1 = Instant::now();
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            drop(g);
+            let t2 = Instant::now();
+            fw.push((t1 - t).as_secs_f64() * 1e3);
+            bw.push((t2 - t1).as_secs_f64() * 1e3);
+        }
+        fw.remove(0);
+        bw.remove(0);
+        println!("  {name:<56} fwd {:>8.2} ms  bwd {:>8.2} ms", median(fw), median(bw));
+    }
+
+    /// Forward and backward of the POS pieces on the cpu preset's training shapes (batch 4, 256²).
+    #[test]
+    #[ignore]
+    fn profile_pos_parts() {
+        use candle_core::DType;
+        use candle_nn::{VarBuilder, VarMap};
+        let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+        let n: usize = env("PROFILE_THREADS", "2").parse().unwrap();
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let reps: usize = env("PROFILE_REPS", "5").parse().unwrap();
+        let dev = Device::Cpu;
+        let cfg = crate::pipeline::Preset::Cpu.pos_config();
+        let d = cfg.hidden_dim;
+        let feats = pos_bench_features(crate::pipeline::Preset::Cpu, 256, 4).unwrap();
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let x64 = candle_core::Var::randn(0f32, 1f32, (4, d, 64, 64), &dev).unwrap();
+        let c3 = pos::ConvGn::new(d, d, 3, cfg.gn_groups, vb.pp("l1")).unwrap();
+        fb("ConvGn 3x3 64->64 at 4x64x64 (Var weight, Var input)", reps, &mut || c3.forward(x64.as_tensor()));
+        let w3 = vm.data().lock().unwrap()["l1.weight"].clone();
+        fb("  candle conv2d alone", reps, &mut || x64.as_tensor().conv2d(w3.as_tensor(), 1, 1, 1, 1));
+        let gn = ops::nn::GroupNorm::new(cfg.gn_groups, d, 1e-5, vb.pp("gn")).unwrap();
+        fb("  GroupNorm(32, 64) alone at 4x64x64", reps, &mut || gn.forward(x64.as_tensor()));
+        let a1 = pos::ConvGn::new(24, d, 1, cfg.gn_groups, vb.pp("a1")).unwrap();
+        fb("ConvGn 1x1 24->64 at 4x64x64 (constant input)", reps, &mut || a1.forward(&feats[0]));
+        let mf = pos::Conv1x1::new(d, d, true, candle_nn::Init::Const(0.01), vb.pp("mf")).unwrap();
+        fb("Conv1x1 64->64 + bias at 4x64x64 (Var input)", reps, &mut || mf.forward(x64.as_tensor()));
+        let pd = pos::MSDeformAttnPixelDecoder::new(&cfg, vb.pp("pd")).unwrap();
+        fb("pixel decoder (mask_features)", reps, &mut || Ok(pd.forward(&feats)?.mask_features));
+        let pdo = pd.forward(&feats).unwrap();
+        let ms: Vec<Tensor> = pdo.multi_scale.iter().map(|t| t.detach()).collect();
+        let mfeat = candle_core::Var::from_tensor(&pdo.mask_features.detach()).unwrap();
+        let dec = pos::MultiScaleMaskedTransformerDecoder::new(&cfg, vb.pp("dec")).unwrap();
+        fb("decoder (all predictions stacked)", reps, &mut || {
+            let o = dec.forward(&ms, mfeat.as_tensor(), None)?;
+            Tensor::stack(&o.predictions, 0)
+        });
+        let emb = candle_core::Var::randn(0f32, 1f32, (4, cfg.num_queries, d), &dev).unwrap();
+        fb("  one mask head einsum (4x20x64 . 4x64x4096)", reps, &mut || {
+            emb.as_tensor().matmul(&mfeat.as_tensor().reshape((4, d, 4096))?)
+        });
+    }
+
+    /// `cargo test --release -p xtask profile_pos_train -- --ignored --nocapture`
+    /// (`PROFILE_REPS`, `PROFILE_THREADS`): per-phase medians of the stage-1 training iteration
+    /// of `bench pos`, ours only; a target for `perf record`.
+    #[test]
+    #[ignore]
+    fn profile_pos_train() {
+        let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+        let n: usize = env("PROFILE_THREADS", "2").parse().unwrap();
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let reps: usize = env("PROFILE_REPS", "5").parse().unwrap();
+        let mut bench = PosTrainBench::new(crate::pipeline::Preset::Cpu, 256, 4).unwrap();
+        bench.step().unwrap();
+        let mut per: Vec<Vec<f64>> = vec![Vec::new(); 5];
+        for _ in 0..reps {
+            let (p, _) = bench.step().unwrap();
+            for (v, x) in per.iter_mut().zip(p.iter().copied().chain([p.iter().sum::<f64>()])) {
+                v.push(x);
+            }
+        }
+        let names = TRAIN_PHASES.iter().copied().chain(["total"]);
+        let m: Vec<String> = names.zip(per).map(|(n, v)| format!("{n} {:.1}", median(v))).collect();
         println!("RESULT {}", m.join(" | "));
     }
 }

@@ -93,10 +93,8 @@ enum Cmd {
 fn main() -> Result<()> {
     // candle's own pool for elementwise ops spin-waits on its workers; on a 2-core machine whose
     // cores our rayon kernels already use, that costs more than it gains (eval measured 2.3x
-    // faster with one candle thread). Set before candle starts the pool; an explicit value wins.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    // faster with one candle thread). Must run before candle starts the pool.
+    ops::init_cpu_threads();
     let cli = Cli::parse_from(config_file::expand(std::env::args_os().collect())?);
     match cli.cmd {
         Cmd::FetchAssets { dest, cache } => {
@@ -141,6 +139,7 @@ fn main() -> Result<()> {
                     "backbone" => rows.extend(bench::bench_backbone(&mut torch, size, reps)?),
                     "episode" => rows.extend(bench::bench_episode(size, reps)?),
                     "stage2" => rows.extend(pipeline::bench_stage2::bench_stage2(&shards, batch, reps)?),
+                    "pos" => rows.extend(bench::bench_pos(size, threads, reps)?),
                     other => anyhow::bail!("unknown benchmark `{other}` (known: backbone, episode, stage2)"),
                 }
             }

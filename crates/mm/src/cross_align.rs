@@ -2,7 +2,7 @@
 //! with the same layer weights in both directions.
 
 use candle_core::{bail, Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 use ops::attention::MultiheadAttention;
 use ops::nn::LayerNorm;
 
@@ -62,7 +62,9 @@ impl FfnLayer {
 
     /// `x`: (B, L, E) -> (B, L, E).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.linear2.forward(&self.linear1.forward(x)?.relu()?)?;
+        // Fused linear(+ReLU) kernels: one backward pass for dx, dW and db each.
+        let h = ops::nn::linear_relu(x, self.linear1.weight(), self.linear1.bias())?;
+        let y = ops::nn::linear(&h, self.linear2.weight(), self.linear2.bias())?;
         self.norm.forward(&(x + y)?)
     }
 }

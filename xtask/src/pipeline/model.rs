@@ -148,6 +148,7 @@ impl MmFormer {
     }
 
     /// One whole episode: query image, K support images and their labels, all normalised.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn episode(&self, query: &Tensor, supports: &[Tensor], labels: &[Tensor]) -> Result<MmOutput> {
         let (_, _, h, w) = query.dims4()?;
         let q = self.query(query)?;
