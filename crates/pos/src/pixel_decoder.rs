@@ -2,7 +2,7 @@
 //! res5/res4/res3 plus one FPN level from res2 that yields the per-pixel mask features.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 use ops::deform::MSDeformAttn;
 use ops::nn::{GroupNorm, LayerNorm};
 use ops::position::sine_position_encoding;
@@ -65,7 +65,9 @@ impl EncoderLayer {
         // Deformable self-attention: the query carries the position, the sampled values do not.
         let attn = self.self_attn.forward(&(src + pos)?, reference_points, src, spatial_shapes)?;
         let src = self.norm1.forward(&(src + attn)?)?;
-        let ffn = self.linear2.forward(&self.linear1.forward(&src)?.relu()?)?;
+        // Fused linear(+ReLU) kernels (one backward pass each for dx, dW, db).
+        let hidden = ops::nn::linear_relu(&src, self.linear1.weight(), self.linear1.bias())?;
+        let ffn = ops::nn::linear(&hidden, self.linear2.weight(), self.linear2.bias())?;
         self.norm2.forward(&(src + ffn)?)
     }
 }

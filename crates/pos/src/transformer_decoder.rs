@@ -3,7 +3,7 @@
 //! each layer's mask prediction restricting the next layer's cross-attention.
 
 use candle_core::{bail, DType, Result, Tensor, D};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 use ops::attention::MultiheadAttention;
 use ops::nn::{LayerNorm, Mlp};
 use ops::position::sine_position_encoding;
@@ -86,7 +86,9 @@ impl FfnLayer {
 
     /// (B, N, d) -> (B, N, d)
     fn forward(&self, tgt: &Tensor) -> Result<Tensor> {
-        let y = self.linear2.forward(&self.linear1.forward(tgt)?.relu()?)?;
+        // Fused linear(+ReLU) kernels (one backward pass each for dx, dW, db).
+        let hidden = ops::nn::linear_relu(tgt, self.linear1.weight(), self.linear1.bias())?;
+        let y = ops::nn::linear(&hidden, self.linear2.weight(), self.linear2.bias())?;
         self.norm.forward(&(tgt + y)?)
     }
 }
