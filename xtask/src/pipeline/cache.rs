@@ -251,14 +251,7 @@ pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
     if args.dry_run {
         return Ok(());
     }
-    if mine > free {
-        bail!(
-            "{}: needs {:.2} GB but only {:.2} GB are free; free space, use --feature-dtype f16/bf16, fewer --views, or split the work with --shard i/n across disks",
-            args.out.display(),
-            mine as f64 / 1e9,
-            free as f64 / 1e9
-        );
-    }
+    check_disk(&args.out, mine, free)?;
     std::fs::write(args.out.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
     crate::config_file::write_resolved(&args.out, args)?;
     let mut log = JsonlLog::append(&args.out.join("log.jsonl"))?;
@@ -315,6 +308,19 @@ pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
     Ok(())
 }
 
+/// Refuses to start when the shards would not fit on the disk.
+pub fn check_disk(dir: &Path, needed: u64, free: u64) -> Result<()> {
+    if needed > free {
+        bail!(
+            "{}: needs {:.2} GB but only {:.2} GB are free; free space, use --feature-dtype f16/bf16, fewer --views, or split the work with --shard i/n across disks",
+            dir.display(),
+            needed as f64 / 1e9,
+            free as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
 /// Backbone + POS on a batch of views → shard records.
 fn forward_records(
     backbone: &dyn backbone::Backbone,
@@ -347,4 +353,41 @@ fn forward_records(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_slices_parse_and_bad_ones_are_refused() {
+        assert_eq!("1/4".parse::<WorkerSlice>().unwrap(), WorkerSlice { index: 1, count: 4 });
+        for bad in ["4/4", "1", "a/2", "0/0"] {
+            assert!(bad.parse::<WorkerSlice>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn too_little_disk_is_refused_naming_the_folder_and_sizes() {
+        check_disk(Path::new("runs/x"), 10, 10).unwrap();
+        let err = check_disk(Path::new("runs/x"), 145_000_000_000, 2_000_000_000).unwrap_err().to_string();
+        assert!(err.contains("runs/x") && err.contains("145.00 GB") && err.contains("2.00 GB"), "{err}");
+    }
+
+    #[test]
+    fn the_paper_preset_estimate_matches_the_readme() {
+        // res5/res4/res3 of ResNet-50 at 480² in f16, 100 proposals at 120² in u8, the label.
+        let spec = ShardSpec {
+            model_fingerprint: String::new(),
+            preprocess_fingerprint: String::new(),
+            backbone: "resnet50".into(),
+            feature_names: vec!["res5".into(), "res4".into(), "res3".into()],
+            feature_dtype: StoredDType::F16,
+            mask_dtype: StoredDType::U8Prob,
+            num_queries: 100,
+        };
+        let shapes = vec![vec![2048, 15, 15], vec![1024, 30, 30], vec![512, 60, 60]];
+        let bytes = shard::record_bytes(&spec, &shapes, &[100, 120, 120], (480, 480));
+        assert!((8.0e6..8.2e6).contains(&(bytes as f64)), "{bytes}");
+    }
 }
