@@ -240,3 +240,71 @@ pub fn save_model(path: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tenso
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    /// Every tensor of a paper-preset model under the official V1 names, with the legacy keys an
+    /// official checkpoint also carries (spec §6.2).
+    fn official_layout() -> HashMap<String, Tensor> {
+        let device = Device::Cpu;
+        let bvm = VarMap::new();
+        let bvb = train::seeded_var_builder(&bvm, 1, DType::F32, &device);
+        backbone::ResNet50::new(&backbone::ResNetConfig::r50(), backbone::Weights::from_var_builder(bvb)).unwrap();
+        let mut all: HashMap<String, Tensor> = super::super::stage1::varmap_tensors(&bvm)
+            .into_iter()
+            .map(|(k, v)| (format!("backbone.{k}"), v))
+            .collect();
+        let (pvm, _) = super::super::stage1::new_pos(Preset::Paper, &device).unwrap();
+        all.extend(super::super::stage1::varmap_tensors(&pvm));
+        all.extend(fresh_mm_tensors(&MmConfig::resnet50()).unwrap());
+        for (k, shape) in [
+            ("criterion.empty_weight", vec![151]),
+            ("sem_seg_head.pixel_decoder.crossat_0.transformer_ffn_layers.0.linear1.weight", vec![2048, 256]),
+            ("crossat_3.transformer_ffn_layers.0.linear1.weight", vec![256, 256]),
+            ("backbone.res2.0.conv1.norm.num_batches_tracked", vec![1]),
+        ] {
+            all.insert(k.to_string(), Tensor::zeros(shape, DType::F32, &device).unwrap());
+        }
+        all
+    }
+
+    #[test]
+    fn an_official_layout_without_metadata_loads_as_the_paper_preset_and_runs() {
+        let dir = std::env::temp_dir().join(format!("xtask-official-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tensors = official_layout();
+        let file = dir.join("model_best.safetensors");
+        candle_core::safetensors::save(&tensors, &file).unwrap();
+        let model = MmFormer::load(&file).unwrap();
+        assert_eq!(model.meta.preset, Preset::Paper);
+        assert!(model.meta.learnable_matching && model.meta.cross_alignment);
+        let x = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+        let label = Tensor::ones((1, 64, 64), DType::F32, &Device::Cpu).unwrap();
+        let out = model.episode(&x, &[x.clone()], &[label]).unwrap();
+        assert_eq!(out.out.dims(), &[1, 1, 64, 64]);
+        assert_eq!(out.cosine.dims(), &[1, 100]);
+
+        // Ours round-trips with its metadata.
+        let ours = dir.join("ours.safetensors");
+        let meta = ModelMeta::new(Preset::Paper, &MmConfig { learnable_matching: false, ..MmConfig::resnet50() });
+        save_model(&ours, &meta, &tensors).unwrap();
+        assert_eq!(read_meta(&ours).unwrap(), Some(meta));
+
+        // A stage-1 checkpoint (no MM) and a backbone-only file are refused with the reason.
+        let no_mm: HashMap<String, Tensor> =
+            tensors.iter().filter(|(k, _)| k.starts_with("backbone.") || k.starts_with("sem_seg_head.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let f = dir.join("step1.safetensors");
+        candle_core::safetensors::save(&no_mm, &f).unwrap();
+        let err = format!("{:#}", MmFormer::load(&f).err().unwrap());
+        assert!(err.contains("step1.safetensors") && err.contains("mask-matching"), "{err}");
+        let bb: HashMap<String, Tensor> = tensors.iter().filter(|(k, _)| k.starts_with("backbone.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let f = dir.join("resnet.safetensors");
+        candle_core::safetensors::save(&bb, &f).unwrap();
+        let err = format!("{:#}", MmFormer::load(&f).err().unwrap());
+        assert!(err.contains("resnet.safetensors") && err.contains("not an MM-Former checkpoint"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
