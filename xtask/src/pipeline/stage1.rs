@@ -68,7 +68,19 @@ fn config_fingerprint(a: &Stage1Args) -> serde_json::Value {
     v
 }
 
+/// The dataset at `root`: COCO-20i when `root/annotations/instances_train{2014,2017}.json`
+/// exists (standard COCO layout, interleaved folds), else the VOC layout (PASCAL-5i, the
+/// synthetic dataset, users' data written like them).
 pub fn open_dataset(root: &Path) -> Result<FewShotDataset> {
+    for year in [2014, 2017] {
+        if root.join("annotations").join(format!("instances_train{year}.json")).is_file() {
+            let opts = data::CocoOptions::standard(root, year);
+            return FewShotDataset::open_coco(&opts).with_context(|| format!("opening COCO {year} at {}", root.display()));
+        }
+    }
+    if !root.is_dir() {
+        bail!("dataset folder {} not found (make it with `cargo xtask make-synthetic`, or pass --data)", root.display());
+    }
     FewShotDataset::open_voc(root, &VocOptions::default()).with_context(|| format!("opening dataset {}", root.display()))
 }
 
