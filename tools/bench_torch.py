@@ -26,6 +26,19 @@ Models (random weights, timing only; input is 1x3xSIZExSIZE, float32, NCHW):
   efficientnet_lite0 EfficientNet-Lite0 features: stem 3x3/2 32ch, 16 MBConv blocks, no SE,
                      ReLU6, BN, TF "SAME" padding; with --head also conv_head 1x1 320->1280.
 
+POS requests (tools/pos_torch.py; `cargo xtask bench pos` drives them; an optional 4th field
+is the batch, default 1):
+  pos_forward_paper  POS forward (pixel decoder + decoder), paper config, batch x [res2..res5] of
+                     a SIZE^2 ResNet-50 input, eval mode, inference_mode.
+  pos_forward_cpu    the same with the cpu config (EfficientNet-Lite0 taps).
+  pos_train_cpu      one stage-1 training iteration, cpu config, on fixed random features of a
+                     batch x 3 x SIZE^2 input: forward + criterion (Hungarian matching with
+                     scipy, point-sampled BCE/dice on all predictions, oracle few-shot loss) +
+                     backward + clip_grad_norm_(0.01) + AdamW step. Its answer also carries
+                     "phases_ms": {forward, criterion, backward, clip+step: [per rep]} and
+                     "solver" (the assignment solver that ran).
+  efficientnet_lite0 / resnet50 accept the batch field too.
+
 Each model/size pair gets one untimed warm-up forward on first use. Everything runs in eval
 mode under torch.inference_mode() with torch.set_num_threads(N) (default 2).
 --fuse-bn folds every BatchNorm into the preceding conv, as the Rust backbone does at load.
@@ -178,6 +191,47 @@ def build(name, args):
     return model
 
 
+def run_pos(name, size, reps, batch, models, warmed):
+    """The POS requests (see the module docstring); the model is built once per (name, size, batch)."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import pos_torch
+
+    key = (name, size, batch)
+    times, cpu, phases = [], [], {}
+    if name in ("pos_forward_paper", "pos_forward_cpu"):
+        preset = name.rsplit("_", 1)[1]
+        if key not in models:
+            torch.manual_seed(0)
+            models[key] = (pos_torch.Pos(preset).eval(), pos_torch.random_features(preset, size, batch))
+        model, feats = models[key]
+        with torch.inference_mode():
+            if key not in warmed:
+                model(feats)
+                warmed.add(key)
+            for _ in range(reps):
+                c0, t0 = time.process_time(), time.perf_counter()
+                model(feats)
+                times.append((time.perf_counter() - t0) * 1e3)
+                cpu.append((time.process_time() - c0) * 1e3)
+        return {"model": name, "size": size, "batch": batch, "times_ms": times, "cpu_ms": cpu}
+    if name == "pos_train_cpu":
+        if key not in models:
+            models[key] = pos_torch.TrainBench("cpu", size, batch)
+        bench = models[key]
+        if key not in warmed:
+            bench.step()
+            warmed.add(key)
+        for _ in range(reps):
+            c0, t0 = time.process_time(), time.perf_counter()
+            bench.step(phases)
+            times.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+        return {"model": name, "size": size, "batch": batch, "times_ms": times, "cpu_ms": cpu,
+                "phases_ms": phases, "solver": pos_torch.solver_name()}
+    raise ValueError(f"unknown POS request {name!r} (pos_forward_paper, pos_forward_cpu, pos_train_cpu)")
+
+
 def emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -205,15 +259,19 @@ def main():
             break
         try:
             parts = line.split()
-            if len(parts) != 3:
-                raise ValueError("expected '<model> <size> <reps>'")
+            if len(parts) not in (3, 4):
+                raise ValueError("expected '<model> <size> <reps> [batch]'")
             name, size, reps = parts[0], int(parts[1]), int(parts[2])
-            if size < 32 or reps < 1:
-                raise ValueError("size must be >= 32 and reps >= 1")
+            batch = int(parts[3]) if len(parts) == 4 else 1
+            if size < 32 or reps < 1 or batch < 1:
+                raise ValueError("size must be >= 32, reps >= 1 and batch >= 1")
+            if name.startswith("pos_"):
+                emit(run_pos(name, size, reps, batch, models, warmed))
+                continue
             if name not in models:
                 models[name] = build(name, args)
             model = models[name]
-            x = torch.randn(1, 3, size, size)
+            x = torch.randn(batch, 3, size, size)
             times, cpu = [], []
             with torch.inference_mode():
                 if (name, size) not in warmed:
@@ -224,7 +282,7 @@ def main():
                     model(x)
                     times.append((time.perf_counter() - t0) * 1e3)
                     cpu.append((time.process_time() - c0) * 1e3)
-            emit({"model": name, "size": size, "times_ms": times, "cpu_ms": cpu})
+            emit({"model": name, "size": size, "batch": batch, "times_ms": times, "cpu_ms": cpu})
         except Exception as e:  # the driver gets the reason and the server stays up
             emit({"error": str(e), "request": line})
 

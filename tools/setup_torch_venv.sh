@@ -13,7 +13,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 "$VENV/bin/python" -m pip install --upgrade pip
-"$VENV/bin/python" -m pip install torch numpy
+# scipy: the official matcher's linear_sum_assignment, for the POS training benchmark (tools/pos_torch.py)
+"$VENV/bin/python" -m pip install torch numpy scipy
 
-"$VENV/bin/python" -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__, "threads", torch.get_num_threads())'
+"$VENV/bin/python" -c 'import torch, numpy, scipy; print("torch", torch.__version__, "numpy", numpy.__version__, "scipy", scipy.__version__, "threads", torch.get_num_threads())'
 echo "venv ready: $VENV"

@@ -209,8 +209,9 @@ const EPISODE_STAGES: [&str; 5] = ["backbone (query)", "pos", "backbone (support
 /// identity BN), a freshly initialised POS (scratch init) and mask-matching module.
 ///
 /// The POS and MM weights are plain (detached) tensors, as in a model loaded from a checkpoint:
-/// layers built on trainable `Var`s take slower paths that keep a backward (e.g. `ConvGn` uses
-/// candle's conv2d instead of `ops::conv`), which is not what inference runs.
+/// layers built on trainable `Var`s take paths that record a backward graph (e.g. `ConvGn` and
+/// `Conv1x1` run `ops::conv::conv2d_trainable`, a custom op, instead of the plain inference
+/// kernels), which is not what inference runs.
 pub fn synthetic_model(preset: crate::pipeline::Preset, seed: u64) -> Result<crate::pipeline::model::MmFormer> {
     use crate::pipeline::{model, stage1, Preset};
     use candle_core::DType;
@@ -450,8 +451,78 @@ impl PosTrainBench {
     }
 }
 
+/// Wall and CPU milliseconds of repeated runs.
+#[derive(Default)]
+struct Samples {
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Samples {
+    fn push(&mut self, wall: f64, cpu: f64) {
+        self.wall.push(wall);
+        self.cpu.push(if cpu.is_finite() { cpu } else { 0.0 });
+    }
+
+    /// Takes `times_ms` / `cpu_ms` of a bench_torch.py answer.
+    fn push_answer(&mut self, v: &serde_json::Value) -> Result<()> {
+        let get = |k: &str| -> Vec<f64> { v[k].as_array().into_iter().flatten().filter_map(|x| x.as_f64()).collect() };
+        let (w, c) = (get("times_ms"), get("cpu_ms"));
+        if w.is_empty() {
+            bail!("bench_torch.py answered without times: {v}");
+        }
+        self.wall.extend(&w);
+        self.cpu.extend(if c.len() == w.len() { c } else { vec![0.0; w.len()] });
+        Ok(())
+    }
+}
+
+/// One benchmark line: the row (wall medians) plus the CPU-time medians of both sides.
+fn pos_row(name: &str, ours: Samples, torch: Samples) -> BenchRow {
+    let (ow, oc) = (median(ours.wall), median(ours.cpu));
+    let tw = (!torch.wall.is_empty()).then(|| median(torch.wall.clone()));
+    let tc = (!torch.cpu.is_empty()).then(|| median(torch.cpu));
+    let row = BenchRow { name: name.into(), ours_ms: ow, torch_ms: tw, ratio: tw.map(|t| ow / t) };
+    match (tw, tc) {
+        (Some(tw), Some(tc)) => println!(
+            "{:<36} ours {:>8.1} ms  torch {:>8.1} ms  ours/torch {:>5.2}  | cpu ms: ours {:>8.1}  torch {:>8.1}  ratio {:>5.2}",
+            name,
+            ow,
+            tw,
+            ow / tw,
+            oc,
+            tc,
+            oc / tc
+        ),
+        _ => println!("{name:<36} ours {ow:>8.1} ms  | cpu ms: ours {oc:>8.1}"),
+    }
+    row
+}
+
+/// Runs ours and one torch request alternately `reps` times (after one warm-up of ours; the
+/// torch side warms itself up on first use).
+fn interleave(
+    name: &str,
+    ours: &mut dyn FnMut() -> Result<()>,
+    mut torch: Option<(&mut TorchServer, &str)>,
+    reps: usize,
+) -> Result<BenchRow> {
+    ours()?;
+    let (mut o, mut t) = (Samples::default(), Samples::default());
+    for _ in 0..reps {
+        let (c0, w0) = (process_cpu_ms().unwrap_or(f64::NAN), Instant::now());
+        ours()?;
+        o.push(w0.elapsed().as_secs_f64() * 1e3, process_cpu_ms().unwrap_or(f64::NAN) - c0);
+        if let Some((server, req)) = torch.as_mut() {
+            t.push_answer(&server.request(req)?)?;
+        }
+    }
+    Ok(pos_row(name, o, t))
+}
+
 /// `cargo xtask bench pos`: the POS against tools/pos_torch.py (the official Mask2Former /
-/// MM-Former code re-implemented with our configurations), interleaved, medians, same threads:
+/// MM-Former code re-implemented with our configurations), interleaved run by run, medians, the
+/// same number of threads:
 ///
 /// - `pos_forward_paper_<size>`: inference forward, paper config, 1 image (weights as plain
 ///   tensors, as loaded from a checkpoint; torch in eval + inference_mode);
@@ -460,6 +531,9 @@ impl PosTrainBench {
 ///   the per-phase medians of both sides printed below the table;
 /// - `backbone_efficientnet_lite0_256_b4`: the frozen backbone forward that a real training
 ///   iteration adds (BN folded on both sides), for scale.
+///
+/// Besides wall time each line shows the process CPU time of both sides (ours includes rayon's
+/// spin-waits), which other load on a shared machine changes much less.
 pub fn bench_pos(paper_size: usize, threads: usize, reps: usize) -> Result<Vec<BenchRow>> {
     use crate::pipeline::Preset;
     let reps = reps.max(1);
@@ -476,44 +550,35 @@ pub fn bench_pos(paper_size: usize, threads: usize, reps: usize) -> Result<Vec<B
     };
     let req = format!("pos_forward_paper {paper_size} 1 1");
     let t = torch.as_mut().map(|s| (s, req.as_str()));
-    rows.push(compare(&format!("pos_forward_paper_{paper_size}"), &mut ours, t, reps)?);
+    rows.push(interleave(&format!("pos_forward_paper_{paper_size}"), &mut ours, t, reps)?);
     drop(model);
 
     // 2. CPU-preset training iteration, per phase.
     let (size, batch) = (Preset::Cpu.input_size() as usize, 4);
     let mut bench = PosTrainBench::new(Preset::Cpu, size, batch)?;
     bench.step()?; // warm-up
-    let mut ours_t = Vec::new();
+    let (mut o, mut t) = (Samples::default(), Samples::default());
     let mut ours_p: Vec<Vec<f64>> = vec![Vec::new(); 4];
-    let mut torch_t = Vec::new();
     let mut torch_p: Vec<Vec<f64>> = vec![Vec::new(); 4];
     let mut solver = String::new();
     let req = format!("pos_train_cpu {size} 1 {batch}");
     for _ in 0..reps {
+        let c0 = process_cpu_ms().unwrap_or(f64::NAN);
         let (p, _) = bench.step()?;
-        ours_t.push(p.iter().sum::<f64>());
+        o.push(p.iter().sum::<f64>(), process_cpu_ms().unwrap_or(f64::NAN) - c0);
         for (v, x) in ours_p.iter_mut().zip(p) {
             v.push(x);
         }
         if let Some(s) = torch.as_mut() {
             let v = s.request(&req)?;
-            torch_t.extend(v["times_ms"].as_array().context("no times_ms")?.iter().filter_map(|x| x.as_f64()));
+            t.push_answer(&v)?;
             for (name, dst) in TRAIN_PHASES.iter().zip(torch_p.iter_mut()) {
                 dst.extend(v["phases_ms"][*name].as_array().into_iter().flatten().filter_map(|x| x.as_f64()));
             }
             solver = v["solver"].as_str().unwrap_or("").to_string();
         }
     }
-    let ours_ms = median(ours_t);
-    let torch_ms = (!torch_t.is_empty()).then(|| median(torch_t));
-    let row = BenchRow {
-        name: format!("pos_train_iter_cpu_{size}_b{batch}"),
-        ours_ms,
-        torch_ms,
-        ratio: torch_ms.map(|t| ours_ms / t),
-    };
-    print_row(&row);
-    rows.push(row);
+    rows.push(pos_row(&format!("pos_train_iter_cpu_{size}_b{batch}"), o, t));
     drop(bench);
 
     // 3. The frozen backbone a real iteration runs first.
@@ -526,9 +591,9 @@ pub fn bench_pos(paper_size: usize, threads: usize, reps: usize) -> Result<Vec<B
     };
     let req = format!("efficientnet_lite0 {size} 1 {batch}");
     let t = torch.as_mut().map(|s| (s, req.as_str()));
-    rows.push(compare(&format!("backbone_efficientnet_lite0_{size}_b{batch}"), &mut ours, t, reps)?);
+    rows.push(interleave(&format!("backbone_efficientnet_lite0_{size}_b{batch}"), &mut ours, t, reps)?);
 
-    println!("training iteration by phase (median ms over {reps}):");
+    println!("training iteration by phase (median wall ms over {reps}):");
     for (i, name) in TRAIN_PHASES.iter().enumerate() {
         let o = median(ours_p[i].clone());
         if torch_p[i].is_empty() {
@@ -767,12 +832,44 @@ mod profile_pos_train {
         fb("ConvGn 3x3 64->64 at 4x64x64 (Var weight, Var input)", reps, &mut || c3.forward(x64.as_tensor()));
         let w3 = vm.data().lock().unwrap()["l1.weight"].clone();
         fb("  candle conv2d alone", reps, &mut || x64.as_tensor().conv2d(w3.as_tensor(), 1, 1, 1, 1));
+        fb("  ops::conv::conv2d_trainable alone", reps, &mut || {
+            ops::conv::conv2d_trainable(x64.as_tensor(), w3.as_tensor(), None, [1; 4])
+        });
+        fb("    harness overhead (y = x + 0)", reps, &mut || x64.as_tensor().affine(1.0, 0.0));
+        let xc = x64.as_tensor().detach();
+        fb("    dW only (constant input)", reps, &mut || ops::conv::conv2d_trainable(&xc, w3.as_tensor(), None, [1; 4]));
+        let wc = w3.as_tensor().detach();
+        fb("    dX only (constant weight)", reps, &mut || ops::conv::conv2d_trainable(x64.as_tensor(), &wc, None, [1; 4]));
         let gn = ops::nn::GroupNorm::new(cfg.gn_groups, d, 1e-5, vb.pp("gn")).unwrap();
-        fb("  GroupNorm(32, 64) alone at 4x64x64", reps, &mut || gn.forward(x64.as_tensor()));
+        fb("  ops::nn::GroupNorm(32, 64) (composed) alone at 4x64x64", reps, &mut || gn.forward(x64.as_tensor()));
+        let (gw, gb) = {
+            let data = vm.data().lock().unwrap();
+            (data["gn.weight"].clone(), data["gn.bias"].clone())
+        };
+        fb("  ops::conv::group_norm (fused) alone at 4x64x64", reps, &mut || {
+            ops::conv::group_norm(x64.as_tensor(), gw.as_tensor(), gb.as_tensor(), cfg.gn_groups, 1e-5)
+        });
         let a1 = pos::ConvGn::new(24, d, 1, cfg.gn_groups, vb.pp("a1")).unwrap();
         fb("ConvGn 1x1 24->64 at 4x64x64 (constant input)", reps, &mut || a1.forward(&feats[0]));
         let mf = pos::Conv1x1::new(d, d, true, candle_nn::Init::Const(0.01), vb.pp("mf")).unwrap();
         fb("Conv1x1 64->64 + bias at 4x64x64 (Var input)", reps, &mut || mf.forward(x64.as_tensor()));
+        let bias = candle_core::Var::randn(0f32, 1f32, d, &dev).unwrap();
+        fb("  bias broadcast_add alone at 4x64x64", reps, &mut || {
+            x64.as_tensor().broadcast_add(&bias.as_tensor().reshape((1, d, 1, 1))?)
+        });
+        let x32 = candle_core::Var::randn(0f32, 1f32, (4, d, 32, 32), &dev).unwrap();
+        fb("  resize_bilinear 32->64", reps, &mut || ops::resize::resize_bilinear(x32.as_tensor(), (64, 64), false));
+        let gn32 = ops::nn::GroupNorm::new(cfg.gn_groups, d, 1e-5, vb.pp("gn32")).unwrap();
+        fb("  input_proj.2 (Conv1x1 40->64 + nn::GroupNorm) at 4x32x32", reps, &mut || {
+            let ip = pos::Conv1x1::new(40, d, true, candle_nn::Init::Const(0.01), vb.pp("ip2"))?;
+            gn32.forward(&ip.forward(&feats[1])?)
+        });
+        let tokens: usize = 64 + 256 + 1024;
+        let src = candle_core::Var::randn(0f32, 1f32, (4, tokens, d), &dev).unwrap();
+        let refs = Tensor::rand(0f32, 1f32, (4, tokens, 3, 2), &dev).unwrap();
+        let msda = ops::deform::MSDeformAttn::new(d, 3, cfg.enc_heads, cfg.enc_points, vb.pp("msda")).unwrap();
+        let shapes = [(8usize, 8usize), (16, 16), (32, 32)];
+        fb("  MSDeformAttn (4 x 1344 tokens)", reps, &mut || msda.forward(src.as_tensor(), &refs, src.as_tensor(), &shapes));
         let pd = pos::MSDeformAttnPixelDecoder::new(&cfg, vb.pp("pd")).unwrap();
         fb("pixel decoder (mask_features)", reps, &mut || Ok(pd.forward(&feats)?.mask_features));
         let pdo = pd.forward(&feats).unwrap();
@@ -787,6 +884,33 @@ mod profile_pos_train {
         fb("  one mask head einsum (4x20x64 . 4x64x4096)", reps, &mut || {
             emb.as_tensor().matmul(&mfeat.as_tensor().reshape((4, d, 4096))?)
         });
+    }
+
+    /// Writes a cpu-preset POS (seeded init), random features of a 2×3×128² input and our
+    /// forward outputs to `$POS_DUMP` (default /tmp/pos_dump.safetensors), for
+    /// `tools/check_pos_torch.py`, which loads the same weights into the PyTorch side of
+    /// `bench pos` and compares its outputs (the two sides compute the same function).
+    #[test]
+    #[ignore]
+    fn dump_pos_for_torch() {
+        use crate::pipeline::{stage1, Preset};
+        let path = std::env::var("POS_DUMP").unwrap_or_else(|_| "/tmp/pos_dump.safetensors".into());
+        let (vm, model) = stage1::new_pos_seeded(Preset::Cpu, 3, &Device::Cpu).unwrap();
+        let feats = pos_bench_features(Preset::Cpu, 128, 2).unwrap();
+        let out = model.forward(&feats).unwrap();
+        let mut t = stage1::varmap_tensors(&vm);
+        for (name, f) in ["res2", "res3", "res4", "res5"].iter().zip(&feats) {
+            t.insert(format!("input.{name}"), f.clone());
+        }
+        for (i, p) in out.all_predictions().iter().enumerate() {
+            t.insert(format!("output.pred_masks.{i}"), p.clone());
+        }
+        t.insert("output.mask_features".into(), out.mask_features.clone());
+        for (i, m) in out.multi_scale.iter().enumerate() {
+            t.insert(format!("output.multi_scale.{i}"), m.contiguous().unwrap());
+        }
+        candle_core::safetensors::save(&t, &path).unwrap();
+        println!("wrote {path}");
     }
 
     /// `cargo test --release -p xtask profile_pos_train -- --ignored --nocapture`

@@ -19,9 +19,14 @@
 //! crate 0.19 (the one candle links) with its AVX-512 kernels compiled in.
 //!
 //! Any other device or dtype falls back to candle's conv2d so CUDA builds keep working.
+//!
+//! Training: [`conv2d_trainable`] (stride 1, one group) and [`group_norm`] are candle custom ops
+//! with analytic backwards built on the same kernels (see `train.rs`): dX is the forward kernel
+//! on the flipped, transposed weights, dW one shifted gemm per tap and image.
 
 mod depthwise;
 mod gemm_path;
+mod train;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -514,6 +519,83 @@ pub fn conv2d(
         .ok_or_else(|| err("conv2d: bias must be an f32 CPU tensor".to_string()))?,
     })?
     .ok_or_else(|| err("conv2d: weight must be an f32 CPU tensor".to_string()))?
+}
+
+/// A differentiable convolution, stride 1, no dilation, one group, zero padding
+/// `[top, bottom, left, right]` (each smaller than the kernel side), optional bias:
+/// x (N, Cin, H, W), weight (Cout, Cin, kh, kw), bias (Cout) ->
+/// (N, Cout, H + top + bottom - kh + 1, W + left + right - kw + 1).
+///
+/// f32 on CPU runs the fast kernels forward and backward (f64 runs reference loops, for gradient
+/// checks); gradients reach `x`, `weight` and `bias` when they track. Elsewhere, candle's conv2d.
+pub fn conv2d_trainable(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: [usize; 4],
+) -> candle_core::Result<Tensor> {
+    check_same_kind(x, weight, None)?;
+    if let Some(b) = bias {
+        if b.dtype() != weight.dtype() || !b.device().same_device(weight.device()) {
+            return Err(err("conv2d: bias must have the weight's dtype and device".to_string()));
+        }
+    }
+    let spec = ConvSpec { stride: (1, 1), padding, dilation: (1, 1), groups: 1 };
+    geometry(x.dims(), weight.dims(), bias.map(|b| b.dims()), None, spec)?;
+    if train::supported(x, weight, padding) {
+        let (x, w) = (x.contiguous()?, weight.contiguous()?);
+        return match bias {
+            None => x.apply_op2(&w, train::ConvOp { padding }),
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, train::ConvBiasOp { padding }),
+        };
+    }
+    let [pt, pb, pl, pr] = padding;
+    let (x, pad) = if pt == pb && pt == pl && pt == pr {
+        (x.clone(), pt)
+    } else {
+        (x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?, 0)
+    };
+    let y = x.conv2d(weight, pad, 1, 1, 1)?;
+    match bias {
+        None => Ok(y),
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+    }
+}
+
+/// `torch.nn.GroupNorm(groups, C, eps)` with affine `weight` and `bias` (C) on x (B, C, H, W),
+/// differentiable in all three. f32/f64 on CPU: one fused op (f64-accumulated statistics,
+/// analytic backward); elsewhere composed from candle ops.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let &[b, c, h, w] = x.dims() else {
+        return Err(err(format!("group_norm: expected a (B, C, H, W) input, got {:?}", x.dims())));
+    };
+    if groups == 0 || c % groups != 0 || weight.dims() != [c] || bias.dims() != [c] {
+        return Err(err(format!(
+            "group_norm: {c} channels in {groups} groups with weight {:?} and bias {:?}",
+            weight.dims(),
+            bias.dims()
+        )));
+    }
+    let same = x.dtype() == weight.dtype() && x.dtype() == bias.dtype();
+    if x.device().is_cpu() && same && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let op = train::GroupNormOp { groups, eps };
+        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op);
+    }
+    let xg = x.reshape((b, groups, (c / groups) * h * w))?;
+    let mean = xg.mean_keepdim(2)?;
+    let centered = xg.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(2)?;
+    centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape((b, c, h, w))?
+        .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)
 }
 
 /// Applies `act(v + bias + residual)` to one output row segment: the fused epilogue shared by

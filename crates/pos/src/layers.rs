@@ -4,7 +4,6 @@
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use ops::conv::{Activation, ConvSpec};
-use ops::nn::GroupNorm;
 
 /// GroupNorm epsilon of torch's default.
 pub(crate) const GN_EPS: f64 = 1e-5;
@@ -53,9 +52,13 @@ fn channel_matmul(weight: &Tensor, x: &Tensor, what: &str) -> Result<Tensor> {
         .reshape((b, cout, h, w))
 }
 
-/// `nn.Conv2d(cin, cout, 1)` computed as a matmul over channels: a 1×1 convolution is exactly
-/// `W · X` per image, which is faster than candle's conv2d and carries gradients for free.
-/// Parameters keep torch's names and shapes: `weight` [Cout, Cin, 1, 1], optional `bias` [Cout].
+/// `nn.Conv2d(cin, cout, 1)`. Parameters keep torch's names and shapes: `weight`
+/// [Cout, Cin, 1, 1], optional `bias` [Cout].
+///
+/// When a gradient can be needed (a trainable weight or a tracked input) the convolution is
+/// `ops::conv::conv2d_trainable`, whose forward and backward run the fast gemm kernels (candle's
+/// matmul backward of a weight broadcast over the batch reduces through slow strided sums);
+/// otherwise it is `W · X` per image, a plain matmul.
 #[derive(Debug, Clone)]
 pub struct Conv1x1 {
     weight: Tensor,
@@ -71,7 +74,17 @@ impl Conv1x1 {
 
     /// (B, Cin, H, W) -> (B, Cout, H, W)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = channel_matmul(&self.weight, x, "Conv1x1")?;
+        let trainable = self.weight.track_op() || x.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
+        if trainable {
+            // The bias is added (and its gradient summed) inside the op.
+            let (_, c, _, _) = dims4(x, "Conv1x1")?;
+            let cin = self.weight.dim(1)?;
+            if c != cin {
+                bail!("Conv1x1: input has {c} channels, layer expects {cin}");
+            }
+            return ops::conv::conv2d_trainable(x, &self.weight, self.bias.as_ref(), [0; 4]);
+        }
+        let y = conv(&self.weight, x, "Conv1x1")?;
         match &self.bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?),
             None => Ok(y),
@@ -79,14 +92,35 @@ impl Conv1x1 {
     }
 }
 
+/// A bias-free 'same' convolution (odd k, padding k / 2) of `x` with `weight` [Cout, Cin, k, k]:
+/// the differentiable fast op when a gradient can be needed, else the inference kernels
+/// (a matmul for 1×1, `ops::conv::conv2d` otherwise).
+fn conv(weight: &Tensor, x: &Tensor, what: &str) -> Result<Tensor> {
+    let (_, cin, k, _) = weight.dims4()?;
+    let (_, c, _, _) = dims4(x, what)?;
+    if c != cin {
+        bail!("{what}: input has {c} channels, layer expects {cin}");
+    }
+    let p = k / 2;
+    if weight.track_op() || x.track_op() {
+        ops::conv::conv2d_trainable(x, weight, None, [p; 4])
+    } else if k == 1 {
+        channel_matmul(weight, x, what)
+    } else {
+        ops::conv::conv2d(x, weight, None, ConvSpec::same_as_torch(1, p), Activation::None, None)
+    }
+}
+
 /// detectron2 `Conv2d(cin, cout, k, padding=k/2, bias=False, norm=GroupNorm)`: `weight`
 /// [Cout, Cin, k, k] and `norm.{weight,bias}`; forward is `norm(conv(x))` (the activation, where
-/// there is one, is the caller's). k = 1 runs as a matmul; other sizes run through candle's
-/// conv2d, which has a backward, or `ops::conv` when no gradient can be needed.
+/// there is one, is the caller's). The convolution is [`conv`]'s (fast forward and backward on
+/// CPU), the norm `ops::conv::group_norm` (one fused op with an analytic backward).
 #[derive(Debug, Clone)]
 pub struct ConvGn {
     weight: Tensor,
-    norm: GroupNorm,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    groups: usize,
 }
 
 impl ConvGn {
@@ -94,31 +128,19 @@ impl ConvGn {
         if k % 2 == 0 {
             bail!("ConvGn: kernel size must be odd for 'same' padding, got {k}");
         }
+        if groups == 0 || !cout.is_multiple_of(groups) {
+            bail!("ConvGn: {cout} channels cannot be split into {groups} groups");
+        }
         let weight = vb.get_with_hints((cout, cin, k, k), "weight", c2_xavier(cin * k * k))?;
-        let norm = GroupNorm::new(groups, cout, GN_EPS, vb.pp("norm"))?;
-        Ok(Self { weight, norm })
+        // The torch GroupNorm's affine parameters and their default init.
+        let norm_weight = vb.pp("norm").get_with_hints(cout, "weight", Init::Const(1.0))?;
+        let norm_bias = vb.pp("norm").get_with_hints(cout, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, norm_weight, norm_bias, groups })
     }
 
     /// (B, Cin, H, W) -> (B, Cout, H, W)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, cin, k, _) = self.weight.dims4()?;
-        let y = if k == 1 {
-            channel_matmul(&self.weight, x, "ConvGn")?
-        } else {
-            let (_, c, _, _) = dims4(x, "ConvGn")?;
-            if c != cin {
-                bail!("ConvGn: input has {c} channels, layer expects {cin}");
-            }
-            if self.weight.track_op() || x.track_op() {
-                // Training: candle's conv2d carries the backward.
-                x.conv2d(&self.weight, k / 2, 1, 1, 1)?
-            } else {
-                // Nothing needs a gradient (loaded weights, frozen inputs): the much faster
-                // inference-only convolution of `ops` gives the same result.
-                let spec = ConvSpec::same_as_torch(1, k / 2);
-                ops::conv::conv2d(x, &self.weight, None, spec, Activation::None, None)?
-            }
-        };
-        self.norm.forward(&y)
+        let y = conv(&self.weight, x, "ConvGn")?;
+        ops::conv::group_norm(&y, &self.norm_weight, &self.norm_bias, self.groups, GN_EPS)
     }
 }
