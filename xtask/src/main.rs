@@ -66,7 +66,9 @@ enum Cmd {
     Predict(predict::PredictArgs),
     /// Speed against PyTorch on this machine (same threads, interleaved, medians).
     Bench {
-        /// What to time: backbone, episode (1/5-shot per stage, paper preset at --size and cpu at 256).
+        /// What to time: backbone; pos (forward at --size, paper preset, and one cpu-preset training
+        /// iteration, vs PyTorch); episode (1/5-shot per stage, paper preset at --size and cpu at
+        /// 256); stage2 (one stage-2 step from --shards vs backbone + POS live).
         #[arg(default_values_t = vec!["backbone".to_string()])]
         what: Vec<String>,
         /// Input side (square).
@@ -140,7 +142,7 @@ fn main() -> Result<()> {
                     "episode" => rows.extend(bench::bench_episode(size, reps)?),
                     "stage2" => rows.extend(pipeline::bench_stage2::bench_stage2(&shards, batch, reps)?),
                     "pos" => rows.extend(bench::bench_pos(size, threads, reps)?),
-                    other => anyhow::bail!("unknown benchmark `{other}` (known: backbone, episode, stage2)"),
+                    other => anyhow::bail!("unknown benchmark `{other}` (known: backbone, pos, episode, stage2)"),
                 }
             }
             if let Some(p) = json {
