@@ -210,3 +210,25 @@ pub fn save_checkpoints(
     store.save(&tensors, opt, state.clone())?;
     Ok(best)
 }
+
+/// The update shared by both stages: backward, global gradient-norm clip, AdamW step. A
+/// non-finite loss stops the run before it touches the weights (the last checkpoint stays good).
+/// Returns (loss, gradient norm before clipping).
+pub fn optimizer_step(
+    loss: &Tensor,
+    vars: &[train::NamedVar],
+    opt: &mut train::AdamW,
+    clip: f64,
+    lr: f64,
+    iter: u64,
+    store: &train::CheckpointStore,
+) -> Result<(f64, f64)> {
+    let value = loss.to_scalar::<f32>()? as f64;
+    if !value.is_finite() {
+        bail!("iteration {iter}: loss is {value}; stopping (last good checkpoint kept in {})", store.dir().display());
+    }
+    let mut grads = loss.backward()?;
+    let gnorm = train::clip_grad_norm(&mut grads, vars, clip)?;
+    opt.step(&grads, lr)?;
+    Ok((value, gnorm))
+}

@@ -202,15 +202,9 @@ pub fn train_pos(args: &Stage1Args) -> Result<()> {
         let out = model.forward(&pos_features(&feats))?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ (it.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         let losses = criterion.forward_with_rng(&out.all_predictions(), &targets, &qlabel, &mut rng)?;
-        let mut grads = losses.total.backward()?;
-        let gnorm = train::clip_grad_norm(&mut grads, &vars, args.clip)?;
         let lr = sched.lr(it);
-        opt.step(&grads, lr)?;
+        let (loss, gnorm) = super::optimizer_step(&losses.total, &vars, &mut opt, args.clip, lr, it, &store)?;
         state.iter = it + 1;
-        let loss = losses.total.to_scalar::<f32>()? as f64;
-        if !loss.is_finite() {
-            bail!("iteration {it}: loss is {loss}; stopping (last good checkpoint kept in {})", store.dir().display());
-        }
         pb.set_position(state.iter);
         pb.set_message(format!("loss {loss:.3} lr {lr:.2e}"));
         if state.iter % args.log_every == 0 || state.iter == args.iters {

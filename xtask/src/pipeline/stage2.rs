@@ -309,15 +309,9 @@ pub fn train_mm(args: &Stage2Args) -> Result<()> {
         let batch = EpisodeBatch::new(&eps, &device)?;
         let out = batch.forward(&mm)?;
         let loss = stage2_loss(&out.two_channel()?, &batch.query_label, &out.cosine, &out.proposals, weights)?;
-        let mut grads = loss.total.backward()?;
-        let gnorm = train::clip_grad_norm(&mut grads, &vars, args.clip)?;
         let lr = sched.lr(it);
-        opt.step(&grads, lr)?;
+        let (total, gnorm) = super::optimizer_step(&loss.total, &vars, &mut opt, args.clip, lr, it, &store)?;
         state.iter = it + 1;
-        let total = loss.total.to_scalar::<f32>()? as f64;
-        if !total.is_finite() {
-            bail!("iteration {it}: loss is {total}; stopping (last good checkpoint kept in {})", store.dir().display());
-        }
         pb.set_position(state.iter);
         pb.set_message(format!("loss {total:.3} lr {lr:.2e}"));
         if state.iter % args.log_every == 0 || state.iter == args.iters {
