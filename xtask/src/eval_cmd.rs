@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use data::{CocoOptions, FewShotDataset, VocOptions};
+use data::{CocoOptions, FewShotDataset};
 
 use crate::pipeline::evaluate::{evaluate_with, EvalOptions, EvalTuning, FoldSel};
 use crate::pipeline::model::MmFormer;
@@ -84,12 +84,7 @@ pub fn open_dataset(args: &EvalArgs) -> Result<FewShotDataset> {
         }
         return FewShotDataset::open_coco(&opts).with_context(|| format!("opening COCO at {}", root.display()));
     }
-    let voc = |root: &Path| -> Result<FewShotDataset> {
-        if !root.is_dir() {
-            bail!("dataset folder {} not found", root.display());
-        }
-        FewShotDataset::open_voc(root, &VocOptions::default()).with_context(|| format!("opening dataset {}", root.display()))
-    };
+    let voc = crate::pipeline::stage1::open_voc_dataset;
     match (&args.data, args.dataset) {
         (Some(root), _) => voc(root),
         (None, Some(NamedDataset::VocPhotos)) => {

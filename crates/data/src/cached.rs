@@ -9,7 +9,7 @@
 //! in that view (novel pixels ignored), and `shot` supports of the class whose cached view covers
 //! at least `min_support_area` pixels.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::augment::{augment_train, test_view, AugmentConfig, NormalizedImage};
 use crate::dataset::{ClassId, SampleRecord};
@@ -17,7 +17,7 @@ use crate::episodes::TestEpisodes;
 use crate::error::{DataError, Result};
 use crate::label::{Label, IGNORE};
 use crate::rng::{SeededRng, StreamPurpose};
-use crate::shard::{ProposalRecord, RecordMeta, ShardReader, ShardView};
+use crate::shard::{ProposalRecord, RecordMeta, ShardError, ShardReader, ShardView};
 
 /// A label's raw values mapped to class ids (0 = background or unknown value, 255 = ignore).
 pub fn class_id_label(rec: &SampleRecord, label: &Label) -> Label {
@@ -237,20 +237,18 @@ pub struct ShardEpisode {
 pub struct ShardDataset<'a> {
     reader: &'a ShardReader,
     sampler: Option<ShardEpisodeSampler>,
-    by_key: HashMap<(String, ShardView), usize>,
 }
 
 impl<'a> ShardDataset<'a> {
     /// Training episodes of `shot` supports (the fold's `novel` classes held out).
     pub fn train(reader: &'a ShardReader, novel: &[ClassId], shot: usize, seed: u64, min_support_area: f64) -> Result<Self> {
         let sampler = ShardEpisodeSampler::new(reader.records(), novel, shot, seed, min_support_area)?;
-        Ok(Self { reader, sampler: Some(sampler), by_key: HashMap::new() })
+        Ok(Self { reader, sampler: Some(sampler) })
     }
 
     /// Test episodes by image id over the test views.
     pub fn test(reader: &'a ShardReader) -> Self {
-        let by_key = reader.records().iter().enumerate().map(|(i, r)| ((r.image_id.clone(), r.view), i)).collect();
-        Self { reader, sampler: None, by_key }
+        Self { reader, sampler: None }
     }
 
     pub fn sampler(&self) -> Option<&ShardEpisodeSampler> {
@@ -276,11 +274,13 @@ impl<'a> ShardDataset<'a> {
             reason: format!("episode {i} out of range (len {})", episodes.len()),
         })?;
         let get = |id: &str| -> Result<ProposalRecord> {
-            let idx = self.by_key.get(&(id.to_string(), ShardView::Test)).ok_or_else(|| DataError::BadEpisodes {
-                source_name: episodes.dataset.clone(),
-                reason: format!("image `{id}` has no cached test view in this shard folder (cache the val split)"),
-            })?;
-            Ok(self.reader.get_at(*idx)?)
+            self.reader.get(id, ShardView::Test).map_err(|e| match e {
+                ShardError::NoRecord { .. } => DataError::BadEpisodes {
+                    source_name: episodes.dataset.clone(),
+                    reason: format!("image `{id}` has no cached test view in this shard folder (cache the val split)"),
+                },
+                other => other.into(),
+            })
         };
         let class = e.class_id as u8;
         let query = get(&e.query)?;

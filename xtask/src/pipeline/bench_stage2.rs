@@ -12,16 +12,11 @@ use losses::fewshot::{stage2_loss, Stage2Weights};
 use mm::MaskMatching;
 use train::{AdamW, AdamWConfig, CheckpointStore};
 
-use crate::bench::BenchRow;
+use crate::bench::{median, BenchRow};
 
 use super::stage1::{load_into, named_vars, new_pos, open_dataset, KIND as POS_KIND};
 use super::stage2::{EpisodeBatch, StageTwoData};
 use super::{images_to_tensor, load_backbone, mm_features, pos_features};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Prints the table and returns the rows (no PyTorch column: both sides are ours).
 pub fn bench_stage2(shards: &std::path::Path, batch: usize, reps: usize) -> Result<Vec<BenchRow>> {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use train::{CheckpointStore, JsonlLog};
 
 use super::stage1::{load_into, new_pos, open_dataset, KIND as POS_KIND};
-use super::{images_to_tensor, load_backbone, mm_features, pos_features, Preset};
+use super::{backbone_file, images_to_tensor, load_backbone, mm_features, pos_features, Preset};
 
 pub const MANIFEST: &str = "manifest.json";
 
@@ -133,14 +133,6 @@ struct Item {
     view: ShardView,
 }
 
-pub fn backbone_file(preset: Preset, weights: Option<&Path>) -> Result<PathBuf> {
-    match (preset, weights) {
-        (_, Some(p)) => Ok(p.to_path_buf()),
-        (Preset::Cpu, None) => Ok(backbone::assets::efficientnet_lite0_path()),
-        (Preset::Paper, None) => bail!("the paper preset needs --backbone-weights (ResNet-50)"),
-    }
-}
-
 /// The fingerprint shards carry for (backbone file, POS weights).
 pub fn model_fingerprint(backbone_sha: &str, pos_sha: &str) -> String {
     shard::fingerprint([backbone_sha.as_bytes(), pos_sha.as_bytes()])
@@ -159,9 +151,6 @@ pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
     let ds = open_dataset(&args.data)?;
     let size = args.preset.input_size();
     let bfile = backbone_file(args.preset, args.backbone_weights.as_deref())?;
-    if !bfile.exists() {
-        bail!("{}: backbone weights not found (run `cargo xtask fetch-assets`)", bfile.display());
-    }
     let ck = CheckpointStore::open(&args.pos_checkpoint, POS_KIND)
         .with_context(|| format!("{}: not a stage-1 checkpoint (run train-pos first)", args.pos_checkpoint.display()))?;
     let backbone_sha = train::sha256_file(&bfile)?;

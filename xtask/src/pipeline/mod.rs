@@ -74,23 +74,31 @@ impl Preset {
     }
 }
 
-/// The frozen backbone of a preset. `weights`: a torchvision / official / safetensors file for
-/// ResNet-50 (required), or the EfficientNet-Lite0 file (default: the fetched asset).
+/// The backbone weight file of a preset: `weights` when given (ResNet-50: torchvision / official /
+/// safetensors, required), else the fetched EfficientNet-Lite0 asset. It must exist.
+pub fn backbone_file(preset: Preset, weights: Option<&Path>) -> Result<PathBuf> {
+    let path = match (preset, weights) {
+        (_, Some(p)) => p.to_path_buf(),
+        (Preset::Cpu, None) => backbone::assets::efficientnet_lite0_path(),
+        (Preset::Paper, None) => bail!(
+            "the paper preset needs ResNet-50 weights: --backbone-weights resnet50-19c8e357.pth (torchvision) or an official MM-Former checkpoint"
+        ),
+    };
+    if !path.exists() {
+        match preset {
+            Preset::Cpu => bail!("{}: EfficientNet-Lite0 weights not found; run `cargo xtask fetch-assets`", path.display()),
+            Preset::Paper => bail!("{}: ResNet-50 weights not found", path.display()),
+        }
+    }
+    Ok(path)
+}
+
+/// The frozen backbone of a preset, from [`backbone_file`].
 pub fn load_backbone(preset: Preset, weights: Option<&Path>) -> Result<Box<dyn Backbone>> {
+    let path = backbone_file(preset, weights)?;
     Ok(match preset {
-        Preset::Cpu => {
-            let path: PathBuf = weights.map(Path::to_path_buf).unwrap_or_else(backbone::assets::efficientnet_lite0_path);
-            if !path.exists() {
-                bail!("{}: EfficientNet-Lite0 weights not found; run `cargo xtask fetch-assets`", path.display());
-            }
-            Box::new(EfficientNetLite0::from_file(&path).with_context(|| format!("loading {}", path.display()))?)
-        }
-        Preset::Paper => {
-            let path = weights.context(
-                "the paper preset needs ResNet-50 weights: --backbone-weights resnet50-19c8e357.pth (torchvision) or an official MM-Former checkpoint",
-            )?;
-            Box::new(ResNet50::from_file(path).with_context(|| format!("loading {}", path.display()))?)
-        }
+        Preset::Cpu => Box::new(EfficientNetLite0::from_file(&path).with_context(|| format!("loading {}", path.display()))?),
+        Preset::Paper => Box::new(ResNet50::from_file(&path).with_context(|| format!("loading {}", path.display()))?),
     })
 }
 
@@ -152,6 +160,18 @@ pub fn oracle_mask(probs: &Tensor, label: &[u8]) -> Result<(usize, Vec<u8>)> {
 /// Threshold probabilities at 0.5 into a row-major 0/1 mask.
 pub fn binary(probs: &Tensor) -> Result<Vec<u8>> {
     Ok(probs.ge(0.5)?.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?)
+}
+
+/// A run's configuration as it is stored in its checkpoints, without the fields that may change
+/// across a resume (`out`, `log_every`).
+pub fn run_config(args: &impl Serialize) -> serde_json::Value {
+    let mut v = serde_json::to_value(args).expect("args serialise");
+    if let Some(o) = v.as_object_mut() {
+        for k in ["out", "log_every"] {
+            o.remove(k);
+        }
+    }
+    v
 }
 
 /// The state of a training run in `store`: resumed from its latest checkpoint (weights into `vm`,

@@ -173,12 +173,19 @@ pub fn assemble(
     mm: &HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
     let mut all = backbone_tensors(preset, backbone_file)?;
-    for (k, v) in pos.iter().chain(mm) {
+    merge_part(&mut all, pos)?;
+    merge_part(&mut all, mm)?;
+    Ok(all)
+}
+
+/// Adds one part's tensors to a checkpoint's; a name in both is an error.
+pub fn merge_part(all: &mut HashMap<String, Tensor>, part: &HashMap<String, Tensor>) -> Result<()> {
+    for (k, v) in part {
         if all.insert(k.clone(), v.clone()).is_some() {
             bail!("tensor `{k}` appears in two parts of the checkpoint");
         }
     }
-    Ok(all)
+    Ok(())
 }
 
 /// The backbone of a preset from tensors under its own names (the `backbone.` prefix removed).
@@ -200,18 +207,29 @@ pub fn backbone_tensors(preset: Preset, file: &Path) -> Result<HashMap<String, T
     Ok(sd.into_tensors().into_iter().map(|(k, v)| (format!("backbone.{k}"), v)).collect())
 }
 
-/// Our checkpoint's metadata, or None for a file without it (an official `.pth`).
+/// Our checkpoint's metadata, or None for a file without it (an official `.pth`). Reads only the
+/// safetensors header (8-byte length + JSON), not the tensors, which `StateDict::read` reads next.
 pub fn read_meta(path: &Path) -> Result<Option<ModelMeta>> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open checkpoint {}", path.display()))?;
-    let mut head = [0u8; 9];
     use std::io::Read;
-    if f.read(&mut head)? < 9 || head[8] != b'{' {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open checkpoint {}", path.display()))?;
+    let mut len = [0u8; 8];
+    if f.read_exact(&mut len).is_err() {
         return Ok(None);
     }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, st) = safetensors::SafeTensors::read_metadata(&bytes)
+    let n = u64::from_le_bytes(len);
+    let file_len = f.metadata()?.len();
+    // Not a safetensors header (a zip or pickle `.pth` starts otherwise).
+    if n < 2 || n > file_len.saturating_sub(8) {
+        return Ok(None);
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).with_context(|| format!("cannot read {}", path.display()))?;
+    if header[0] != b'{' {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&header)
         .map_err(|e| anyhow::anyhow!("{}: corrupt safetensors header: {e}", path.display()))?;
-    let Some(json) = st.metadata().as_ref().and_then(|m| m.get(META_KEY)) else { return Ok(None) };
+    let Some(json) = v.get("__metadata__").and_then(|m| m.get(META_KEY)).and_then(|j| j.as_str()) else { return Ok(None) };
     let meta: ModelMeta =
         serde_json::from_str(json).with_context(|| format!("{}: unreadable `{META_KEY}` metadata", path.display()))?;
     if meta.format != MODEL_FORMAT {

@@ -59,15 +59,6 @@ pub struct Stage1Args {
     pub log_every: u64,
 }
 
-/// The run configuration, without the fields that may change across a resume.
-fn config_fingerprint(a: &Stage1Args) -> serde_json::Value {
-    let mut v = serde_json::to_value(a).expect("args serialise");
-    for k in ["out", "log_every"] {
-        v.as_object_mut().expect("object").remove(k);
-    }
-    v
-}
-
 /// The dataset at `root`: COCO-20i when `root/annotations/instances_train{2014,2017}.json`
 /// exists (standard COCO layout, interleaved folds), else the VOC layout (PASCAL-5i, the
 /// synthetic dataset, users' data written like them).
@@ -78,6 +69,11 @@ pub fn open_dataset(root: &Path) -> Result<FewShotDataset> {
             return FewShotDataset::open_coco(&opts).with_context(|| format!("opening COCO {year} at {}", root.display()));
         }
     }
+    open_voc_dataset(root)
+}
+
+/// A dataset in the VOC layout at `root` (PASCAL-5i, the synthetic dataset, users' data).
+pub fn open_voc_dataset(root: &Path) -> Result<FewShotDataset> {
     if !root.is_dir() {
         bail!("dataset folder {} not found (make it with `cargo xtask make-synthetic`, or pass --data)", root.display());
     }
@@ -177,7 +173,7 @@ pub fn train_pos(args: &Stage1Args) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     crate::config_file::write_resolved(&args.out, args)?;
     let store = CheckpointStore::new(args.out.join("checkpoints"), 2);
-    let config = config_fingerprint(args);
+    let config = super::run_config(args);
     let mut state = super::resume_or_start(&store, KIND, &config, &vm, &mut opt)?;
     let mut log = JsonlLog::append(&args.out.join("log.jsonl"))?;
     if state.iter == 0 {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use train::{AdamW, AdamWConfig, CheckpointStore, JsonlLog, PolyLr, TrainState};
 
 use super::cache::{model_fingerprint, CacheManifest};
-use super::model::{assemble, save_model, ModelMeta};
+use super::model::{assemble, merge_part, save_model, ModelMeta};
 use super::stage1::{named_vars, open_dataset, varmap_tensors, KIND as POS_KIND};
 use super::{binary, Preset};
 
@@ -83,14 +83,6 @@ impl Stage2Args {
             ..preset.mm_config()
         }
     }
-}
-
-fn config_fingerprint(a: &Stage2Args) -> serde_json::Value {
-    let mut v = serde_json::to_value(a).expect("args serialise");
-    for k in ["out", "log_every"] {
-        v.as_object_mut().expect("object").remove(k);
-    }
-    v
 }
 
 /// The train and val shard readers of a shard folder, checked against its manifest.
@@ -218,14 +210,10 @@ pub fn evaluate_on_shards(mm: &MaskMatching, val: &ShardReader, episodes: &TestE
     Ok(ShardEvaluation { ours: ours.summary(), baseline: base.summary(), oracle: oracle.summary(), episodes: episodes.len(), shot: episodes.shot })
 }
 
-/// Writes `<out>/mmformer.safetensors`: the shards' backbone and POS with these MM weights.
-fn write_full_model(
-    args: &Stage2Args,
-    manifest: &CacheManifest,
-    mm_cfg: &MmConfig,
-    mm_tensors: &HashMap<String, Tensor>,
-    provenance: serde_json::Value,
-) -> Result<PathBuf> {
+/// The frozen part of the full checkpoint: the backbone and POS tensors the shards were made
+/// with (official names), checked against the shards' model fingerprint. Read once per run, so
+/// a changed file is reported before training rather than at the first checkpoint.
+fn frozen_tensors(manifest: &CacheManifest) -> Result<HashMap<String, Tensor>> {
     let device = Device::Cpu;
     let ck = CheckpointStore::open(&manifest.pos_checkpoint, POS_KIND)
         .with_context(|| format!("{}: the stage-1 checkpoint the shards were made with is gone", manifest.pos_checkpoint.display()))?;
@@ -237,7 +225,20 @@ fn write_full_model(
             manifest.pos_checkpoint.display()
         );
     }
-    let all = assemble(manifest.preset, &manifest.backbone_file, &ck.model(&device)?, mm_tensors)?;
+    assemble(manifest.preset, &manifest.backbone_file, &ck.model(&device)?, &HashMap::new())
+}
+
+/// Writes `<out>/mmformer.safetensors`: the frozen backbone and POS with these MM weights.
+fn write_full_model(
+    args: &Stage2Args,
+    manifest: &CacheManifest,
+    frozen: &HashMap<String, Tensor>,
+    mm_cfg: &MmConfig,
+    mm_tensors: &HashMap<String, Tensor>,
+    provenance: serde_json::Value,
+) -> Result<PathBuf> {
+    let mut all = frozen.clone();
+    merge_part(&mut all, mm_tensors)?;
     let mut meta = ModelMeta::new(manifest.preset, mm_cfg);
     meta.provenance = provenance;
     let path = args.out.join(MODEL_FILE);
@@ -249,6 +250,7 @@ pub fn train_mm(args: &Stage2Args) -> Result<()> {
     let device = Device::Cpu;
     let data2 = StageTwoData::open(&args.shards)?;
     let manifest = &data2.manifest;
+    let frozen = frozen_tensors(manifest)?;
     let train_reader = data2.train.as_ref().with_context(|| format!("{}: no train shards (cache-proposals --split train)", args.shards.display()))?;
     let val_reader = data2.val.as_ref().with_context(|| format!("{}: no val shards (cache-proposals --split val)", args.shards.display()))?;
     let ds = open_dataset(&manifest.dataset)?;
@@ -274,7 +276,7 @@ pub fn train_mm(args: &Stage2Args) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     crate::config_file::write_resolved(&args.out, args)?;
     let store = CheckpointStore::new(args.out.join("checkpoints"), 2);
-    let mut config = config_fingerprint(args);
+    let mut config = super::run_config(args);
     config["model_fingerprint"] = serde_json::json!(manifest.model_fingerprint);
     let mut state = super::resume_or_start(&store, KIND, &config, &vm, &mut opt)?;
     let mut log = JsonlLog::append(&args.out.join("log.jsonl"))?;
@@ -332,7 +334,7 @@ pub fn train_mm(args: &Stage2Args) -> Result<()> {
                 state.iter, e.ours.miou, e.baseline.miou, e.oracle.miou, e.episodes
             ));
             if super::save_checkpoints(&store, &vm, &opt, &mut state, e.ours.miou)? {
-                write_full_model(args, manifest, &cfg, &varmap_tensors(&vm), provenance(&state, &e))?;
+                write_full_model(args, manifest, &frozen, &cfg, &varmap_tensors(&vm), provenance(&state, &e))?;
             }
         }
     }
@@ -341,7 +343,7 @@ pub fn train_mm(args: &Stage2Args) -> Result<()> {
     if !full.exists() {
         // A resumed run that was already finished: rebuild the full model from the best MM.
         let best = store.best(KIND)?.context("no best checkpoint")?;
-        write_full_model(args, manifest, &cfg, &best.model(&device)?, serde_json::json!({"iter": best.state.iter}))?;
+        write_full_model(args, manifest, &frozen, &cfg, &best.model(&device)?, serde_json::json!({"iter": best.state.iter}))?;
     }
     eprintln!(
         "best val mIoU {:.2} at iteration {}; full model → {}",
