@@ -19,15 +19,31 @@ use crate::label::{Label, IGNORE};
 use crate::rng::{SeededRng, StreamPurpose};
 use crate::shard::{ProposalRecord, RecordMeta, ShardError, ShardReader, ShardView};
 
+/// Largest class id a cached (8-bit) label can hold; 255 is ignore.
+pub const MAX_CACHED_CLASS_ID: ClassId = IGNORE as ClassId - 1;
+
 /// A label's raw values mapped to class ids (0 = background or unknown value, 255 = ignore).
-pub fn class_id_label(rec: &SampleRecord, label: &Label) -> Label {
+///
+/// Cached labels are 8-bit, so a class id above [`MAX_CACHED_CLASS_ID`] (FSS-1000 has 1000
+/// classes) is refused here, when the view is cached, naming the sample and the id: narrowing
+/// it would silently relabel the pixels as another class (256 as background, 255 as ignore).
+pub fn class_id_label(rec: &SampleRecord, label: &Label) -> Result<Label> {
     let mut table = [0u8; 256];
     table[IGNORE as usize] = IGNORE;
     for p in &rec.classes {
-        table[p.value as usize] = p.class_id as u8;
+        table[p.value as usize] = narrow_class_id(p.class_id, || rec.describe())?;
     }
     let data = label.data().iter().map(|&v| table[v as usize]).collect();
-    Label::new(label.width(), label.height(), data)
+    Ok(Label::new(label.width(), label.height(), data))
+}
+
+/// `class` as the 8-bit value cached labels hold, or [`DataError::ClassIdTooWide`] naming
+/// `sample()`.
+fn narrow_class_id(class: ClassId, sample: impl FnOnce() -> String) -> Result<u8> {
+    match u8::try_from(class) {
+        Ok(c) if class <= MAX_CACHED_CLASS_ID => Ok(c),
+        _ => Err(DataError::ClassIdTooWide { sample: sample(), class_id: class }),
+    }
 }
 
 /// The k-th cached training view of `rec` (train-split index `index`): its seeded augmentation
@@ -36,14 +52,14 @@ pub fn cached_train_view(rec: &SampleRecord, index: usize, k: u32, cfg: &Augment
     let (img, lab) = rec.load()?;
     let mut rng = SeededRng::stream(seed, StreamPurpose::CachedView, ((index as u64) << 16) | k as u64);
     let (img, lab) = augment_train(&img, &lab, cfg, &mut rng);
-    Ok((NormalizedImage::from_rgb(&img), class_id_label(rec, &lab)))
+    Ok((NormalizedImage::from_rgb(&img), class_id_label(rec, &lab)?))
 }
 
 /// The cached test view of `rec`: resized to `size`², class-id label.
 pub fn cached_test_view(rec: &SampleRecord, size: u32) -> Result<(NormalizedImage, Label)> {
     let (img, lab) = rec.load()?;
     let (img, lab) = test_view(&img, &lab, size);
-    Ok((NormalizedImage::from_rgb(&img), class_id_label(rec, &lab)))
+    Ok((NormalizedImage::from_rgb(&img), class_id_label(rec, &lab)?))
 }
 
 /// Binary label of `class` from a class-id label: 1 = class, 255 = ignore or any class in
@@ -51,8 +67,9 @@ pub fn cached_test_view(rec: &SampleRecord, size: u32) -> Result<(NormalizedImag
 pub fn binary_label(label: &[u8], class: u8, ignored: &[ClassId]) -> Vec<u8> {
     let mut table = [0u8; 256];
     table[IGNORE as usize] = IGNORE;
-    for &c in ignored {
-        table[(c as usize).min(255)] = IGNORE;
+    // An id above 254 cannot occur in a cached label (see `class_id_label`): nothing to ignore.
+    for &c in ignored.iter().filter(|&&c| c <= MAX_CACHED_CLASS_ID) {
+        table[c as usize] = IGNORE;
     }
     table[class as usize] = 1;
     label.iter().map(|&v| table[v as usize]).collect()
@@ -94,7 +111,7 @@ impl ShardEpisodeSampler {
             return Err(DataError::Config("shot must be >= 1".into()));
         }
         let mut is_novel = [false; 256];
-        novel.iter().for_each(|&c| is_novel[(c as usize).min(255)] = true);
+        novel.iter().filter(|&&c| c <= MAX_CACHED_CLASS_ID).for_each(|&c| is_novel[c as usize] = true);
         let mut by_image: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, r) in records.iter().enumerate() {
             if matches!(r.view, ShardView::Augmented(_)) {
@@ -259,7 +276,8 @@ impl<'a> ShardDataset<'a> {
     pub fn episode(&self, n: u64) -> Result<ShardEpisode> {
         let sampler = self.sampler.as_ref().ok_or_else(|| DataError::Config("test shard dataset has no training sampler".into()))?;
         let spec = sampler.episode(n)?;
-        let class = spec.class_id as u8;
+        // The sampler's classes come from the 8-bit class lists of the index.
+        let class = narrow_class_id(spec.class_id, || format!("training episode {n}"))?;
         let query = self.reader.get_at(spec.query)?;
         let query_label = binary_label(&query.label, class, &sampler.novel);
         let supports = spec.supports.iter().map(|&i| self.reader.get_at(i)).collect::<std::result::Result<Vec<_>, _>>()?;
@@ -282,7 +300,8 @@ impl<'a> ShardDataset<'a> {
                 other => other.into(),
             })
         };
-        let class = e.class_id as u8;
+        // Episodes may come from a file; an id no cached label can hold is refused, not wrapped.
+        let class = narrow_class_id(e.class_id, || format!("{}: episode {i}", episodes.dataset))?;
         let query = get(&e.query)?;
         let query_label = binary_label(&query.label, class, &[]);
         let supports = e.supports[..episodes.shot].iter().map(|id| get(id)).collect::<Result<Vec<_>>>()?;

@@ -162,7 +162,10 @@ impl CocoAnnotations {
         let im = &self.images[index];
         let (h, w) = (im.height, im.width);
         let bad = |reason: String| DataError::BadJson { path: self.path.clone(), reason: format!("image {} ({}): {reason}", im.id, im.file_name) };
-        let mut data = vec![0u8; h as usize * w as usize];
+        // The mask is allocated from the size the JSON states: check it first.
+        crate::limits::check_pixels(&self.path, format!("image {} ({})", im.id, im.file_name), w as u64, h as u64)?;
+        let total = h as usize * w as usize;
+        let mut data = vec![0u8; total];
         for ann in &self.per_image[index] {
             if ann.iscrowd != 0 {
                 continue;
@@ -190,6 +193,10 @@ impl CocoAnnotations {
             let mut on = false;
             for &run in &rle.counts {
                 let run = run as usize;
+                // Runs past the last pixel would write outside the mask (or onto wrong pixels).
+                if idx + run > total {
+                    return Err(bad(format!("mask runs cover more than the image's {total} pixels")));
+                }
                 if on {
                     for k in idx..idx + run {
                         let (x, y) = (k / h as usize, k % h as usize);
@@ -300,6 +307,24 @@ mod tests {
         );
         let m = parse(&json).render(0).unwrap();
         assert_eq!(m.data(), &[0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0]);
+    }
+
+    #[test]
+    fn hostile_sizes_and_runs_are_errors_not_allocations_or_panics() {
+        // The mask is allocated from the JSON's size: 100000x100000 is refused before that.
+        let json = r#"{"images":[{"id":5,"file_name":"huge.jpg","height":100000,"width":100000}],"categories":[{"id":1,"name":"x"}],
+          "annotations":[{"image_id":5,"category_id":1,"iscrowd":0,"segmentation":{"counts":[0,1],"size":[100000,100000]}}]}"#;
+        let e = parse(json).render(0).unwrap_err().to_string();
+        assert!(e.starts_with("t.json: image 5 (huge.jpg) declares 100000x100000 pixels, more than the limit"), "{e}");
+        // Runs covering more than the image (12 pixels) used to index past the mask.
+        let json = r#"{"images":[{"id":1,"file_name":"a.jpg","height":3,"width":4}],"categories":[{"id":1,"name":"x"}],
+          "annotations":[{"image_id":1,"category_id":1,"iscrowd":0,"segmentation":{"counts":[10,40],"size":[3,4]}}]}"#;
+        if let Err(e) = parse(json).render(0) {
+            let e = e.to_string();
+            assert!(e.contains("t.json") && e.contains("a.jpg"), "{e}");
+        } else {
+            panic!("runs past the image were accepted");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use image::RgbImage;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{io_err, DataError, Result};
+use crate::error::{io_err, one_line, DataError, Result};
 use crate::label::{read_label_png, Label, MaskEncoding, IGNORE};
 
 /// Class ids are 1-based; 0 is background. `u16` because FSS-1000 has 1000 classes (their labels
@@ -195,27 +195,58 @@ impl SampleRecord {
 
 /// Decodes any JPEG/PNG image to 8-bit RGB, applying its EXIF orientation as detectron2's
 /// `read_image` does (phone photos are often stored rotated; their masks are drawn upright).
+///
+/// Hostile or broken files are refused with an error naming the file: a declared size over the
+/// pixel limit ([`crate::limits`]) before the frame is allocated, and a JPEG or PNG that stops
+/// short of its end marker (the JPEG decoder would otherwise fill the missing part in).
 pub fn decode_image(path: &Path) -> Result<RgbImage> {
     use image::ImageDecoder;
-    let bad = |e: image::ImageError| DataError::ImageDecode { path: path.to_path_buf(), reason: e.to_string() };
-    let reader = image::ImageReader::open(path).map_err(io_err(path))?;
-    let reader = reader.with_guessed_format().map_err(io_err(path))?;
-    let mut decoder = reader.into_decoder().map_err(bad)?;
+    let bad = |e: image::ImageError| DataError::ImageDecode { path: path.to_path_buf(), reason: one_line(e) };
+    let limit = crate::limits::max_pixels()?;
+    let (mut decoder, format) = open_image_decoder(path, limit)?;
+    let (w, h) = decoder.dimensions();
+    crate::limits::check_pixels_within(path, "image", w as u64, h as u64, limit)?;
+    check_image_complete(path, format)?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(bad)?;
     img.apply_orientation(orientation);
     Ok(img.to_rgb8())
 }
 
-/// Width and height after EXIF orientation, read without decoding the pixels.
+/// A decoder for `path` (format from the content, else the extension) with `image`'s own
+/// allocation limit set to what `max_pixels` pixels of the widest colour type (16-bit RGBA) need,
+/// so the decoder's internal buffers are bounded too.
+fn open_image_decoder(path: &Path, max_pixels: u64) -> Result<(impl image::ImageDecoder, Option<image::ImageFormat>)> {
+    let bad = |e: image::ImageError| DataError::ImageDecode { path: path.to_path_buf(), reason: one_line(e) };
+    let mut reader = image::ImageReader::open(path).map_err(io_err(path))?;
+    reader = reader.with_guessed_format().map_err(io_err(path))?;
+    let format = reader.format();
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
+    Ok((reader.into_decoder().map_err(bad)?, format))
+}
+
+/// Refuses a JPEG or PNG that stops short of its end marker (see `complete`).
+fn check_image_complete(path: &Path, format: Option<image::ImageFormat>) -> Result<()> {
+    let open = || std::fs::File::open(path).map_err(io_err(path));
+    let verdict = match format {
+        Some(image::ImageFormat::Jpeg) => crate::complete::jpeg_complete(std::io::BufReader::new(open()?)),
+        Some(image::ImageFormat::Png) => crate::complete::png_complete(std::io::BufReader::new(open()?)),
+        _ => Ok(()),
+    };
+    verdict.map_err(|reason| DataError::ImageDecode { path: path.to_path_buf(), reason })
+}
+
+/// Width and height after EXIF orientation, read without decoding the pixels (and refused, like
+/// [`decode_image`] would, when over the pixel limit).
 fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
     use image::metadata::Orientation;
     use image::ImageDecoder;
-    let bad = |e: image::ImageError| DataError::ImageDecode { path: path.to_path_buf(), reason: e.to_string() };
-    let reader = image::ImageReader::open(path).map_err(io_err(path))?;
-    let reader = reader.with_guessed_format().map_err(io_err(path))?;
-    let mut decoder = reader.into_decoder().map_err(bad)?;
+    let limit = crate::limits::max_pixels()?;
+    let (mut decoder, _) = open_image_decoder(path, limit)?;
     let (w, h) = decoder.dimensions();
+    crate::limits::check_pixels_within(path, "image", w as u64, h as u64, limit)?;
     let turned = matches!(
         decoder.orientation().unwrap_or(Orientation::NoTransforms),
         Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
@@ -239,8 +270,10 @@ pub(crate) fn scan_samples(
     cache: Option<&Path>,
 ) -> Result<Vec<SampleRecord>> {
     if let Some(path) = cache {
-        if let Some(records) = ScanCache::load_matching(path, &pending) {
-            return Ok(records);
+        match ScanCache::load_matching(path, &pending, num_classes) {
+            Ok(records) => return Ok(records),
+            Err(CacheMiss::Invalid(reason)) => eprintln!("note: ignoring list cache {}: {reason}; rescanning", path.display()),
+            Err(CacheMiss::Stale) => {}
         }
     }
     let records: Vec<SampleRecord> = pending
@@ -318,28 +351,63 @@ struct ScanCacheEntry {
     id: String,
     image: PathBuf,
     label: PathBuf,
-    label_bytes: u64,
+    image_stamp: FileStamp,
+    label_stamp: FileStamp,
     classes: Vec<ClassPresence>,
 }
 
-const SCAN_CACHE_FORMAT: &str = "mmformer-class-scan-v1";
+/// What identifies a file's version without reading it: its length and modification time. A
+/// length alone misses an edit that keeps the size (a mask repainted with another class id
+/// compresses to the same number of bytes more often than one would think).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct FileStamp {
+    bytes: u64,
+    modified_ns: u64,
+}
+
+impl FileStamp {
+    /// `None` when the file or its modification time cannot be read: such a file is never
+    /// trusted from the cache.
+    fn of(path: &Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        let modified = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(Self { bytes: meta.len(), modified_ns: u64::try_from(modified.as_nanos()).ok()? })
+    }
+}
+
+/// v2: entries keyed by (length, modification time) of the image and the label; v1 keyed by
+/// the label's length only and is rescanned.
+const SCAN_CACHE_FORMAT: &str = "mmformer-class-scan-v2";
+
+/// Why a scan cache was not used.
+enum CacheMiss {
+    /// Absent, another format, or describing other files or other versions of them: rescan
+    /// quietly.
+    Stale,
+    /// Describing these very files but holding what no scan can produce (hand-edited or
+    /// corrupted): rescan, and say so.
+    Invalid(String),
+}
 
 impl ScanCache {
-    /// Returns the cached records if the cache describes exactly these files (same ids, paths
-    /// and label sizes); anything else means rescan.
-    fn load_matching(path: &Path, pending: &[PendingSample]) -> Option<Vec<SampleRecord>> {
-        let text = std::fs::read_to_string(path).ok()?;
-        let cache: ScanCache = serde_json::from_str(&text).ok()?;
+    /// Returns the cached records if the cache describes exactly these files (same ids, paths,
+    /// lengths and modification times) and every class it lists is valid for a dataset of
+    /// `num_classes` classes; anything else means rescan.
+    fn load_matching(path: &Path, pending: &[PendingSample], num_classes: usize) -> std::result::Result<Vec<SampleRecord>, CacheMiss> {
+        let text = std::fs::read_to_string(path).map_err(|_| CacheMiss::Stale)?;
+        let cache: ScanCache = serde_json::from_str(&text).map_err(|_| CacheMiss::Stale)?;
         if cache.format != SCAN_CACHE_FORMAT || cache.entries.len() != pending.len() {
-            return None;
+            return Err(CacheMiss::Stale);
         }
         let mut out = Vec::with_capacity(pending.len());
         for (e, p) in cache.entries.into_iter().zip(pending) {
-            let SampleSource::Files { image, label, .. } = &p.source else { return None };
-            let bytes = std::fs::metadata(label).ok()?.len();
-            if e.id != p.id || &e.image != image || &e.label != label || e.label_bytes != bytes {
-                return None;
+            let SampleSource::Files { image, label, .. } = &p.source else { return Err(CacheMiss::Stale) };
+            let current = (FileStamp::of(image), FileStamp::of(label));
+            if e.id != p.id || &e.image != image || &e.label != label || current != (Some(e.image_stamp), Some(e.label_stamp)) {
+                return Err(CacheMiss::Stale);
             }
+            validate_cached_classes(&e.classes, p.object_class, num_classes)
+                .map_err(|reason| CacheMiss::Invalid(format!("entry `{}`: {reason}", e.id)))?;
             out.push(SampleRecord {
                 id: p.id.clone(),
                 source: p.source.clone(),
@@ -347,19 +415,21 @@ impl ScanCache {
                 classes: e.classes,
             });
         }
-        Some(out)
+        Ok(out)
     }
 
     fn store(path: &Path, records: &[SampleRecord]) -> Result<()> {
         let mut entries = Vec::with_capacity(records.len());
         for r in records {
             let SampleSource::Files { image, label, .. } = &r.source else { return Ok(()) };
-            let bytes = std::fs::metadata(label).map_err(io_err(label))?.len();
+            // A file whose stamp cannot be read would never match: no use caching the scan.
+            let (Some(image_stamp), Some(label_stamp)) = (FileStamp::of(image), FileStamp::of(label)) else { return Ok(()) };
             entries.push(ScanCacheEntry {
                 id: r.id.clone(),
                 image: image.clone(),
                 label: label.clone(),
-                label_bytes: bytes,
+                image_stamp,
+                label_stamp,
                 classes: r.classes.clone(),
             });
         }
@@ -374,6 +444,32 @@ impl ScanCache {
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
         Ok(())
     }
+}
+
+/// The class list of a cached entry must be one `scan_one` could have produced: ids within the
+/// dataset's classes, label values 1..=254 that stand for them, ascending, no empty class. Class
+/// ids read back from the cache reach fold lists and episode sampling, where an unknown id would
+/// index past the class names.
+fn validate_cached_classes(classes: &[ClassPresence], object_class: Option<ClassId>, num_classes: usize) -> std::result::Result<(), String> {
+    for (i, p) in classes.iter().enumerate() {
+        if p.class_id == 0 || p.class_id as usize > num_classes {
+            return Err(format!("class id {} is not a class of this dataset (1..={num_classes})", p.class_id));
+        }
+        let value_ok = match object_class {
+            Some(c) => p.class_id == c && p.value == 1,
+            None => p.value as ClassId == p.class_id && p.value != IGNORE,
+        };
+        if !value_ok {
+            return Err(format!("label value {} cannot stand for class {}", p.value, p.class_id));
+        }
+        if p.pixels == 0 {
+            return Err(format!("class {} is listed with 0 pixels", p.class_id));
+        }
+        if i > 0 && classes[i - 1].class_id >= p.class_id {
+            return Err(format!("class {} listed out of order or twice", p.class_id));
+        }
+    }
+    Ok(())
 }
 
 /// A per-fold image list built with the PFENet rule: images with at least one class of interest

@@ -14,6 +14,9 @@ pub enum DataError {
     },
     #[error("{path}: cannot decode image: {reason}")]
     ImageDecode { path: PathBuf, reason: String },
+    /// Refused from the header alone, before the frame is allocated (see [`crate::limits`]).
+    #[error("{path}: {what} declares {width}x{height} pixels, {reason}")]
+    TooLarge { path: PathBuf, what: String, width: u64, height: u64, reason: String },
     #[error("{path}: cannot decode mask PNG: {reason}")]
     MaskDecode { path: PathBuf, reason: String },
     #[error("{path}: cannot write PNG: {reason}")]
@@ -31,6 +34,10 @@ pub enum DataError {
     UnknownClassId { path: PathBuf, value: u8, num_classes: usize },
     #[error("unknown class id {class_id}: this dataset has classes 1..={num_classes}")]
     UnknownClass { class_id: u16, num_classes: usize },
+    /// Proposal shards store labels as 8-bit class ids (255 = ignore); a wider id would be
+    /// silently wrapped onto another class, so it is refused when the view is cached.
+    #[error("{sample}: class id {class_id} does not fit the 8-bit class-id labels of proposal shards (ids 1..=254; 255 is ignore): cache a dataset of at most 254 classes (e.g. a subset of its class folders)")]
+    ClassIdTooWide { sample: String, class_id: u16 },
     #[error("{path}: {reason}")]
     BadList { path: PathBuf, reason: String },
     #[error("{path}: invalid JSON: {reason}")]
@@ -69,4 +76,10 @@ pub type Result<T> = std::result::Result<T, DataError>;
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
     let path = path.into();
     move |source| DataError::Io { path, source }
+}
+
+/// A decoder's message as one line: some (the JPEG decoder's) end in a newline or span several,
+/// and our errors are one line each.
+pub(crate) fn one_line(message: impl std::fmt::Display) -> String {
+    message.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -8,7 +8,7 @@ use std::io::{BufReader, BufWriter};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::{io_err, DataError, Result};
+use crate::error::{io_err, one_line, DataError, Result};
 
 /// Label value of pixels that are not scored (VOC borders, padding, masked-out novel classes).
 pub const IGNORE: u8 = 255;
@@ -119,14 +119,22 @@ pub enum MaskColor {
 }
 
 /// Reads a mask PNG and returns its raw per-pixel values and colour model.
+///
+/// The size the header declares is checked against [`crate::limits`] before the frame is
+/// allocated (the png crate's own memory limit covers metadata chunks and one row, not the frame
+/// we allocate), and the file must run to its end chunk: a PNG cut short is an error, never a
+/// mask with its last rows missing.
 pub fn read_mask_png(path: &Path) -> Result<(Label, MaskColor)> {
     let file = File::open(path).map_err(io_err(path))?;
-    let bad = |reason: String| DataError::MaskDecode { path: path.to_path_buf(), reason };
+    let bad = |reason: String| DataError::MaskDecode { path: path.to_path_buf(), reason: one_line(reason) };
     let mut decoder = png::Decoder::new(BufReader::new(file));
     decoder.set_transformations(png::Transformations::IDENTITY);
     let mut reader = decoder.read_info().map_err(|e| bad(e.to_string()))?;
+    let (width, height) = reader.info().size();
+    crate::limits::check_pixels(path, "mask PNG", width as u64, height as u64)?;
     let mut buf = vec![0u8; reader.output_buffer_size()];
     let frame = reader.next_frame(&mut buf).map_err(|e| bad(e.to_string()))?;
+    reader.finish().map_err(|e| bad(format!("{e} after the image data (truncated file?)")))?;
     let (w, h) = (frame.width, frame.height);
     let depth = frame.bit_depth as u8;
     let line = frame.line_size;

@@ -34,15 +34,27 @@
 //! in both the train and the val split; folds separate the classes. Open it with
 //! [`FewShotDataset::open_folder`]. FSS-1000 uses the same layout with numbered files and is
 //! opened with [`FewShotDataset::open_fss`].
+//!
+//! # Broken and hostile files
+//!
+//! Every reader refuses what it cannot read faithfully with a one-line [`DataError`] naming the
+//! file: an image or mask whose header declares more pixels than the limit (checked before the
+//! frame is allocated; default 8192² = 64 Mi pixels, `MMFORMER_MAX_PIXELS` or
+//! [`set_max_pixels`] to change it, see [`limits`]), a JPEG or PNG cut short (never decoded with
+//! its missing part filled in), a shard index that fails its checksum or points outside its
+//! shards ([`shard`]). Proposal shards store 8-bit class ids, so caching a class id above 254 is
+//! refused ([`DataError::ClassIdTooWide`]).
 
 pub mod augment;
 pub mod cached;
 pub mod coco;
+mod complete;
 pub mod dataset;
 pub mod episodes;
 pub mod error;
 pub mod folders;
 pub mod label;
+pub mod limits;
 pub mod photos;
 pub mod rng;
 pub mod shard;
@@ -62,6 +74,7 @@ pub use dataset::{
 pub use episodes::{Episode, EpisodeSpec, PreparedView, TestEpisodes, TrainEpisodeSampler, DEFAULT_TEST_EPISODES};
 pub use error::{DataError, Result};
 pub use label::{read_label_png, write_label_png, Label, MaskEncoding, IGNORE};
+pub use limits::{max_pixels, set_max_pixels, DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV};
 pub use rng::SeededRng;
 pub use folders::FolderOptions;
 pub use voc::VocOptions;

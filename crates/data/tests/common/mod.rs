@@ -72,3 +72,65 @@ pub fn small_pascal(root: &Path) -> Vec<String> {
     write_voc(root, &images, &refs, &refs);
     ids
 }
+
+/// A PNG file built chunk by chunk: any declared `width` x `height` (the header is all a
+/// decoder needs to size its frame), colour type and bit depth, and `raw` as the uncompressed
+/// image data (filter bytes included) in one IDAT. Used to make hostile files that no encoder
+/// would write.
+pub fn png_bytes(width: u32, height: u32, color_type: u8, bit_depth: u8, raw: &[u8]) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], body: &[u8]) {
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(body);
+        let crc = crc32fast::hash(&out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[bit_depth, color_type, 0, 0, 0]);
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(&mut out, b"IDAT", &zlib_stored(raw));
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// A zlib stream of stored (uncompressed) deflate blocks.
+pub fn zlib_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = if data.is_empty() { vec![&[]] } else { data.chunks(65535).collect() };
+    for (i, b) in blocks.iter().enumerate() {
+        out.push(u8::from(i + 1 == blocks.len()));
+        let n = b.len() as u16;
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(&(!n).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in data {
+        a = (a + x as u32) % 65521;
+        b = (b + a) % 65521;
+    }
+    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    out
+}
+
+/// A baseline JPEG of `w` x `h` with some detail (so the scan data is not trivially short).
+pub fn jpeg_bytes(w: u32, h: u32) -> Vec<u8> {
+    let img = RgbImage::from_fn(w, h, |x, y| Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, ((x * y) % 253) as u8]));
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Jpeg).unwrap();
+    out
+}
+
+/// `jpeg` with the size in its SOF0 segment replaced: what a hostile file declares.
+pub fn jpeg_declaring(jpeg: &[u8], w: u16, h: u16) -> Vec<u8> {
+    let at = jpeg.windows(2).position(|m| m == [0xFF, 0xC0]).expect("baseline SOF0");
+    let mut out = jpeg.to_vec();
+    // FFC0, length (2), precision (1), height (2), width (2).
+    out[at + 5..at + 7].copy_from_slice(&h.to_be_bytes());
+    out[at + 7..at + 9].copy_from_slice(&w.to_be_bytes());
+    out
+}
