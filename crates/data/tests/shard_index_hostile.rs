@@ -197,6 +197,9 @@ fn an_index_of_the_previous_format_asks_for_a_rebuild() {
     index.format_version = 2;
     std::fs::write(dir.0.join("index.bin"), payload_of(&index)).unwrap();
     assert_one_line_naming(&open_err(&dir.0), "index.bin", &["index format version 2", "cargo xtask cache-proposals"]);
+    // Short garbage that is not even a prefix of the magic.
+    std::fs::write(dir.0.join("index.bin"), b"abc").unwrap();
+    assert_one_line_naming(&open_err(&dir.0), "index.bin", &["not a shard folder index"]);
     // A container of another version.
     index.format_version = 4;
     std::fs::write(dir.0.join("index.bin"), container(&payload_of(&index), 4)).unwrap();
