@@ -132,7 +132,7 @@ fn download(pkg: &Package, cache: &Path) -> Result<()> {
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    Ok(train::sha256_file(path)?)
+    Ok(mmformer::train::sha256_file(path)?)
 }
 
 /// Destination of an archive member, if the package keeps it.

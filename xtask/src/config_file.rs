@@ -67,13 +67,6 @@ fn options_from_file(path: &Path) -> Result<Vec<OsString>> {
     Ok(out)
 }
 
-/// Writes `args` (a serialisable command configuration) as `<dir>/config.json`.
-pub fn write_resolved(dir: &Path, args: &impl serde::Serialize) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let p = dir.join("config.json");
-    std::fs::write(&p, serde_json::to_vec_pretty(args)?).with_context(|| format!("cannot write {}", p.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

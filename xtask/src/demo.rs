@@ -11,15 +11,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use mmformer::cache::{cache_proposals, CacheOptions, Splits};
+use mmformer::eval::{evaluate, EvalOptions, EvalReport, FoldSel};
+use mmformer::stage1::{train_pos, Stage1Options};
+use mmformer::stage2::{train_mm, Stage2Options};
+use mmformer::{MmFormer, Preset};
 use serde::Serialize;
 
 use crate::assets;
-use crate::pipeline::cache::{cache_proposals, CacheArgs, Splits};
-use crate::pipeline::evaluate::{evaluate, EvalOptions, EvalReport, FoldSel};
-use crate::pipeline::model::MmFormer;
-use crate::pipeline::stage1::{train_pos, Stage1Args};
-use crate::pipeline::stage2::{train_mm, Stage2Args, MODEL_FILE};
-use crate::pipeline::Preset;
+use crate::progress::Bars;
 
 pub const REPORT_FORMAT: &str = "mmformer-demo-report/1";
 
@@ -93,7 +93,7 @@ fn step<T>(name: &str, timings: &mut Vec<(String, f64)>, f: impl FnOnce() -> Res
 
 /// Runs `evaluate` unless `<out>/report.json` already holds a finished evaluation of the same
 /// checkpoint file (same sha256) and options.
-fn evaluate_cached(model: &MmFormer, ds: &data::FewShotDataset, name: &str, opts: &EvalOptions, ck_sha: &str) -> Result<EvalReport> {
+fn evaluate_cached(model: &MmFormer, ds: &mmformer::data::FewShotDataset, name: &str, opts: &EvalOptions, ck_sha: &str) -> Result<EvalReport> {
     let stamp = opts.out.join("demo-stamp.json");
     let want = serde_json::json!({"checkpoint_sha256": ck_sha, "episodes": opts.episodes, "shots": opts.shots, "fold": opts.fold.to_string()});
     if let (Ok(s), Ok(r)) = (std::fs::read_to_string(&stamp), std::fs::read_to_string(opts.out.join("report.json"))) {
@@ -104,7 +104,7 @@ fn evaluate_cached(model: &MmFormer, ds: &data::FewShotDataset, name: &str, opts
             }
         }
     }
-    let rep = evaluate(model, ds, name, opts)?;
+    let rep = evaluate(model, ds, name, opts, &Bars::new(true))?;
     std::fs::write(&stamp, serde_json::to_vec_pretty(&want)?)?;
     Ok(rep)
 }
@@ -119,18 +119,12 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         let root = assets::workspace_root();
         assets::fetch_assets(&assets::default_asset_dir(), &root.join("target/assets-cache"))
     })?;
-    step("synthetic dataset", &mut timings, || {
-        let cfg = data::synthetic::SyntheticConfig::default();
-        let pb = indicatif::ProgressBar::new((cfg.num_train + cfg.num_val) as u64);
-        let progress = |done: usize, _total: usize| pb.set_position(done as u64);
-        let s = data::synthetic::generate(&cfg, &args.data, Some(&progress))?;
-        pb.finish_and_clear();
-        eprintln!("{}: {} classes, {} train + {} val images", args.data.display(), s.num_classes, s.num_train, s.num_val);
-        Ok(())
-    })?;
+    step("synthetic dataset", &mut timings, || crate::make_synthetic(&mmformer::data::synthetic::SyntheticConfig::default(), &args.data))?;
+    let device = mmformer::Device::Cpu;
     let pos_dir = args.out.join("pos");
     step("stage 1: train the POS", &mut timings, || {
-        train_pos(&Stage1Args {
+        train_pos(
+            &Stage1Options {
             data: args.data.clone(),
             fold: 0,
             preset,
@@ -145,11 +139,16 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             eval_every: args.pos_iters.div_ceil(2).max(1),
             eval_episodes: 100,
             log_every: 10,
-        })
+            },
+            &device,
+            &Bars::new(false),
+        )?;
+        Ok(())
     })?;
     let shards = args.out.join("shards");
     step("cache proposals", &mut timings, || {
-        cache_proposals(&CacheArgs {
+        cache_proposals(
+            &CacheOptions {
             data: args.data.clone(),
             fold: 0,
             preset,
@@ -165,11 +164,16 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             shard: None,
             batch: 8,
             dry_run: false,
-        })
+            },
+            &device,
+            &Bars::new(true),
+        )?;
+        Ok(())
     })?;
     let mm_dir = args.out.join("mm");
     step("stage 2: train mask matching", &mut timings, || {
-        train_mm(&Stage2Args {
+        train_mm(
+            &Stage2Options {
             shards: shards.clone(),
             batch: 4,
             iters: args.mm_iters,
@@ -186,14 +190,18 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             no_cross_alignment: false,
             no_learnable_matching: false,
             no_co_loss: false,
-        })
+            },
+            &device,
+            &Bars::new(false),
+        )?;
+        Ok(())
     })?;
-    let ck = mm_dir.join(MODEL_FILE);
-    let ck_sha = train::sha256_file(&ck)?;
-    let model = MmFormer::load(&ck)?;
+    let ck = mm_dir.join(mmformer::stage2::MODEL_FILE);
+    let ck_sha = mmformer::train::sha256_file(&ck)?;
+    let model = MmFormer::load(&ck, &device)?;
     let size = preset.input_size();
     let synthetic = step("evaluate: synthetic held-out classes", &mut timings, || {
-        let ds = crate::pipeline::stage1::open_dataset(&args.data)?;
+        let ds = mmformer::datasets::open_dataset(&args.data)?;
         let opts = EvalOptions {
             fold: FoldSel::One(0),
             shots: vec![1, 5],
@@ -206,7 +214,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         evaluate_cached(&model, &ds, "synthetic", &opts, &ck_sha)
     })?;
     let photos = step("evaluate: VOC photos", &mut timings, || {
-        let ds = data::FewShotDataset::voc_photos(&data::photos::default_assets_dir())?;
+        let ds = mmformer::data::FewShotDataset::voc_photos(&mmformer::data::photos::default_assets_dir())?;
         let opts = EvalOptions {
             fold: FoldSel::All,
             shots: vec![1, 5],

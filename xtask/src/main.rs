@@ -1,17 +1,21 @@
-//! `cargo xtask <command>`: thin commands that wire the crates together.
+//! `cargo xtask <command>`: the command line over the `mmformer` library. Argument parsing,
+//! config files, progress bars and printing live here; everything else is a library call.
 
+mod args;
 mod assets;
-mod bench;
 mod config_file;
 mod demo;
-mod eval_cmd;
-mod pipeline;
-mod predict;
+mod progress;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use mmformer::eval::{self, EvalOptions, EvalTuning};
+use mmformer::{bench, MmFormer, SupportImage, SupportSet};
+
+use args::{BenchArgs, CacheArgs, EvalArgs, EvalShardsArgs, PredictArgs, TrainMmArgs, TrainPosArgs};
+use progress::Bars;
 
 #[derive(Parser)]
 #[command(
@@ -43,60 +47,47 @@ enum Cmd {
     MakeSynthetic {
         #[arg(long, default_value = "data/synthetic")]
         out: PathBuf,
-        #[arg(long, default_value_t = data::synthetic::SyntheticConfig::default().seed)]
+        #[arg(long, default_value_t = mmformer::data::synthetic::SyntheticConfig::default().seed)]
         seed: u64,
-        #[arg(long, default_value_t = data::synthetic::SyntheticConfig::default().num_train)]
+        #[arg(long, default_value_t = mmformer::data::synthetic::SyntheticConfig::default().num_train)]
         num_train: usize,
-        #[arg(long, default_value_t = data::synthetic::SyntheticConfig::default().num_val)]
+        #[arg(long, default_value_t = mmformer::data::synthetic::SyntheticConfig::default().num_val)]
         num_val: usize,
     },
     /// Stage 1: train the Potential Objects Segmenter on the base classes of a fold.
-    TrainPos(pipeline::stage1::Stage1Args),
+    TrainPos(TrainPosArgs),
     /// The stage boundary: run the frozen backbone + trained POS once per image view and write
     /// features, proposals and labels to versioned shards for stage 2.
-    CacheProposals(pipeline::cache::CacheArgs),
+    CacheProposals(CacheArgs),
     /// Stage 2: train the mask-matching module on the proposal shards; writes a full checkpoint.
-    TrainMm(pipeline::stage2::Stage2Args),
+    TrainMm(TrainMmArgs),
     /// A trained mask-matching module on cached test views (fast; no backbone or POS).
-    EvalShards(pipeline::stage2::EvalShardsArgs),
+    EvalShards(EvalShardsArgs),
     /// Few-shot evaluation (baseline / ours / oracle, official and original-resolution protocols):
     /// report.json, report.md, overlays; prints the table and the report path.
-    Eval(eval_cmd::EvalArgs),
+    Eval(EvalArgs),
     /// Segment the supports' class in query images (a file or a folder) with a full checkpoint.
-    Predict(predict::PredictArgs),
+    Predict(PredictArgs),
     /// Speed against PyTorch on this machine (same threads, interleaved, medians).
-    Bench {
-        /// What to time: backbone; pos (forward at --size, paper preset, and one cpu-preset training
-        /// iteration, vs PyTorch); episode (1/5-shot per stage, paper preset at --size and cpu at
-        /// 256); stage2 (one stage-2 step from --shards vs backbone + POS live).
-        #[arg(default_values_t = vec!["backbone".to_string()])]
-        what: Vec<String>,
-        /// Input side (square).
-        #[arg(long, default_value_t = 480)]
-        size: usize,
-        /// Timed runs per model and side.
-        #[arg(long, default_value_t = 7)]
-        reps: usize,
-        /// Threads for both sides.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        /// Write `[{"name", "ours_ms", "torch_ms", "ratio"}]` here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Shard folder for `stage2` (one training step from shards vs live backbone + POS).
-        #[arg(long, default_value = "runs/shards")]
-        shards: PathBuf,
-        /// Episodes per step for `stage2`.
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-    },
+    Bench(BenchArgs),
 }
 
-fn main() -> Result<()> {
+/// Errors end the program with one line (the whole chain of causes) and a non-zero status.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     // candle's own pool for elementwise ops spin-waits on its workers; on a 2-core machine whose
     // cores our rayon kernels already use, that costs more than it gains (eval measured 2.3x
     // faster with one candle thread). Must run before candle starts the pool.
-    ops::init_cpu_threads();
+    mmformer::ops::init_cpu_threads();
     let cli = Cli::parse_from(config_file::expand(std::env::args_os().collect())?);
     match cli.cmd {
         Cmd::FetchAssets { dest, cache } => {
@@ -105,56 +96,166 @@ fn main() -> Result<()> {
             assets::fetch_assets(&dest, &cache)
         }
         Cmd::MakeSynthetic { out, seed, num_train, num_val } => {
-            let cfg = data::synthetic::SyntheticConfig { seed, num_train, num_val, ..Default::default() };
-            let pb = indicatif::ProgressBar::new((num_train + num_val) as u64);
-            let progress = |done: usize, _total: usize| pb.set_position(done as u64);
-            let s = data::synthetic::generate(&cfg, &out, Some(&progress))?;
-            pb.finish_and_clear();
+            let cfg = mmformer::data::synthetic::SyntheticConfig { seed, num_train, num_val, ..Default::default() };
+            make_synthetic(&cfg, &out)
+        }
+        Cmd::Demo(args) => demo::demo(&args),
+        Cmd::TrainPos(args) => {
+            let device = args.device.open()?;
+            let opts = args.options();
+            eprintln!("train-pos: {}", serde_json::to_string(&opts)?);
+            mmformer::stage1::train_pos(&opts, &device, &Bars::new(false))?;
+            Ok(())
+        }
+        Cmd::CacheProposals(args) => {
+            let device = args.device.open()?;
+            mmformer::cache::cache_proposals(&args.options(), &device, &Bars::new(true))?;
+            Ok(())
+        }
+        Cmd::TrainMm(args) => {
+            let device = args.device.open()?;
+            let opts = args.options()?;
+            eprintln!("train-mm: {}", serde_json::to_string(&opts)?);
+            let full = mmformer::stage2::train_mm(&opts, &device, &Bars::new(false))?;
+            println!("{}", full.display());
+            Ok(())
+        }
+        Cmd::EvalShards(a) => {
+            let device = a.device.open()?;
+            let (e, spec) = mmformer::stage2::eval_shards(&a.shards, &a.mm_checkpoint, a.episodes as usize, a.shot as usize, &device)?;
             println!(
-                "{}: {} classes, {} train + {} val images, {:.1} MB",
-                out.display(),
-                s.num_classes,
-                s.num_train,
-                s.num_val,
-                s.bytes_on_disk as f64 / 1e6
+                "{} ({:?} features, {:?} masks), {}-shot, {} episodes: mIoU {:.2}, FB-IoU {:.2}, baseline {:.2}, oracle {:.2}",
+                a.shards.display(),
+                spec.feature_dtype,
+                spec.mask_dtype,
+                a.shot,
+                e.episodes,
+                e.ours.miou,
+                e.ours.fb_iou,
+                e.baseline.miou,
+                e.oracle.miou
             );
             Ok(())
         }
-        Cmd::Demo(args) => demo::demo(&args),
-        Cmd::TrainPos(args) => pipeline::stage1::train_pos(&args),
-        Cmd::CacheProposals(args) => pipeline::cache::cache_proposals(&args),
-        Cmd::TrainMm(args) => pipeline::stage2::train_mm(&args),
-        Cmd::EvalShards(args) => pipeline::stage2::eval_shards(&args),
-        Cmd::Predict(args) => predict::predict(&args),
-        Cmd::Eval(args) => eval_cmd::run(&args).map(|_| ()),
-        Cmd::Bench { what, size, reps, threads, json, shards, batch } => {
-            set_threads(threads)?;
-            // `episode` has no PyTorch counterpart to run here (it quotes reference figures).
-            let mut torch = if what.iter().any(|w| w == "backbone") {
-                bench::TorchServer::start(threads, &["--fuse-bn"])?
-            } else {
-                None
-            };
-            let mut rows = Vec::new();
-            for w in &what {
-                match w.as_str() {
-                    "backbone" => rows.extend(bench::bench_backbone(&mut torch, size, reps)?),
-                    "episode" => rows.extend(bench::bench_episode(size, reps)?),
-                    "stage2" => rows.extend(pipeline::bench_stage2::bench_stage2(&shards, batch, reps)?),
-                    "pos" => rows.extend(bench::bench_pos(size, threads, reps)?),
-                    other => anyhow::bail!("unknown benchmark `{other}` (known: backbone, pos, episode, stage2)"),
-                }
-            }
-            if let Some(p) = json {
-                bench::write_json(&rows, &p)?;
-            }
-            Ok(())
-        }
+        Cmd::Predict(args) => predict(&args),
+        Cmd::Eval(args) => run_eval(&args).map(|_| ()),
+        Cmd::Bench(args) => run_bench(&args),
     }
 }
 
-/// One rayon pool of `n` threads for everything (our kernels parallelise through rayon).
-fn set_threads(n: usize) -> Result<()> {
-    rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+/// Writes the synthetic dataset with a progress bar and prints what it holds.
+pub fn make_synthetic(cfg: &mmformer::data::synthetic::SyntheticConfig, out: &std::path::Path) -> Result<()> {
+    let pb = indicatif::ProgressBar::new((cfg.num_train + cfg.num_val) as u64);
+    let progress = |done: usize, _total: usize| pb.set_position(done as u64);
+    let s = mmformer::data::synthetic::generate(cfg, out, Some(&progress))?;
+    pb.finish_and_clear();
+    println!("{}: {} classes, {} train + {} val images, {:.1} MB", out.display(), s.num_classes, s.num_train, s.num_val, s.bytes_on_disk as f64 / 1e6);
+    Ok(())
+}
+
+/// `cargo xtask eval`: prints the table and, last, the path of `report.json`.
+fn run_eval(args: &EvalArgs) -> Result<PathBuf> {
+    let device = args.device.open()?;
+    let model = MmFormer::load(&args.checkpoint, &device)?;
+    let ds = args.open_dataset()?;
+    let opts = EvalOptions {
+        fold: args.fold,
+        shots: if args.shots.is_empty() { vec![1, 5] } else { args.shots.iter().map(|&s| s as usize).collect() },
+        episodes: args.episodes as usize,
+        seeds: args.seeds as usize,
+        size: args.size.unwrap_or_else(|| model.input_size()),
+        overlays: args.overlays,
+        out: args.out.clone(),
+    };
+    let tuning = EvalTuning { cache_bytes: args.cache_mb << 20, episode_batch: args.episode_batch as usize, image_batch: args.image_batch as usize };
+    let benchmark = args.benchmark.clone().unwrap_or_else(|| ds.name().to_string());
+    let report = eval::evaluate_with(&model, &ds, &benchmark, &opts, &tuning, &Bars::new(true))?;
+    println!("{}", eval::markdown_summary(&report.summary_rows()));
+    let st = &report.stats;
+    eprintln!(
+        "{:.1} s: {} images encoded ({:.1} s decoding, {:.1} s backbone + POS), {} episodes matched ({:.1} s), {} memoised, scoring {:.1} s",
+        report.seconds, st.images_encoded, st.decode_seconds, st.encode_seconds, st.episodes_matched, st.match_seconds, st.episodes_memoised, st.score_seconds
+    );
+    let path = args.out.join("report.json");
+    println!("{}", path.display());
+    Ok(path)
+}
+
+/// `cargo xtask predict`: masks and overlays of every query, supports encoded once.
+fn predict(args: &PredictArgs) -> Result<()> {
+    // Cheap checks on the user's files first, so a typo does not wait for the model to load.
+    if args.supports.len() != args.support_masks.len() {
+        bail!(
+            "{} --support image(s) but {} --support-mask file(s): give one mask per support image, in the same order",
+            args.supports.len(),
+            args.support_masks.len()
+        );
+    }
+    if let Some(size) = args.size {
+        mmformer::segment::check_size(size)?;
+    }
+    let device = args.device.open()?;
+    let queries = mmformer::segment::collect_queries(&args.query)?;
+    let supports = args
+        .supports
+        .iter()
+        .zip(&args.support_masks)
+        .map(|(i, m)| SupportImage::from_files(i, m, args.class_value))
+        .collect::<mmformer::Result<Vec<_>>>()?;
+    let t = std::time::Instant::now();
+    let model = MmFormer::load(&args.checkpoint, &device)
+        .with_context(|| format!("{}: cannot load as an MM-Former checkpoint", args.checkpoint.display()))?;
+    eprintln!("{}: {} preset, loaded in {:.1} s", args.checkpoint.display(), model.meta.preset, t.elapsed().as_secs_f64());
+    let t = std::time::Instant::now();
+    let set = SupportSet::new(&model, &supports, args.size)?;
+    eprintln!("{} support(s) encoded at {}x{} in {:.2} s", set.shots(), set.size(), set.size(), t.elapsed().as_secs_f64());
+    std::fs::create_dir_all(&args.out).with_context(|| format!("{}: cannot create output folder", args.out.display()))?;
+    for q in &queries {
+        let t = std::time::Instant::now();
+        let img = mmformer::read_image(q)?;
+        let seg = set.segment(&img).with_context(|| format!("{}", q.display()))?;
+        let stem = mmformer::segment::file_stem(q)?;
+        seg.save_mask(&args.out.join(format!("{stem}_mask.png")))?;
+        let overlay = args.out.join(format!("{stem}_overlay.png"));
+        seg.overlay(&img).save_with_format(&overlay, image::ImageFormat::Png).with_context(|| format!("{}: cannot write", overlay.display()))?;
+        println!(
+            "{}  {}x{}  foreground {:5.1}%  {:.2} s",
+            q.display(),
+            img.width(),
+            img.height(),
+            100.0 * seg.foreground_fraction(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    println!(
+        "wrote {} mask(s) (`<name>_mask.png`, 0/255 at the query's size) and overlay(s) (`<name>_overlay.png`) to {}",
+        queries.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn run_bench(args: &BenchArgs) -> Result<()> {
+    let device = args.device.open()?;
+    let threads = args.threads as usize;
+    // One rayon pool of `threads` threads for everything (our kernels parallelise through rayon).
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    let out = &mut std::io::stdout();
+    let reps = args.reps as usize;
+    let mut torch = if args.what.iter().any(|w| w == "backbone") { bench::TorchServer::start(threads, &["--fuse-bn"], out)? } else { None };
+    let mut rows = Vec::new();
+    for w in &args.what {
+        match w.as_str() {
+            "backbone" => rows.extend(bench::bench_backbone(out, &mut torch, args.size, reps, &device)?),
+            "episode" => rows.extend(bench::bench_episode(out, args.size, reps, &device)?),
+            "stage2" => rows.extend(bench::bench_stage2(out, &args.shards, args.batch as usize, reps, &device)?),
+            "pos" => rows.extend(bench::bench_pos(out, args.size, threads, reps, &device)?),
+            other => bail!("unknown benchmark `{other}` (known: backbone, pos, episode, stage2)"),
+        }
+    }
+    if let Some(p) = &args.json {
+        bench::write_json(&rows, p)?;
+        println!("wrote {}", p.display());
+    }
     Ok(())
 }

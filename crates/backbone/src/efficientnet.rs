@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use candle_core::{Tensor, D};
+use candle_core::{Device, Tensor, D};
 use ops::conv::{Activation, ConvSpec};
 
 use crate::error::{BackboneError, Result};
@@ -268,17 +268,26 @@ impl EfficientNetLite0 {
     }
 
     /// From a weight file in the `efficientnet_pytorch` layout (e.g. the legacy
-    /// `efficientnet-lite0-57934424.pth`), or our safetensors with the same names.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+    /// `efficientnet-lite0-57934424.pth`), or our safetensors with the same names; weights go to
+    /// `device`.
+    pub fn from_file(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         Self::new(
             &EfficientNetConfig::lite0(),
-            Weights::from_state_dict(StateDict::read(path)?),
+            Weights::from_state_dict(StateDict::read(path, device)?),
         )
     }
 
     /// Deterministic synthetic weights (for timing without a weight file).
-    pub fn synthetic(seed: u64) -> Result<Self> {
-        Self::new(&EfficientNetConfig::lite0(), Weights::synthetic(seed))
+    pub fn synthetic(seed: u64, device: &Device) -> Result<Self> {
+        Self::new(&EfficientNetConfig::lite0(), Weights::synthetic(seed, device))
+    }
+
+    /// [`Self::synthetic`] and the weights it drew, under the names a weight file of this
+    /// model uses (so that a synthetic model can be written out and read back).
+    pub fn synthetic_with_weights(seed: u64, device: &Device) -> Result<(Self, std::collections::HashMap<String, Tensor>)> {
+        let (w, record) = Weights::synthetic_recorded(seed, device);
+        let model = Self::new(&EfficientNetConfig::lite0(), w)?;
+        Ok((model, record.tensors()))
     }
 
     pub fn config(&self) -> &EfficientNetConfig {

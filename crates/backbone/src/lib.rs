@@ -3,7 +3,8 @@
 //! and our own safetensors.
 //!
 //! - [`Backbone`]: a normalised f32 (B, 3, H, W) batch in, [`Features`] at strides 4/8/16/32 out.
-//! - [`ResNet50`], [`EfficientNetLite0`]: `new(cfg, vb)`, `from_file(path)`, `synthetic(seed)`.
+//! - [`ResNet50`], [`EfficientNetLite0`]: `new(cfg, vb)`, `from_file(path, &device)`,
+//!   `synthetic(seed, &device)`.
 //! - [`StateDict`] reads weight files; [`Weights`] is the `vb` the models are built from (a
 //!   state dict, any candle `VarBuilder`, or synthetic values); [`names`] maps torchvision and
 //!   official ResNet names.
@@ -23,13 +24,13 @@ pub mod weights;
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use efficientnet::{EfficientNetConfig, EfficientNetLite0};
 pub use error::{BackboneError, Result};
 pub use preprocess::{preprocess, preprocess_hwc};
 pub use resnet::{ResNet50, ResNetConfig};
-pub use weights::{StateDict, Weights};
+pub use weights::{StateDict, SyntheticRecord, Weights};
 
 /// Feature maps at strides 4, 8, 16 and 32 (named after the ResNet stages whatever the model).
 #[derive(Clone, Debug)]
@@ -84,13 +85,13 @@ impl std::str::FromStr for BackboneKind {
 }
 
 /// A backbone from a weight file, or with deterministic synthetic weights when `weights` is
-/// None (for timing).
-pub fn load_backbone(kind: BackboneKind, weights: Option<&Path>) -> Result<Box<dyn Backbone>> {
+/// None (for timing), on `device`.
+pub fn load_backbone(kind: BackboneKind, weights: Option<&Path>, device: &Device) -> Result<Box<dyn Backbone>> {
     Ok(match (kind, weights) {
-        (BackboneKind::ResNet50, Some(p)) => Box::new(ResNet50::from_file(p)?),
-        (BackboneKind::ResNet50, None) => Box::new(ResNet50::synthetic(0)?),
-        (BackboneKind::EfficientNetLite0, Some(p)) => Box::new(EfficientNetLite0::from_file(p)?),
-        (BackboneKind::EfficientNetLite0, None) => Box::new(EfficientNetLite0::synthetic(0)?),
+        (BackboneKind::ResNet50, Some(p)) => Box::new(ResNet50::from_file(p, device)?),
+        (BackboneKind::ResNet50, None) => Box::new(ResNet50::synthetic(0, device)?),
+        (BackboneKind::EfficientNetLite0, Some(p)) => Box::new(EfficientNetLite0::from_file(p, device)?),
+        (BackboneKind::EfficientNetLite0, None) => Box::new(EfficientNetLite0::synthetic(0, device)?),
     })
 }
 

@@ -58,8 +58,8 @@ pub fn preprocess(image: &Tensor) -> Result<Tensor> {
 }
 
 /// Interleaved RGB bytes (H, W, 3), as image decoders give them → (1, 3, H', W') as
-/// [`preprocess`].
-pub fn preprocess_hwc(data: &[u8], height: usize, width: usize) -> Result<Tensor> {
+/// [`preprocess`], on `device`.
+pub fn preprocess_hwc(data: &[u8], height: usize, width: usize, device: &Device) -> Result<Tensor> {
     if data.len() != height * width * 3 {
         return Err(BackboneError::Input(format!(
             "{} bytes for a {height}x{width} RGB image, expected {}",
@@ -67,6 +67,6 @@ pub fn preprocess_hwc(data: &[u8], height: usize, width: usize) -> Result<Tensor
             height * width * 3
         )));
     }
-    let chw = Tensor::from_slice(data, (height, width, 3), &Device::Cpu)?.permute((2, 0, 1))?;
+    let chw = Tensor::from_slice(data, (height, width, 3), device)?.permute((2, 0, 1))?;
     preprocess(&chw)
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use ops::conv::{Activation, ConvSpec, FrozenConv2d};
 
 use crate::error::{BackboneError, Result};
@@ -175,8 +175,9 @@ impl ResNet50 {
 
     /// From a weight file in any layout (torchvision `.pth`, MM-Former checkpoint, or our
     /// safetensors; see [`crate::names`]).
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        Self::from_state_dict(StateDict::read(path)?)
+    /// Weights go to `device`.
+    pub fn from_file(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_state_dict(StateDict::read(path, device)?)
     }
 
     /// From tensors already read (any of the three layouts).
@@ -188,8 +189,16 @@ impl ResNet50 {
     }
 
     /// Deterministic synthetic weights (for timing without a weight file).
-    pub fn synthetic(seed: u64) -> Result<Self> {
-        Self::new(&ResNetConfig::r50(), Weights::synthetic(seed))
+    pub fn synthetic(seed: u64, device: &Device) -> Result<Self> {
+        Self::new(&ResNetConfig::r50(), Weights::synthetic(seed, device))
+    }
+
+    /// [`Self::synthetic`] and the weights it drew, under the names a weight file of this
+    /// model uses (so that a synthetic model can be written out and read back).
+    pub fn synthetic_with_weights(seed: u64, device: &Device) -> Result<(Self, std::collections::HashMap<String, Tensor>)> {
+        let (w, record) = Weights::synthetic_recorded(seed, device);
+        let model = Self::new(&ResNetConfig::r50(), w)?;
+        Ok((model, record.tensors()))
     }
 
     pub fn config(&self) -> &ResNetConfig {

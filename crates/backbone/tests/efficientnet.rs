@@ -116,7 +116,7 @@ fn efficientnet_lite0_classifies_chelsea_as_a_cat_and_coffee_as_espresso() {
     let Some((weights, photos)) = assets() else {
         return;
     };
-    let model = EfficientNetLite0::from_file(&weights).unwrap();
+    let model = EfficientNetLite0::from_file(&weights, &Device::Cpu).unwrap();
     let cat = top5(&model, "chelsea.png", &photos);
     assert!(
         (281..=285).contains(&cat[0].0),
@@ -140,7 +140,7 @@ fn efficientnet_lite0_feature_taps() {
     let Some((weights, photos)) = assets() else {
         return;
     };
-    let model = EfficientNetLite0::from_file(&weights).unwrap();
+    let model = EfficientNetLite0::from_file(&weights, &Device::Cpu).unwrap();
     assert_eq!(model.channels(), [24, 40, 112, 320]);
     let x = photo_224(&photos.join("coffee.png"));
     let f = model.forward(&x).unwrap();
@@ -176,7 +176,7 @@ fn efficientnet_lite0_feature_taps() {
 #[test]
 fn efficientnet_lite0_matches_the_python_reference_at_64x96() {
     let Some((weights, _)) = assets() else { return };
-    let model = EfficientNetLite0::from_file(&weights).unwrap();
+    let model = EfficientNetLite0::from_file(&weights, &Device::Cpu).unwrap();
     let (h, w) = (64, 96);
     let x: Vec<f32> = (0..3 * h * w)
         .map(|i| {

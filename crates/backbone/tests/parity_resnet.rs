@@ -2,7 +2,7 @@
 //! on the formula weights with the calibrated FrozenBN statistics.
 
 use backbone::{preprocess, Backbone, ResNet50, ResNetConfig, Weights};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use parity::{assert_close, load_fixture, FormulaWeights, ABS_TOL, REL_TOL};
 
 fn formula_resnet() -> ResNet50 {
@@ -77,7 +77,7 @@ fn preprocess_pads_bottom_right_with_zero_after_normalising() {
         .unwrap()
         .to_vec1::<u8>()
         .unwrap();
-    let y = backbone::preprocess_hwc(&hwc, 100, 150).unwrap();
+    let y = backbone::preprocess_hwc(&hwc, 100, 150, &Device::Cpu).unwrap();
     assert_eq!(parity::max_abs_diff(&x, &y).unwrap().0, 0.0);
 }
 
@@ -111,7 +111,7 @@ fn parity_resnet50_support0_res3_to_res5() {
 #[test]
 fn resnet50_shapes_and_channels_at_odd_sizes() {
     // Any size works; outputs are ceil(H / stride) as with torch's conv arithmetic.
-    let model = ResNet50::synthetic(1).unwrap();
+    let model = ResNet50::synthetic(1, &Device::Cpu).unwrap();
     assert_eq!(model.channels(), [256, 512, 1024, 2048]);
     let x = Tensor::randn(0f32, 1f32, (2, 3, 70, 45), &candle_core::Device::Cpu).unwrap();
     let f = model.forward(&x).unwrap();

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 fn time_ms(kind: BackboneKind, runs: usize) -> f64 {
     // Timing does not depend on the values, so synthetic weights stand in for missing files.
-    let model = load_backbone(kind, None).unwrap();
+    let model = load_backbone(kind, None, &Device::Cpu).unwrap();
     let x = Tensor::randn(0f32, 1f32, (1, 3, 480, 480), &Device::Cpu)
         .unwrap()
         .to_dtype(DType::F32)

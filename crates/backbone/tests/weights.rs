@@ -43,7 +43,7 @@ fn assert_exact(what: &str, ours: &Tensor, reference: &Tensor) {
 
 /// Every floating-point tensor of a fixture file, raw, against `expected.safetensors`.
 fn check_raw_file(file: &str, prefix: &str) -> StateDict {
-    let sd = StateDict::read(fixture(file)).unwrap();
+    let sd = StateDict::read(fixture(file), &Device::Cpu).unwrap();
     let exp = expected();
     let mut checked = 0;
     for (name, reference) in exp.iter().filter(|(k, _)| k.starts_with(prefix)) {
@@ -84,7 +84,7 @@ fn both_layouts_map_to_the_same_official_tensors() {
         "torchvision_resnet50_partial.pth",
         "official_checkpoint_partial.pth",
     ] {
-        let sd = resnet50_state_dict(StateDict::read(fixture(file)).unwrap()).unwrap();
+        let sd = resnet50_state_dict(StateDict::read(fixture(file), &Device::Cpu).unwrap()).unwrap();
         // stem + res2.0: 5 modules with a norm each = 25 tensors; fc, heads and counters dropped.
         assert_eq!(sd.len(), 25, "{file}: {:?}", sd.names());
         for name in sd.names() {
@@ -136,12 +136,12 @@ fn name_table_covers_r50_and_round_trips() {
 fn own_safetensors_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let sd =
-        resnet50_state_dict(StateDict::read(fixture("torchvision_resnet50_partial.pth")).unwrap())
+        resnet50_state_dict(StateDict::read(fixture("torchvision_resnet50_partial.pth"), &Device::Cpu).unwrap())
             .unwrap();
     for prefix in ["backbone.", ""] {
         let path = dir.path().join(format!("ours{}.safetensors", prefix.len()));
         sd.save_safetensors(&path, prefix).unwrap();
-        let back = resnet50_state_dict(StateDict::read(&path).unwrap()).unwrap();
+        let back = resnet50_state_dict(StateDict::read(&path, &Device::Cpu).unwrap()).unwrap();
         assert_eq!(back.names(), sd.names());
         for name in sd.names() {
             assert_exact(name, back.get(name).unwrap(), sd.get(name).unwrap());
@@ -160,7 +160,7 @@ fn partial_file_names_the_first_missing_key() {
             "backbone.res2.1.conv1.weight",
         ),
     ] {
-        let err = ResNet50::from_file(fixture(file)).unwrap_err();
+        let err = ResNet50::from_file(fixture(file), &Device::Cpu).unwrap_err();
         match &err {
             BackboneError::MissingKey {
                 file: f,
@@ -184,7 +184,7 @@ fn partial_file_names_the_first_missing_key() {
 #[test]
 fn wrong_shape_names_key_expected_and_found() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = StateDict::read(fixture("torchvision_resnet50_partial.pth")).unwrap();
+    let raw = StateDict::read(fixture("torchvision_resnet50_partial.pth"), &Device::Cpu).unwrap();
     let mut tensors = raw.into_tensors();
     tensors.insert(
         "conv1.weight".into(),
@@ -194,7 +194,7 @@ fn wrong_shape_names_key_expected_and_found() {
     StateDict::from_tensors("x", tensors)
         .save_safetensors(&path, "")
         .unwrap();
-    let err = ResNet50::from_file(&path).unwrap_err();
+    let err = ResNet50::from_file(&path, &Device::Cpu).unwrap_err();
     match &err {
         BackboneError::ShapeMismatch {
             key,
@@ -233,7 +233,7 @@ fn truncated_files_are_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let legacy = write_legacy_fixture(dir.path());
     let own = dir.path().join("own.safetensors");
-    resnet50_state_dict(StateDict::read(fixture("torchvision_resnet50_partial.pth")).unwrap())
+    resnet50_state_dict(StateDict::read(fixture("torchvision_resnet50_partial.pth"), &Device::Cpu).unwrap())
         .unwrap()
         .save_safetensors(&own, "")
         .unwrap();
@@ -245,7 +245,7 @@ fn truncated_files_are_errors_naming_the_file() {
     ] {
         for keep in [0.5, 0.999] {
             let path = truncated_copy(&src, dir.path(), keep);
-            let err = StateDict::read(&path).unwrap_err();
+            let err = StateDict::read(&path, &Device::Cpu).unwrap_err();
             assert!(
                 matches!(err, BackboneError::Corrupt { .. }),
                 "{}: {err}",
@@ -269,7 +269,7 @@ fn non_weight_files_are_rejected() {
     let bytes =
         std::fs::read(photo).unwrap_or_else(|_| [&b"\x89PNG\r\n\x1a\n"[..], &[0u8; 64]].concat());
     std::fs::write(&png, &bytes).unwrap();
-    let err = ResNet50::from_file(&png).unwrap_err();
+    let err = ResNet50::from_file(&png, &Device::Cpu).unwrap_err();
     assert!(matches!(err, BackboneError::NotAWeightFile { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("image.pth") && msg.contains("PNG"), "{msg}");
@@ -280,11 +280,11 @@ fn non_weight_files_are_rejected() {
     ] {
         let path = dir.path().join(name);
         std::fs::write(&path, content).unwrap();
-        let err = StateDict::read(&path).unwrap_err();
+        let err = StateDict::read(&path, &Device::Cpu).unwrap_err();
         assert!(matches!(err, BackboneError::NotAWeightFile { .. }), "{err}");
         assert!(err.to_string().contains(name));
     }
-    let err = StateDict::read(dir.path().join("absent.pth")).unwrap_err();
+    let err = StateDict::read(dir.path().join("absent.pth"), &Device::Cpu).unwrap_err();
     assert!(
         matches!(err, BackboneError::Io { .. }) && err.to_string().contains("absent.pth"),
         "{err}"
@@ -434,7 +434,7 @@ fn write_legacy_fixture(dir: &Path) -> PathBuf {
 #[test]
 fn legacy_format_hand_written_file() {
     let dir = tempfile::tempdir().unwrap();
-    let sd = StateDict::read(write_legacy_fixture(dir.path())).unwrap();
+    let sd = StateDict::read(write_legacy_fixture(dir.path()), &Device::Cpu).unwrap();
     assert_eq!(sd.names(), ["a", "a_t", "count", "d", "tail"]);
     assert_eq!(
         sd.get("a").unwrap().to_vec2::<f32>().unwrap(),
@@ -476,7 +476,7 @@ fn legacy_view_outside_its_storage_is_an_error() {
     bad[at] = 4;
     let path = dir.path().join("bad_view.pth");
     std::fs::write(&path, bad).unwrap();
-    let err = StateDict::read(&path).unwrap_err();
+    let err = StateDict::read(&path, &Device::Cpu).unwrap_err();
     match &err {
         BackboneError::BadTensor { key, .. } => assert_eq!(key, "tail"),
         other => panic!("expected BadTensor, got {other}"),
@@ -501,7 +501,7 @@ fn legacy_format_real_efficientnet_file() {
     let Some(path) = efficientnet_weights() else {
         return;
     };
-    let sd = StateDict::read(&path).unwrap();
+    let sd = StateDict::read(&path, &Device::Cpu).unwrap();
     assert_eq!(sd.len(), 296);
     // Reference values read independently with Python's pickle module (no torch), following
     // each tensor's strides: 50 of the conv / fc weights are stored transposed.
@@ -582,17 +582,17 @@ fn efficientnet_full_load_and_missing_key() {
     let Some(path) = efficientnet_weights() else {
         return;
     };
-    let model = EfficientNetLite0::from_file(&path).unwrap();
+    let model = EfficientNetLite0::from_file(&path, &Device::Cpu).unwrap();
     assert_eq!(backbone::Backbone::channels(&model), [24, 40, 112, 320]);
     // Without one block tensor the load fails naming it.
-    let mut tensors = StateDict::read(&path).unwrap().into_tensors();
+    let mut tensors = StateDict::read(&path, &Device::Cpu).unwrap().into_tensors();
     tensors.remove("_blocks.7._bn1.running_var");
     let dir = tempfile::tempdir().unwrap();
     let cut = dir.path().join("lite0_cut.safetensors");
     StateDict::from_tensors("x", tensors)
         .save_safetensors(&cut, "")
         .unwrap();
-    let err = EfficientNetLite0::from_file(&cut).unwrap_err();
+    let err = EfficientNetLite0::from_file(&cut, &Device::Cpu).unwrap_err();
     assert!(
         matches!(&err, BackboneError::MissingKey { key, expected, .. } if key == "_blocks.7._bn1.running_var" && expected == &[480]),
         "{err}"
@@ -685,7 +685,7 @@ fn full_resnet50_in_every_layout_matches_the_var_builder_model() {
         StateDict::from_tensors("x", tensors)
             .save_safetensors(&path, "")
             .unwrap();
-        let model = ResNet50::from_file(&path).unwrap();
+        let model = ResNet50::from_file(&path, &Device::Cpu).unwrap();
         let f = model.forward(&x).unwrap();
         for (ours, r) in f.as_array().iter().zip(reference.as_array()) {
             assert_eq!(parity::max_abs_diff(ours, r).unwrap().0, 0.0, "{layout}");
@@ -716,8 +716,8 @@ fn synthetic_models_give_finite_features() {
     use backbone::Backbone;
     let x = Tensor::randn(0f32, 1f32, (1, 3, 96, 64), &Device::Cpu).unwrap();
     let models: [Box<dyn Backbone>; 2] = [
-        Box::new(ResNet50::synthetic(3).unwrap()),
-        Box::new(EfficientNetLite0::synthetic(3).unwrap()),
+        Box::new(ResNet50::synthetic(3, &Device::Cpu).unwrap()),
+        Box::new(EfficientNetLite0::synthetic(3, &Device::Cpu).unwrap()),
     ];
     for m in models {
         for t in m.forward(&x).unwrap().as_array() {

@@ -112,6 +112,12 @@ impl Stage1Losses {
             .map(|t| Ok((t.name.clone(), scalar(&t.raw)?, scalar(&t.weighted)?)))
             .collect()
     }
+
+    /// (name, weighted term) of every term, still on the device (a log reads them when it
+    /// writes, not every iteration).
+    pub fn weighted_parts(&self) -> Vec<(String, Tensor)> {
+        self.terms.iter().map(|t| (t.name.clone(), t.weighted.clone())).collect()
+    }
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {

@@ -13,4 +13,4 @@ pub mod prototype;
 pub mod self_align;
 
 pub use config::MmConfig;
-pub use model::{LevelFeatures, MaskMatching, MatchOutput, MmOutput, Trace};
+pub use model::{LevelFeatures, MaskMatching, MatchOutput, MmOutput, QueryPass, Trace};

@@ -14,6 +14,16 @@ use crate::self_align::self_align;
 /// `[l0, l1, l2]` = `[res5, res4, res3]`, each (B, C_i, h_i, w_i).
 pub type LevelFeatures = [Tensor; 3];
 
+/// What the matching needs from query images, whatever the number of shots: their backbone
+/// features and their proposals. Computed once per query (backbone + POS) and reused.
+#[derive(Clone, Debug)]
+pub struct QueryPass {
+    /// `[res5, res4, res3]`, each (B, C, h, w).
+    pub features: LevelFeatures,
+    /// (B, N, H/4, W/4) POS mask logits.
+    pub proposal_logits: Tensor,
+}
+
 /// A 1×1 convolution without bias (`conv_{i}`), applied as a matmul over channels.
 #[derive(Debug, Clone)]
 pub struct Conv1x1 {

@@ -1,16 +1,24 @@
-//! The training machinery shared by both stages (written once): AdamW with parameter groups, the
-//! poly learning-rate schedule, global gradient-norm clipping, atomic checkpoints with exact
-//! resume, a JSON-lines log and the progress bar.
+//! The training machinery shared by both stages (written once): the training loop ([`train()`]:
+//! resume, step, log, evaluate, checkpoint; a stage supplies its loss and its evaluation through
+//! [`Stage`]), AdamW with parameter groups, the poly learning-rate schedule, global
+//! gradient-norm clipping, atomic checkpoints with exact resume, seeded initialisation, a
+//! JSON-lines log and progress reporting ([`Progress`]) that a command line turns into bars.
 
 mod checkpoint;
 mod init;
 mod log;
 mod optim;
+mod progress;
+mod run;
+mod vars;
 
-pub use init::seeded_var_builder;
 pub use checkpoint::{sha256_file, Checkpoint, CheckpointStore, TrainState};
+pub use init::seeded_var_builder;
 pub use log::JsonlLog;
 pub use optim::{clip_grad_norm, default_no_decay, AdamW, AdamWConfig, NamedVar, PolyLr};
+pub use progress::{NotesToStderr, Progress, Silent};
+pub use run::{apply_step, checkpoint_store, resume_or_start, save_checkpoints, train, Evaluation, LoopConfig, RunSpec, Stage, Step, StepLoss};
+pub use vars::{load_into, named_vars, varmap_tensors};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -25,17 +33,3 @@ pub enum TrainError {
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
-
-/// A progress bar for `total` iterations starting at `start`, showing loss, lr, it/s and ETA.
-pub fn progress_bar(total: u64, start: u64, what: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ({per_sec}, ETA {eta})",
-        )
-        .expect("static template"),
-    );
-    pb.set_prefix(what.to_string());
-    pb.set_position(start);
-    pb
-}

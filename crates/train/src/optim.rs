@@ -153,15 +153,20 @@ impl PolyLr {
 /// Global L2-norm clipping over all gradients (`clip_grad_norm_`, the official "full_model"
 /// clipping at 0.01). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[NamedVar], max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for v in vars {
-        if let Some(g) = grads.get(v.var.as_tensor()) {
-            total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-        }
+    // One reduction on the device and one read back, not one per parameter.
+    let sums = vars
+        .iter()
+        .filter_map(|v| grads.get(v.var.as_tensor()))
+        .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
     }
-    let norm = total.sqrt();
+    let norm = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
+    // A non-finite norm is left to the caller (the step is skipped): clipping by NaN would
+    // write NaN into every gradient.
+    if norm.is_finite() && coef < 1.0 {
         for v in vars {
             if let Some(g) = grads.remove(v.var.as_tensor()) {
                 grads.insert(v.var.as_tensor(), (g * coef)?);

@@ -69,6 +69,7 @@ pub(crate) fn read_legacy(
     path: &Path,
     bytes: &[u8],
     dict_key: Option<&str>,
+    device: &Device,
 ) -> Result<Vec<(String, Tensor)>> {
     let corrupt = |detail: String| BackboneError::Corrupt {
         file: path.to_path_buf(),
@@ -183,7 +184,7 @@ pub(crate) fn read_legacy(
                 tref.size, tref.stride, tref.offset
             ))
         })?;
-        let t = Tensor::from_raw_buffer(&raw, dtype, &tref.size, &Device::Cpu)?;
+        let t = Tensor::from_raw_buffer(&raw, dtype, &tref.size, device)?;
         out.push((name, t));
     }
     Ok(out)

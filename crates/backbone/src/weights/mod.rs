@@ -43,23 +43,24 @@ impl StateDict {
     /// Every tensor of a weight file (zip or legacy `.pth`, or safetensors), under the names the
     /// file uses. For a checkpoint dict like detectron2's `{"model": ..., "optimizer": ...}` the
     /// tensors of `model` are returned (see [`StateDict::read_with_key`]).
-    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        Self::read_with_key(path, None)
+    /// The tensors are placed on `device`.
+    pub fn read(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::read_with_key(path, None, device)
     }
 
     /// As [`StateDict::read`], taking the tensors of the entry `dict_key` of the saved dict.
-    pub fn read_with_key(path: impl AsRef<Path>, dict_key: Option<&str>) -> Result<Self> {
+    pub fn read_with_key(path: impl AsRef<Path>, dict_key: Option<&str>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|source| BackboneError::Io {
             file: path.to_path_buf(),
             source,
         })?;
         let tensors = if bytes.starts_with(ZIP_MAGIC) {
-            read_zip(path, dict_key)?
+            read_zip(path, dict_key, device)?
         } else if legacy::is_legacy(&bytes) {
-            legacy::read_legacy(path, &bytes, dict_key)?
+            legacy::read_legacy(path, &bytes, dict_key, device)?
         } else if looks_like_safetensors(&bytes) {
-            read_safetensors(path, &bytes)?
+            read_safetensors(path, &bytes, device)?
         } else {
             return Err(BackboneError::NotAWeightFile {
                 file: path.to_path_buf(),
@@ -191,7 +192,7 @@ impl StateDict {
     }
 }
 
-fn read_zip(path: &Path, dict_key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
+fn read_zip(path: &Path, dict_key: Option<&str>, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let corrupt = |e: candle_core::Error| BackboneError::Corrupt {
         file: path.to_path_buf(),
         detail: e.to_string(),
@@ -228,7 +229,7 @@ fn read_zip(path: &Path, dict_key: Option<&str>) -> Result<Vec<(String, Tensor)>
                     file: path.to_path_buf(),
                     detail: format!("tensor `{}` listed but not readable", info.name),
                 })?;
-            out.push((info.name, t));
+            out.push((info.name, t.to_device(device)?));
         }
         return Ok(out);
     }
@@ -243,8 +244,8 @@ fn looks_like_safetensors(bytes: &[u8]) -> bool {
     bytes.len() > 8 && bytes[8] == b'{'
 }
 
-fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
-    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+fn read_safetensors(path: &Path, bytes: &[u8], device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
         BackboneError::Corrupt {
             file: path.to_path_buf(),
             detail: e.to_string(),
@@ -285,7 +286,18 @@ pub struct Weights<'a> {
 enum Store<'a> {
     File(Arc<StateDict>),
     Var(VarBuilder<'a>),
-    Synthetic(u64),
+    Synthetic(u64, Device, Option<SyntheticRecord>),
+}
+
+/// The synthetic tensors a model drew, by full name (so a synthetic model can be saved).
+#[derive(Clone, Default)]
+pub struct SyntheticRecord(Arc<std::sync::Mutex<HashMap<String, Tensor>>>);
+
+impl SyntheticRecord {
+    /// Every tensor drawn so far, by full name.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.0.lock().expect("record lock").clone()
+    }
 }
 
 impl<'a> Weights<'a> {
@@ -305,12 +317,22 @@ impl<'a> Weights<'a> {
     }
 
     /// Deterministic synthetic weights for timing and smoke tests: He-uniform conv / linear
-    /// weights from a hash of (`seed`, name), identity batch norms, zero biases.
-    pub fn synthetic(seed: u64) -> Self {
+    /// weights from a hash of (`seed`, name), identity batch norms, zero biases, on `device`.
+    pub fn synthetic(seed: u64, device: &Device) -> Self {
         Self {
-            store: Store::Synthetic(seed),
+            store: Store::Synthetic(seed, device.clone(), None),
             prefix: String::new(),
         }
+    }
+
+    /// [`Weights::synthetic`], also recording every tensor handed out.
+    pub fn synthetic_recorded(seed: u64, device: &Device) -> (Self, SyntheticRecord) {
+        let record = SyntheticRecord::default();
+        let w = Self {
+            store: Store::Synthetic(seed, device.clone(), Some(record.clone())),
+            prefix: String::new(),
+        };
+        (w, record)
     }
 
     /// The view one module deeper (`vb.pp("res2")`).
@@ -353,14 +375,20 @@ impl<'a> Weights<'a> {
                     })?;
                 Ok(t.to_dtype(DType::F32)?)
             }
-            Store::Synthetic(seed) => Ok(synthetic_tensor(*seed, &full, shape)?),
+            Store::Synthetic(seed, device, record) => {
+                let t = synthetic_tensor(*seed, &full, shape, device)?;
+                if let Some(r) = record {
+                    r.0.lock().expect("record lock").insert(full, t.clone());
+                }
+                Ok(t)
+            }
         }
     }
 }
 
-fn synthetic_tensor(seed: u64, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
+fn synthetic_tensor(seed: u64, name: &str, shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
     let n: usize = shape.iter().product();
-    let fill = |v: f32| Tensor::full(v, shape, &Device::Cpu);
+    let fill = |v: f32| Tensor::full(v, shape, device);
     if name.ends_with("running_var") || (shape.len() == 1 && name.ends_with("weight")) {
         return fill(1f32);
     }
@@ -383,5 +411,5 @@ fn synthetic_tensor(seed: u64, name: &str, shape: &[usize]) -> candle_core::Resu
             ((2.0 * u - 1.0) * bound) as f32
         })
         .collect();
-    Tensor::from_vec(values, shape, &Device::Cpu)
+    Tensor::from_vec(values, shape, device)
 }

@@ -1,5 +1,5 @@
-//! Few-shot evaluation of a full MM-Former (`cargo xtask eval`, and the `demo`'s scores): fixed
-//! test episodes per fold and seed, 1- and 5-shot, the heuristic baseline / ours / the oracle
+//! Few-shot evaluation of a whole model ([`FewShotModel`]: backbone + POS + mask matching, e.g.
+//! `mmformer::MmFormer`) on fixed test episodes per fold and seed, 1- and 5-shot, the heuristic baseline / ours / the oracle
 //! side by side under two label protocols, a JSON report, a Markdown table and PNG overlays.
 //!
 //! # Episodes and seeds
@@ -21,7 +21,7 @@
 //! - **baseline**: the single proposal whose prototype has the highest cosine similarity with
 //!   the support prototype (argmax of [`mm::MmOutput::cosine`]), thresholded `≥ 0.5`;
 //! - **oracle**: the proposal with the best soft IoU against the protocol's ground truth (255 →
-//!   0, the official `get_iou`), thresholded `≥ 0.5` (as `super::oracle_mask`). An upper bound
+//!   0, the official `get_iou`), thresholded `≥ 0.5` (as [`crate::oracle_mask`]). An upper bound
 //!   of every single-proposal choice *in soft IoU*, per episode; the thresholded mIoU of the
 //!   oracle is usually, but not provably, above the baseline's.
 //!
@@ -66,15 +66,16 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use data::{ClassId, FewShotDataset, Label, NormalizedImage, SampleRecord, SeededRng, Split, TestEpisodes, IGNORE};
-use eval::{EpisodeIou, FewShotMetrics, MethodOverSeeds, MethodScores, SeedStats, SummaryRow};
+use mm::QueryPass;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use train::Progress;
 
-use super::model::{MmFormer, QueryPass};
-use super::{images_to_tensor, labels_to_tensor, Preset};
+use crate::tensors::{images_to_tensor, labels_to_tensor};
+use crate::error::{bail, Context};
+use crate::{EpisodeIou, FewShotMetrics, FewShotModel, MethodOverSeeds, MethodScores, Result, SeedStats, SummaryRow};
 
 /// Tag of [`EvalReport`]'s format (`report.json`'s `format`).
 pub const REPORT_FORMAT: &str = "mmformer-eval-report/1";
@@ -155,7 +156,7 @@ pub struct EvalOptions {
     pub episodes: usize,
     /// Number of episode sets: the official seed, then derived ones ([`seed_sequence`]).
     pub seeds: usize,
-    /// Model input side (the preset's `input_size()`: 480 paper, 256 cpu).
+    /// Model input side (the model's preset: 480 paper, 256 cpu).
     pub size: u32,
     /// Overlay PNGs per shot (sampled evenly over the first seed's episodes).
     pub overlays: usize,
@@ -170,7 +171,7 @@ impl Default for EvalOptions {
             shots: vec![1, 5],
             episodes: data::DEFAULT_TEST_EPISODES,
             seeds: 1,
-            size: Preset::Cpu.input_size(),
+            size: 256,
             overlays: 8,
             out: PathBuf::from("runs/eval"),
         }
@@ -186,13 +187,11 @@ pub struct EvalTuning {
     pub image_batch: usize,
     /// Episodes per matching call.
     pub episode_batch: usize,
-    /// Show an indicatif progress bar (it hides itself when stderr is not a terminal).
-    pub progress: bool,
 }
 
 impl Default for EvalTuning {
     fn default() -> Self {
-        Self { cache_bytes: 2 << 30, image_batch: 4, episode_batch: 4, progress: true }
+        Self { cache_bytes: 2 << 30, image_batch: 4, episode_batch: 4 }
     }
 }
 
@@ -347,7 +346,8 @@ pub struct EvalReport {
     /// The dataset's own name.
     pub dataset: String,
     pub checkpoint: String,
-    pub preset: Preset,
+    /// The model's preset (`cpu`, `paper`).
+    pub preset: String,
     pub fold: FoldSel,
     /// Folds evaluated.
     pub folds: Vec<usize>,
@@ -402,12 +402,12 @@ impl EvalReport {
             self.fold,
             self.input_size,
             self.checkpoint,
-            serde_json::to_value(self.preset).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            self.preset,
             self.dataset,
             self.episodes_per_fold,
             fmt_secs(self.seconds)
         );
-        s.push_str(&eval::markdown_summary(&self.summary_rows()));
+        s.push_str(&crate::markdown_summary(&self.summary_rows()));
         s.push_str(
             "\nbaseline: the proposal with the highest cosine similarity to the support prototype; oracle: the proposal with the best IoU against the ground truth (an upper bound). `official`: labels resized to the input size; `original`: original-resolution labels.\n",
         );
@@ -455,17 +455,18 @@ pub fn shot_key(shot: usize) -> String {
 
 /// Evaluates `model` on `ds` with the default [`EvalTuning`]; writes `report.json`,
 /// `report.md`, `episodes.jsonl`, `log.jsonl` and the overlays under `opts.out`.
-pub fn evaluate(model: &MmFormer, ds: &FewShotDataset, benchmark_name: &str, opts: &EvalOptions) -> Result<EvalReport> {
-    evaluate_with(model, ds, benchmark_name, opts, &EvalTuning::default())
+pub fn evaluate(model: &dyn FewShotModel, ds: &FewShotDataset, benchmark_name: &str, opts: &EvalOptions, progress: &dyn Progress) -> Result<EvalReport> {
+    evaluate_with(model, ds, benchmark_name, opts, &EvalTuning::default(), progress)
 }
 
 /// [`evaluate`] with explicit tuning.
 pub fn evaluate_with(
-    model: &MmFormer,
+    model: &dyn FewShotModel,
     ds: &FewShotDataset,
     benchmark_name: &str,
     opts: &EvalOptions,
     tuning: &EvalTuning,
+    progress: &dyn Progress,
 ) -> Result<EvalReport> {
     let started = Instant::now();
     if opts.shots.is_empty() || opts.shots.contains(&0) {
@@ -497,10 +498,7 @@ pub fn evaluate_with(
             Err(e @ data::DataError::Empty { .. }) if opts.fold == FoldSel::All => {
                 skipped.push(SkippedFold { fold, reason: e.to_string() })
             }
-            Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("cannot draw test episodes for fold {fold} of dataset `{}`", ds.name())))
-            }
+            Err(e) => return Err(e).context(format!("cannot draw test episodes for fold {fold} of dataset `{}`", ds.name())),
         }
     }
     if used_folds.is_empty() {
@@ -560,7 +558,7 @@ pub fn evaluate_with(
     let mut engine = Engine::new(model, ds, opts.size, tuning);
     engine.plan = UsePlan::new(tasks.iter().flat_map(|t| t.order.iter().map(move |&i| &t.items[i])));
     let total: u64 = tasks.iter().map(|t| t.items.len() as u64).sum();
-    let pb = if tuning.progress { train::progress_bar(total, 0, "eval") } else { indicatif::ProgressBar::hidden() };
+    progress.start("eval", total, 0);
     let mut done = 0u64;
     let mut per_shot: BTreeMap<usize, ShotAcc> = BTreeMap::new();
     let mut overlays = Vec::new();
@@ -580,7 +578,7 @@ pub fn evaluate_with(
         }
         let classes: Vec<u32> = present.into_iter().collect();
         let mut metrics: [[FewShotMetrics; 3]; 2] = std::array::from_fn(|_| std::array::from_fn(|_| FewShotMetrics::new(&classes)));
-        pb.set_message(format!("{shot}-shot, seed {}/{}", k + 1, opts.seeds));
+        let stage = format!("{shot}-shot, seed {}/{}", k + 1, opts.seeds);
 
         // Episodes run in the image-local order (the sums do not depend on it) ...
         let mut outcomes: Vec<Option<Outcome>> = (0..items.len()).map(|_| None).collect();
@@ -598,7 +596,7 @@ pub fn evaluate_with(
             }
             let before = done;
             done += chunk.len() as u64;
-            pb.set_position(done);
+            progress.advance(done, &stage);
             if done / 100 != before / 100 || done == total {
                 log.write(&serde_json::json!({
                     "event": "progress", "shot": shot, "seed_index": k, "done": done, "total": total,
@@ -620,7 +618,7 @@ pub fn evaluate_with(
             }
         }
     }
-    pb.finish_and_clear();
+    progress.finish();
     episodes_file.flush().with_context(|| format!("cannot write {}", episodes_path.display()))?;
 
     let mut results = BTreeMap::new();
@@ -652,8 +650,8 @@ pub fn evaluate_with(
         format: REPORT_FORMAT.into(),
         benchmark: benchmark_name.into(),
         dataset: ds.name().into(),
-        checkpoint: model.path.display().to_string(),
-        preset: model.meta.preset,
+        checkpoint: model.checkpoint(),
+        preset: model.preset(),
         fold: opts.fold,
         folds: used_folds,
         skipped_folds: skipped,
@@ -674,7 +672,7 @@ pub fn evaluate_with(
 }
 
 /// A wrapper so arrays of summaries can be built with `from_fn`.
-struct MetricsSummaryOf(eval::MetricsSummary);
+struct MetricsSummaryOf(crate::MetricsSummary);
 
 /// One (shot, seed) episode list and the order it runs in.
 struct Task {
@@ -938,7 +936,7 @@ fn tensor_bytes(t: &Tensor) -> u64 {
 }
 
 struct Engine<'a> {
-    model: &'a MmFormer,
+    model: &'a dyn FewShotModel,
     ds: &'a FewShotDataset,
     size: u32,
     tuning: EvalTuning,
@@ -951,7 +949,7 @@ struct Engine<'a> {
 }
 
 impl<'a> Engine<'a> {
-    fn new(model: &'a MmFormer, ds: &'a FewShotDataset, size: u32, tuning: &EvalTuning) -> Self {
+    fn new(model: &'a dyn FewShotModel, ds: &'a FewShotDataset, size: u32, tuning: &EvalTuning) -> Self {
         Self {
             model,
             ds,
@@ -1006,12 +1004,12 @@ impl<'a> Engine<'a> {
             .collect::<Result<_>>()?;
         self.stats.decode_seconds += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
-        let device = Device::Cpu;
+        let device = self.model.device().clone();
         let mut loaded = loaded.into_iter();
         for group in missing.chunks(self.tuning.image_batch.max(1)) {
             let items: Vec<(NormalizedImage, Label, Label)> = loaded.by_ref().take(group.len()).collect();
             let x = images_to_tensor(&items.iter().map(|i| &i.0).collect::<Vec<_>>(), &device)?;
-            let pass = self.model.query(&x).context("backbone + POS")?;
+            let pass = self.model.encode(&x).context("backbone + POS")?;
             self.stats.images_encoded += group.len();
             for (b, (id, (_, view_label, orig_label))) in group.iter().zip(items).enumerate() {
                 // Own copies, so that evicting one image frees its memory.
@@ -1110,7 +1108,7 @@ impl<'a> Engine<'a> {
                     Ok(entries[&e.supports[k]].view_label.binary_for(rec.value_of(e.class_id).unwrap_or(IGNORE)))
                 })
                 .collect::<Result<Vec<Label>>>()?;
-            support_labels.push(labels_to_tensor(&labels.iter().collect::<Vec<_>>(), &Device::Cpu)?);
+            support_labels.push(labels_to_tensor(&labels.iter().collect::<Vec<_>>(), self.model.device())?);
         }
         let out = self.model.matching(&query, &support_feats, &support_labels, (s, s)).context("mask matching")?;
         self.stats.episodes_matched += batch.len();
@@ -1197,10 +1195,10 @@ impl<'a> Engine<'a> {
         let supports = item.supports.iter().map(|s| load(s)).collect::<Result<Vec<_>>>()?;
         let preds: Vec<(&[u8], [u8; 3])> = vec![
             (&masks.methods[0], BASELINE_COLOR),
-            (&masks.methods[1], eval::PREDICTION_COLOR),
+            (&masks.methods[1], crate::PREDICTION_COLOR),
             (&masks.methods[2], ORACLE_COLOR),
         ];
-        let img = eval::episode_overlay_methods(&supports, &qimg, &preds, &gt, 192);
+        let img = crate::episode_overlay_methods(&supports, &qimg, &preds, &gt, 192);
         let class = self.ds.class_name(item.class_id).unwrap_or("class").to_string();
         let file = format!("overlays/{shot}shot_{j:02}_{}_{}.png", sanitize(&class), sanitize(&item.query));
         let path = dir.parent().unwrap_or(dir).join(&file);
@@ -1242,7 +1240,7 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 /// Bilinear resize with align_corners=True of a (B, C, h, w) map to `hw` (no-op when equal).
-pub fn resize_ac(x: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
+pub fn resize_ac(x: &Tensor, hw: (usize, usize)) -> candle_core::Result<Tensor> {
     Ok(ops::resize::resize_bilinear(x, hw, true)?)
 }
 
@@ -1286,26 +1284,67 @@ pub fn soft_iou_resized(probs: &Tensor, label: &Label, hw: (usize, usize)) -> Re
         .collect())
 }
 
+
 #[cfg(test)]
 mod tests {
+    use backbone::Backbone;
+    use candle_core::Device;
     use candle_nn::{VarBuilder, VarMap};
     use data::{ClassPresence, DatasetKind, FoldScheme, SampleSource};
     use image::{Rgb, RgbImage};
 
-    use super::super::model::ModelMeta;
-    use super::super::{oracle_mask, upsampled_proposals};
     use super::*;
+    use crate::{oracle_mask, upsampled_proposals, BoxError};
 
-    /// A random-weight cpu-preset model (synthetic EfficientNet weights, fresh POS and MM): no
-    /// fetched assets needed.
-    fn tiny_model() -> MmFormer {
-        let preset = Preset::Cpu;
-        let backbone = Box::new(backbone::EfficientNetLite0::synthetic(0).unwrap());
-        let (_vm, pos) = super::super::stage1::new_pos(preset, &Device::Cpu).unwrap();
-        let cfg = preset.mm_config();
+    /// A random-weight model of the cpu preset's shape (synthetic EfficientNet weights, fresh
+    /// POS and MM): no fetched assets needed.
+    struct TinyModel {
+        device: Device,
+        backbone: backbone::EfficientNetLite0,
+        pos: pos::Pos,
+        mm: mm::MaskMatching,
+    }
+
+    impl TinyModel {
+        /// A whole episode on normalised tensors.
+        fn episode(&self, query: &Tensor, supports: &[Tensor], labels: &[Tensor]) -> mm::MmOutput {
+            let (_, _, h, w) = query.dims4().unwrap();
+            let q = self.encode(query).unwrap();
+            let s: Vec<_> = supports.iter().map(|x| self.encode(x).unwrap().features).collect();
+            self.matching(&q, &s, labels, (h, w)).unwrap()
+        }
+    }
+
+    impl FewShotModel for TinyModel {
+        fn device(&self) -> &Device {
+            &self.device
+        }
+        fn encode(&self, x: &Tensor) -> std::result::Result<QueryPass, BoxError> {
+            let f = self.backbone.forward(x)?;
+            let out = self.pos.forward(&[f.res2.clone(), f.res3.clone(), f.res4.clone(), f.res5.clone()])?;
+            Ok(QueryPass { features: [f.res5, f.res4, f.res3], proposal_logits: out.pred_masks })
+        }
+        fn matching(&self, q: &QueryPass, s: &[mm::LevelFeatures], l: &[Tensor], hw: (usize, usize)) -> std::result::Result<mm::MmOutput, BoxError> {
+            Ok(self.mm.forward(&q.features, s, l, &q.proposal_logits, hw)?)
+        }
+        fn checkpoint(&self) -> String {
+            "tiny-model".into()
+        }
+        fn preset(&self) -> String {
+            "cpu".into()
+        }
+    }
+
+    fn tiny_model() -> TinyModel {
+        let device = Device::Cpu;
+        let backbone = backbone::EfficientNetLite0::synthetic(0, &device).unwrap();
+        let pos_cfg = pos::PosConfig::cpu();
         let vm = VarMap::new();
-        let mm = mm::MaskMatching::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-        MmFormer { meta: ModelMeta::new(preset, &cfg), backbone, pos, mm, path: PathBuf::from("tiny-model") }
+        let pos = pos::Pos::new(&pos_cfg, VarBuilder::from_varmap(&vm, DType::F32, &device)).unwrap();
+        let cfg = mm::MmConfig { hidden_dim: 128, dim_feedforward: 256, num_queries: pos_cfg.num_queries, ..mm::MmConfig::efficientnet_lite0() };
+        let vm = VarMap::new();
+        let mm = mm::MaskMatching::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &device)).unwrap();
+        TinyModel { device, backbone, pos, mm }
     }
 
     /// 4 classes (fold i holds class i + 1 out), 9 in-memory 96x88 images with vertical stripes
@@ -1495,7 +1534,7 @@ mod tests {
             .enumerate()
             .map(|(i, e)| EpisodeItem { fold: 0, seed: 11, index: i, query: e.query.clone(), class_id: e.class_id, supports: e.supports[..2].to_vec() })
             .collect();
-        let tuning = EvalTuning { episode_batch: 3, image_batch: 2, progress: false, ..Default::default() };
+        let tuning = EvalTuning { episode_batch: 3, image_batch: 2, ..Default::default() };
         let mut engine = Engine::new(&model, &ds, size, &tuning);
         let refs: Vec<&EpisodeItem> = items.iter().collect();
         let outs = engine.run(&refs, None, false).unwrap();
@@ -1505,7 +1544,7 @@ mod tests {
             let q = images_to_tensor(&[&e.query.image], &dev).unwrap();
             let sx: Vec<Tensor> = e.supports.iter().map(|s| images_to_tensor(&[&s.image], &dev).unwrap()).collect();
             let sl: Vec<Tensor> = e.supports.iter().map(|s| labels_to_tensor(&[&s.label], &dev).unwrap()).collect();
-            let out = model.episode(&q, &sx, &sl).unwrap();
+            let out = model.episode(&q, &sx, &sl);
             let mask = out.foreground().unwrap().to_dtype(DType::U8).unwrap().flatten_all().unwrap().to_vec1::<u8>().unwrap();
             let r = EpisodeIou::compute(&mask, e.query.label.data());
             let ours = o.counts[0][1];
@@ -1515,7 +1554,7 @@ mod tests {
                 assert!(ours.inter[k].abs_diff(r.inter[k]) <= tol && ours.union[k].abs_diff(r.union[k]) <= tol, "episode {i}: {ours:?} vs {r:?}");
             }
             // The official oracle is the pipeline's oracle_mask on the same proposals.
-            let probs = upsampled_proposals(&model.query(&q).unwrap().proposal_logits, (size as usize, size as usize)).unwrap().squeeze(0).unwrap();
+            let probs = upsampled_proposals(&model.encode(&q).unwrap().proposal_logits, (size as usize, size as usize)).unwrap().squeeze(0).unwrap();
             let (idx, _) = oracle_mask(&probs, e.query.label.data()).unwrap();
             let soft = soft_iou_resized(&probs, &e.query.label, (size as usize, size as usize)).unwrap();
             assert!((soft[idx] - o.oracle_soft_iou[0]).abs() < 1e-4, "episode {i}: oracle soft IoU {} vs {}", soft[idx], o.oracle_soft_iou[0]);
@@ -1539,8 +1578,8 @@ mod tests {
         let model = tiny_model();
         let out = temp_dir("e2e");
         let opts = EvalOptions { fold: FoldSel::All, shots: vec![2, 1], episodes: 6, seeds: 2, size: 64, overlays: 2, out: out.clone() };
-        let tuning = EvalTuning { episode_batch: 2, image_batch: 3, progress: false, ..Default::default() };
-        let report = evaluate_with(&model, &ds, "tiny-bench", &opts, &tuning).unwrap();
+        let tuning = EvalTuning { episode_batch: 2, image_batch: 3, ..Default::default() };
+        let report = evaluate_with(&model, &ds, "tiny-bench", &opts, &tuning, &train::Silent).unwrap();
 
         assert_eq!(report.folds, vec![0, 1, 2]);
         assert_eq!(report.skipped_folds.len(), 1);
@@ -1603,7 +1642,7 @@ mod tests {
         let out2 = temp_dir("e2e-small-cache");
         let opts2 = EvalOptions { out: out2.clone(), overlays: 0, ..opts.clone() };
         let small = EvalTuning { cache_bytes: 1, ..tuning };
-        let r2 = evaluate_with(&model, &ds, "tiny-bench", &opts2, &small).unwrap();
+        let r2 = evaluate_with(&model, &ds, "tiny-bench", &opts2, &small, &train::Silent).unwrap();
         assert!(r2.stats.image_cache_evictions > 0 && r2.stats.images_encoded > report.stats.images_encoded, "{:?}", r2.stats);
         for shot in [1, 2] {
             let (a, b) = (report.shot(shot).unwrap(), r2.shot(shot).unwrap());
@@ -1619,39 +1658,14 @@ mod tests {
         let model = tiny_model();
         let out = temp_dir("bad");
         let base = EvalOptions { fold: FoldSel::One(3), shots: vec![1], episodes: 2, seeds: 1, size: 64, overlays: 0, out: out.clone() };
-        let e = format!("{:#}", evaluate(&model, &ds, "t", &base).unwrap_err());
+        let e = format!("{:#}", evaluate(&model, &ds, "t", &base, &train::Silent).unwrap_err());
         assert!(e.contains("fold 3") && e.contains("tiny"), "{e}");
-        let e = format!("{:#}", evaluate(&model, &ds, "t", &EvalOptions { fold: FoldSel::One(9), ..base.clone() }).unwrap_err());
+        let e = format!("{:#}", evaluate(&model, &ds, "t", &EvalOptions { fold: FoldSel::One(9), ..base.clone() }, &train::Silent).unwrap_err());
         assert!(e.contains("unknown fold 9"), "{e}");
-        let e = format!("{:#}", evaluate(&model, &ds, "t", &EvalOptions { fold: FoldSel::One(0), shots: vec![0], ..base.clone() }).unwrap_err());
+        let e = format!("{:#}", evaluate(&model, &ds, "t", &EvalOptions { fold: FoldSel::One(0), shots: vec![0], ..base.clone() }, &train::Silent).unwrap_err());
         assert!(e.contains("shots"), "{e}");
-        let e = format!("{:#}", evaluate(&model, &ds, "t", &EvalOptions { fold: FoldSel::One(0), episodes: 0, ..base.clone() }).unwrap_err());
+        let e = format!("{:#}", evaluate(&model, &ds, "t", &EvalOptions { fold: FoldSel::One(0), episodes: 0, ..base.clone() }, &train::Silent).unwrap_err());
         assert!(e.contains("episodes"), "{e}");
         std::fs::remove_dir_all(&out).ok();
-    }
-
-    /// Development helper, not a test: `MMFORMER_DEV_CHECKPOINT=runs/dev/model.safetensors cargo
-    /// test --release -p xtask -- --ignored make_dev_checkpoint` writes a full cpu-preset
-    /// checkpoint from the EfficientNet-Lite0 asset, the stage-1 POS of `runs/pos300` and
-    /// freshly initialised mask-matching weights.
-    #[test]
-    #[ignore]
-    fn make_dev_checkpoint() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = std::env::var_os("MMFORMER_DEV_CHECKPOINT").map(PathBuf::from).unwrap_or_else(|| root.join("runs/dev/model.safetensors"));
-        let pos_file = root.join("runs/pos300/checkpoints/best/model.safetensors");
-        let pos = candle_core::safetensors::load(&pos_file, &Device::Cpu).unwrap();
-        let cfg = Preset::Cpu.mm_config();
-        let tensors = super::super::model::assemble(
-            Preset::Cpu,
-            &backbone::assets::efficientnet_lite0_path(),
-            &pos,
-            &super::super::model::fresh_mm_tensors(&cfg).unwrap(),
-        )
-        .unwrap();
-        let mut meta = ModelMeta::new(Preset::Cpu, &cfg);
-        meta.provenance = serde_json::json!({"pos": pos_file, "mm": "fresh (untrained)"});
-        super::super::model::save_model(&out, &meta, &tensors).unwrap();
-        eprintln!("wrote {}", out.display());
     }
 }

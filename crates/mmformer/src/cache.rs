@@ -1,4 +1,4 @@
-//! `cargo xtask cache-proposals`: the stage boundary. Runs the frozen backbone and the trained
+//! The stage boundary (`cargo xtask cache-proposals`). Runs the frozen backbone and the trained
 //! POS once per image view and writes what stage 2 reads (features, proposals, labels) to
 //! versioned shards (`data::shard`).
 //!
@@ -16,17 +16,21 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use backbone::Backbone;
 use candle_core::{Device, Tensor};
 use data::cached::{cached_test_view, cached_train_view};
 use data::shard::{self, ProposalRecord, ShardIndex, ShardSpec, ShardView, ShardWriter, StoredDType};
 use data::{AugmentConfig, Label, NormalizedImage, Split};
+use eval::images_to_tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use train::{CheckpointStore, JsonlLog};
+use train::{CheckpointStore, JsonlLog, Progress};
 
-use super::stage1::{load_into, new_pos, open_dataset, KIND as POS_KIND};
-use super::{backbone_file, images_to_tensor, load_backbone, mm_features, pos_features, Preset};
+use crate::datasets::open_dataset;
+use crate::error::{bail, Context, Result};
+use crate::model::{backbone_file, load_backbone, mm_features, pos_features};
+use crate::stage1::{load_pos, KIND as POS_KIND};
+use crate::Preset;
 
 pub const MANIFEST: &str = "manifest.json";
 
@@ -50,7 +54,8 @@ impl std::str::FromStr for WorkerSlice {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+/// Which splits to cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Splits {
     Train,
@@ -58,47 +63,56 @@ pub enum Splits {
     Both,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, clap::Args)]
-pub struct CacheArgs {
+impl std::str::FromStr for Splits {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "train" => Ok(Splits::Train),
+            "val" => Ok(Splits::Val),
+            "both" => Ok(Splits::Both),
+            _ => Err(format!("unknown split `{s}` (train, val or both)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Splits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Splits::Train => "train",
+            Splits::Val => "val",
+            Splits::Both => "both",
+        })
+    }
+}
+
+/// Everything that defines a cache run; the field names are the options of `cargo xtask
+/// cache-proposals` and the keys of its `config.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CacheOptions {
     /// Dataset root in the VOC layout (PASCAL VOC2012, or the synthetic dataset).
-    #[arg(long, default_value = "data/synthetic")]
     pub data: PathBuf,
-    #[arg(long, default_value_t = 0)]
     pub fold: usize,
-    #[arg(long, value_enum, default_value_t = Preset::Cpu)]
     pub preset: Preset,
     /// Backbone weight file (ResNet-50 required for the paper preset; default: the Lite0 asset).
-    #[arg(long)]
     pub backbone_weights: Option<PathBuf>,
     /// Stage-1 checkpoint folder (e.g. runs/pos/checkpoints/best).
-    #[arg(long, default_value = "runs/pos/checkpoints/best")]
     pub pos_checkpoint: PathBuf,
-    #[arg(long, default_value = "runs/shards")]
     pub out: PathBuf,
-    #[arg(long, value_enum, default_value_t = Splits::Both)]
     pub split: Splits,
     /// Augmented views cached per training image (stage 2 draws among them).
-    #[arg(long, default_value_t = 2)]
     pub views: u32,
     /// Seed of the cached augmentations.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Feature precision: f32, f16 or bf16.
-    #[arg(long, default_value = "f16")]
     pub feature_dtype: String,
     /// Proposal-mask precision: u8 (probability × 255) or f16.
-    #[arg(long, default_value = "u8")]
     pub mask_dtype: String,
-    #[arg(long, default_value_t = 64)]
     pub records_per_shard: usize,
     /// This process's part of the work: `i/n` takes shards k ≡ i (mod n).
-    #[arg(long)]
     pub shard: Option<WorkerSlice>,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// Print the disk estimate and stop.
-    #[arg(long)]
     pub dry_run: bool,
 }
 
@@ -123,6 +137,22 @@ impl CacheManifest {
         let text = std::fs::read_to_string(&p).with_context(|| format!("{}: no shard manifest (run cache-proposals first)", p.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{}: malformed manifest", p.display()))
     }
+
+    /// The backbone and POS tensors the shards were made with (official names), checked against
+    /// the shards' model fingerprint, on `device`.
+    pub fn frozen_tensors(&self, device: &Device) -> Result<std::collections::HashMap<String, Tensor>> {
+        let ck = CheckpointStore::open(&self.pos_checkpoint, POS_KIND)
+            .with_context(|| format!("{}: the stage-1 checkpoint the shards were made with is gone", self.pos_checkpoint.display()))?;
+        let bsha = train::sha256_file(&self.backbone_file)?;
+        if model_fingerprint(&bsha, &ck.state.model_sha256) != self.model_fingerprint {
+            bail!(
+                "{} / {}: these weights changed since the shards were cached; re-run cache-proposals",
+                self.backbone_file.display(),
+                self.pos_checkpoint.display()
+            );
+        }
+        crate::model::assemble(self.preset, &self.backbone_file, &ck.model(device)?, &std::collections::HashMap::new(), device)
+    }
 }
 
 /// One view to cache.
@@ -146,8 +176,33 @@ fn dtype(s: &str, what: &str, masks: bool) -> Result<StoredDType> {
     Ok(d)
 }
 
-pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
-    let device = Device::Cpu;
+/// What a cache run did, per split.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CacheSummary {
+    /// Views to cache in all, bytes per view, bytes in all, free bytes at `out` when it started.
+    pub views: usize,
+    pub bytes_per_view: u64,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub splits: Vec<SplitSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SplitSummary {
+    pub name: String,
+    pub num_shards: u32,
+    pub complete_shards: u32,
+    /// Records and bytes of the merged index (None until every shard exists).
+    pub merged: Option<(usize, u64)>,
+}
+
+/// Runs the frozen backbone and the trained POS once per view on `device` and writes the shards
+/// under `args.out` (with `args.dry_run`, only the estimate). Notes (the estimate, skipped and
+/// merged shards) go to `progress`.
+pub fn cache_proposals(args: &CacheOptions, device: &Device, progress: &dyn Progress) -> Result<CacheSummary> {
+    if args.batch == 0 || args.records_per_shard == 0 {
+        bail!("batch and records_per_shard must be >= 1 (got {} and {})", args.batch, args.records_per_shard);
+    }
     let ds = open_dataset(&args.data)?;
     let size = args.preset.input_size();
     let bfile = backbone_file(args.preset, args.backbone_weights.as_deref())?;
@@ -179,9 +234,8 @@ pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
     }
     let feature_dtype = dtype(&args.feature_dtype, "feature-dtype", false)?;
     let mask_dtype = dtype(&args.mask_dtype, "mask-dtype", true)?;
-    let backbone = load_backbone(args.preset, Some(&bfile))?;
-    let (vm, pos) = new_pos(args.preset, &device)?;
-    load_into(&vm, &ck.model(&device)?, &ck.model_path())?;
+    let backbone = load_backbone(args.preset, Some(&bfile), device)?;
+    let pos = load_pos(args.preset, &ck, device)?;
 
     let aug = AugmentConfig::with_crop_size(size);
     let mut plans = Vec::new();
@@ -227,7 +281,9 @@ pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let free = fs4::available_space(&args.out).with_context(|| format!("cannot query free space of {}", args.out.display()))?;
     let mine = total / worker.count as u64;
-    println!(
+    let views = plans.iter().map(|p| p.2.len()).sum::<usize>();
+    let mut summary = CacheSummary { views, bytes_per_view: per_record, total_bytes: total, free_bytes: free, splits: Vec::new() };
+    progress.note(&format!(
         "cache-proposals: {} views ({}), {:.1} KB each, {:.2} GB in all{}; {:.2} GB free at {}",
         plans.iter().map(|p| p.2.len()).sum::<usize>(),
         plans.iter().map(|p| format!("{} {}", p.2.len(), p.0)).collect::<Vec<_>>().join(", "),
@@ -236,33 +292,34 @@ pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
         if worker.count > 1 { format!(" ({:.2} GB for worker {}/{})", mine as f64 / 1e9, worker.index, worker.count) } else { String::new() },
         free as f64 / 1e9,
         args.out.display()
-    );
+    ));
     if args.dry_run {
-        return Ok(());
+        return Ok(summary);
     }
     check_disk(&args.out, mine, free)?;
     std::fs::write(args.out.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
-    crate::config_file::write_resolved(&args.out, args)?;
+    crate::write_config(&args.out, args)?;
     let mut log = JsonlLog::append(&args.out.join("log.jsonl"))?;
 
     for (name, split, items) in &plans {
         let dir = args.out.join(name);
         let spec = spec_for(name);
-        let rps = args.records_per_shard.max(1);
+        let rps = args.records_per_shard;
         let num_shards = items.len().div_ceil(rps) as u32;
         let mine = shard::shards_for_worker(num_shards, worker.index, worker.count);
         let todo: Vec<u32> = mine.iter().copied().filter(|&k| !shard::shard_is_complete(&dir, k, &spec)).collect();
         let todo_records: usize = todo.iter().map(|&k| (items.len() - k as usize * rps).min(rps)).sum();
         if todo.len() < mine.len() {
-            eprintln!("{name}: {} of {} shards already complete, skipped", mine.len() - todo.len(), mine.len());
+            progress.note(&format!("{name}: {} of {} shards already complete, skipped", mine.len() - todo.len(), mine.len()));
         }
-        let pb = train::progress_bar(todo_records as u64, 0, &format!("cache {name}"));
+        progress.start(&format!("cache {name}"), todo_records as u64, 0);
+        let mut done = 0u64;
         let samples = ds.samples(*split);
         let t0 = Instant::now();
         for k in todo {
             let chunk = &items[k as usize * rps..((k as usize + 1) * rps).min(items.len())];
             let mut w = ShardWriter::new(&dir, k, spec.clone())?;
-            for batch in chunk.chunks(args.batch.max(1)) {
+            for batch in chunk.chunks(args.batch) {
                 let views = batch
                     .par_iter()
                     .map(|it| {
@@ -273,28 +330,32 @@ pub fn cache_proposals(args: &CacheArgs) -> Result<()> {
                         }
                     })
                     .collect::<data::Result<Vec<(NormalizedImage, Label)>>>()?;
-                for r in forward_records(backbone.as_ref(), &pos, batch, &views, samples, &device)? {
+                for r in forward_records(backbone.as_ref(), &pos, batch, &views, samples, device)? {
                     w.push(&r)?;
                 }
-                pb.inc(batch.len() as u64);
+                done += batch.len() as u64;
+                progress.advance(done, name);
             }
             let count = w.finish()?;
             log.write(&serde_json::json!({"event": "shard", "split": name, "shard": k, "records": count, "elapsed_s": t0.elapsed().as_secs_f64()}))?;
         }
-        pb.finish_and_clear();
+        progress.finish();
         let complete = (0..num_shards).filter(|&k| shard::shard_is_complete(&dir, k, &spec)).count() as u32;
+        let mut split = SplitSummary { name: name.to_string(), num_shards, complete_shards: complete, merged: None };
         if complete == num_shards {
             let index = ShardIndex::merge(&dir)?;
             let bytes: u64 = index.shards.iter().map(|s| s.1).sum();
-            println!("{name}: {} records in {} shards, {:.2} GB → {}", index.records.len(), num_shards, bytes as f64 / 1e9, dir.display());
+            progress.note(&format!("{name}: {} records in {} shards, {:.2} GB → {}", index.records.len(), num_shards, bytes as f64 / 1e9, dir.display()));
             log.write(&serde_json::json!({"event": "merged", "split": name, "records": index.records.len(), "bytes": bytes}))?;
+            split.merged = Some((index.records.len(), bytes));
         } else {
-            println!(
+            progress.note(&format!(
                 "{name}: {complete} of {num_shards} shards complete; the index is merged by whichever worker finishes last (or rerun any worker)"
-            );
+            ));
         }
+        summary.splits.push(split);
     }
-    Ok(())
+    Ok(summary)
 }
 
 /// Refuses to start when the shards would not fit on the disk.
@@ -312,7 +373,7 @@ pub fn check_disk(dir: &Path, needed: u64, free: u64) -> Result<()> {
 
 /// Backbone + POS on a batch of views → shard records.
 fn forward_records(
-    backbone: &dyn backbone::Backbone,
+    backbone: &dyn Backbone,
     pos: &pos::Pos,
     items: &[Item],
     views: &[(NormalizedImage, Label)],

@@ -1,5 +1,5 @@
 //! The whole MM-Former at inference (frozen backbone → POS → mask matching) and its checkpoint
-//! file, as `eval`, `predict`, `demo` and `bench episode` use it.
+//! file.
 //!
 //! One checkpoint file holds the three parts under the official state-dict names (spec §6.2):
 //! `backbone.*`, `sem_seg_head.*` and the mask-matching `conv_*`, `crossat_*`, `fc1`, `fc2` at the
@@ -10,15 +10,15 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use backbone::{Backbone, EfficientNetConfig, EfficientNetLite0, ResNet50, StateDict, Weights};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use mm::{MaskMatching, MmConfig, MmOutput};
+use mm::{LevelFeatures, MaskMatching, MmConfig, MmOutput, QueryPass};
 use pos::Pos;
 use serde::{Deserialize, Serialize};
 
-use super::{mm_features, pos_features, Preset};
+use crate::error::{bail, Context, Result};
+use crate::Preset;
 
 /// Tag of our checkpoint format (the metadata's `format`).
 pub const MODEL_FORMAT: &str = "mmformer-rust-model/1";
@@ -61,31 +61,40 @@ impl ModelMeta {
     }
 }
 
-/// What one query image gives, whatever the number of shots: its backbone features for the
-/// matching and its proposals.
-#[derive(Clone, Debug)]
-pub struct QueryPass {
-    /// `[res5, res4, res3]`, each (B, C, h, w).
-    pub features: [Tensor; 3],
-    /// (B, N, H/4, W/4) POS mask logits.
-    pub proposal_logits: Tensor,
+/// Backbone features as the mask-matching module wants them: `[res5, res4, res3]`.
+pub fn mm_features(f: &backbone::Features) -> LevelFeatures {
+    [f.res5.clone(), f.res4.clone(), f.res3.clone()]
 }
 
-/// Frozen backbone + POS + mask matching, ready for episodes.
+/// Backbone features as the POS wants them: `[res2, res3, res4, res5]`.
+pub fn pos_features(f: &backbone::Features) -> Vec<Tensor> {
+    vec![f.res2.clone(), f.res3.clone(), f.res4.clone(), f.res5.clone()]
+}
+
+/// Frozen backbone + POS + mask matching, ready for episodes, on one device.
 pub struct MmFormer {
     pub meta: ModelMeta,
     pub backbone: Box<dyn Backbone>,
     pub pos: Pos,
     pub mm: MaskMatching,
-    /// The file it was loaded from.
+    /// The file it was loaded from (or a description of where it came from).
     pub path: PathBuf,
+    device: Device,
+    /// Every tensor under the official names, as read (what [`MmFormer::save`] writes). The
+    /// POS and MM share these tensors; the backbone runs on batch norms folded from them.
+    weights: HashMap<String, Tensor>,
 }
 
 impl MmFormer {
-    /// Loads our safetensors checkpoint or an official MM-Former `.pth` (paper preset).
-    pub fn load(path: &Path) -> Result<Self> {
+    /// Loads our safetensors checkpoint or an official MM-Former `.pth` (paper preset) onto
+    /// `device`.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            bail!("checkpoint {} not found", path.display());
+        }
         let meta = read_meta(path)?;
-        let sd = StateDict::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+        let sd = StateDict::read(path, device).with_context(|| format!("reading checkpoint {}", path.display()))?;
         let tensors = sd.into_tensors();
         let meta = match meta {
             Some(m) => m,
@@ -100,13 +109,12 @@ impl MmFormer {
                 ModelMeta::new(Preset::Paper, &MmConfig::resnet50())
             }
         };
-        Self::from_tensors(meta, tensors, path)
+        Self::from_tensors(meta, tensors, path, device)
     }
 
     /// Builds the model from one flat map of official names (`backbone.*`, `sem_seg_head.*`,
-    /// mask-matching names at the top level). `origin` names the source in errors.
-    pub fn from_tensors(meta: ModelMeta, tensors: HashMap<String, Tensor>, origin: &Path) -> Result<Self> {
-        let device = Device::Cpu;
+    /// mask-matching names at the top level) on `device`. `origin` names the source in errors.
+    pub fn from_tensors(meta: ModelMeta, tensors: HashMap<String, Tensor>, origin: &Path, device: &Device) -> Result<Self> {
         let backbone_tensors: HashMap<String, Tensor> = tensors
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("backbone.").map(|n| (n.to_string(), v.clone())))
@@ -114,20 +122,83 @@ impl MmFormer {
         if backbone_tensors.is_empty() {
             bail!("{}: no `backbone.*` tensors; a full MM-Former checkpoint holds backbone, POS and MM", origin.display());
         }
+        let backbone_tensors = backbone_tensors.into_iter().map(|(k, v)| Ok((k, v.to_device(device)?))).collect::<candle_core::Result<_>>()?;
         let backbone = build_backbone(meta.preset, StateDict::from_tensors(origin, backbone_tensors))
             .with_context(|| format!("{}: backbone", origin.display()))?;
-        let to_f32 = tensors
+        // Official checkpoints carry training-only entries (`criterion.*`, legacy keys): only
+        // what the model uses is kept.
+        let weights: HashMap<String, Tensor> = tensors
             .into_iter()
-            .filter(|(k, _)| !k.starts_with("backbone."))
-            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-            .collect::<candle_core::Result<HashMap<_, _>>>()?;
-        let vb = VarBuilder::from_tensors(to_f32, DType::F32, &device);
+            .map(|(k, v)| {
+                let v = if k.starts_with("backbone.") { v } else { v.to_dtype(DType::F32)? };
+                Ok((k, v.to_device(device)?))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, device);
         let pos = Pos::new(&meta.preset.pos_config(), vb.clone())
             .with_context(|| format!("{}: the POS (`sem_seg_head.*`) does not fit the {:?} preset", origin.display(), meta.preset))?;
         let mm = MaskMatching::new(&meta.mm_config(), vb).with_context(|| {
             format!("{}: the mask-matching weights do not fit the {:?} preset (a stage-1 checkpoint has none: train stage 2 first)", origin.display(), meta.preset)
         })?;
-        Ok(Self { meta, backbone, pos, mm, path: origin.to_path_buf() })
+        Ok(Self { meta, backbone, pos, mm, path: origin.to_path_buf(), device: device.clone(), weights })
+    }
+
+    /// A whole model with deterministic weights and no file (timing, tests, examples): synthetic
+    /// backbone weights (He-uniform, identity BN) and freshly initialised POS (scratch init) and
+    /// mask matching drawn from `seed`.
+    ///
+    /// The POS and MM weights are plain (detached) tensors, as in a model loaded from a
+    /// checkpoint: layers built on trainable `Var`s take paths that record a backward graph.
+    pub fn synthetic(preset: Preset, seed: u64, device: &Device) -> Result<Self> {
+        let (backbone, backbone_weights): (Box<dyn Backbone>, _) = match preset {
+            Preset::Paper => {
+                let (m, w) = ResNet50::synthetic_with_weights(seed, device)?;
+                (Box::new(m), w)
+            }
+            Preset::Cpu => {
+                let (m, w) = EfficientNetLite0::synthetic_with_weights(seed, device)?;
+                (Box::new(m), w)
+            }
+        };
+        let mm_cfg = preset.mm_config();
+        let mut weights = crate::stage1::fresh_pos_tensors(preset, seed, device)?;
+        merge_part(&mut weights, &fresh_mm_tensors(&mm_cfg, seed, device)?)?;
+        let mut weights: HashMap<String, Tensor> = weights.into_iter().map(|(k, v)| (k, v.detach())).collect();
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, device);
+        let pos = Pos::new(&preset.pos_config(), vb.clone())?;
+        let mm = MaskMatching::new(&mm_cfg, vb)?;
+        weights.extend(backbone_weights.into_iter().map(|(k, v)| (format!("backbone.{k}"), v)));
+        Ok(Self {
+            meta: ModelMeta::new(preset, &mm_cfg),
+            backbone,
+            pos,
+            mm,
+            path: PathBuf::from(format!("<synthetic {preset} model, seed {seed}>")),
+            device: device.clone(),
+            weights,
+        })
+    }
+
+    /// Writes the model as our checkpoint (safetensors, official names, [`ModelMeta`] in the
+    /// metadata), atomically. [`MmFormer::load`] reads it back.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        save_model(path.as_ref(), &self.meta, &self.weights)
+    }
+
+    /// Where the model's tensors live.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The preset's input side (480 paper, 256 cpu).
+    pub fn input_size(&self) -> u32 {
+        self.meta.preset.input_size()
+    }
+
+    /// Every tensor under the official names (`backbone.*`, `sem_seg_head.*`, mask matching at
+    /// the top level), as [`MmFormer::save`] writes them.
+    pub fn weights(&self) -> &HashMap<String, Tensor> {
+        &self.weights
     }
 
     /// Backbone + POS on a normalised (B, 3, H, W) query batch.
@@ -148,7 +219,6 @@ impl MmFormer {
     }
 
     /// One whole episode: query image, K support images and their labels, all normalised.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn episode(&self, query: &Tensor, supports: &[Tensor], labels: &[Tensor]) -> Result<MmOutput> {
         let (_, _, h, w) = query.dims4()?;
         let q = self.query(query)?;
@@ -157,11 +227,39 @@ impl MmFormer {
     }
 }
 
-/// Freshly initialised mask-matching tensors (official default inits) for `cfg`.
-pub fn fresh_mm_tensors(cfg: &MmConfig) -> Result<HashMap<String, Tensor>> {
+/// The backbone weight file of a preset: `weights` when given (ResNet-50: torchvision / official /
+/// safetensors, required), else the fetched EfficientNet-Lite0 asset. It must exist.
+pub fn backbone_file(preset: Preset, weights: Option<&Path>) -> Result<PathBuf> {
+    let path = match (preset, weights) {
+        (_, Some(p)) => p.to_path_buf(),
+        (Preset::Cpu, None) => backbone::assets::efficientnet_lite0_path(),
+        (Preset::Paper, None) => bail!(
+            "the paper preset needs ResNet-50 weights: --backbone-weights resnet50-19c8e357.pth (torchvision) or an official MM-Former checkpoint"
+        ),
+    };
+    if !path.exists() {
+        match preset {
+            Preset::Cpu => bail!("{}: EfficientNet-Lite0 weights not found; run `cargo xtask fetch-assets`", path.display()),
+            Preset::Paper => bail!("{}: ResNet-50 weights not found", path.display()),
+        }
+    }
+    Ok(path)
+}
+
+/// The frozen backbone of a preset on `device`, from [`backbone_file`].
+pub fn load_backbone(preset: Preset, weights: Option<&Path>, device: &Device) -> Result<Box<dyn Backbone>> {
+    let path = backbone_file(preset, weights)?;
+    Ok(match preset {
+        Preset::Cpu => Box::new(EfficientNetLite0::from_file(&path, device).with_context(|| format!("loading {}", path.display()))?),
+        Preset::Paper => Box::new(ResNet50::from_file(&path, device).with_context(|| format!("loading {}", path.display()))?),
+    })
+}
+
+/// Freshly initialised mask-matching tensors (official default inits, drawn from `seed`).
+pub fn fresh_mm_tensors(cfg: &MmConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
     let vm = candle_nn::VarMap::new();
-    MaskMatching::new(cfg, train::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu))?;
-    Ok(super::stage1::varmap_tensors(&vm))
+    MaskMatching::new(cfg, train::seeded_var_builder(&vm, seed, DType::F32, device))?;
+    Ok(train::varmap_tensors(&vm))
 }
 
 /// A full checkpoint's tensors from its parts: the backbone weight file of the preset, POS
@@ -171,8 +269,9 @@ pub fn assemble(
     backbone_file: &Path,
     pos: &HashMap<String, Tensor>,
     mm: &HashMap<String, Tensor>,
+    device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut all = backbone_tensors(preset, backbone_file)?;
+    let mut all = backbone_tensors(preset, backbone_file, device)?;
     merge_part(&mut all, pos)?;
     merge_part(&mut all, mm)?;
     Ok(all)
@@ -198,8 +297,8 @@ pub fn build_backbone(preset: Preset, sd: StateDict) -> Result<Box<dyn Backbone>
 
 /// The backbone tensors of a preset's weight file, renamed to what `backbone.*` holds in a full
 /// checkpoint (official names for ResNet-50, the file's own for EfficientNet-Lite0).
-pub fn backbone_tensors(preset: Preset, file: &Path) -> Result<HashMap<String, Tensor>> {
-    let sd = StateDict::read(file).with_context(|| format!("reading backbone weights {}", file.display()))?;
+pub fn backbone_tensors(preset: Preset, file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let sd = StateDict::read(file, device).with_context(|| format!("reading backbone weights {}", file.display()))?;
     let sd = match preset {
         Preset::Paper => backbone::names::resnet50_state_dict(sd)?,
         Preset::Cpu => sd,
@@ -227,8 +326,8 @@ pub fn read_meta(path: &Path) -> Result<Option<ModelMeta>> {
     if header[0] != b'{' {
         return Ok(None);
     }
-    let v: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| anyhow::anyhow!("{}: corrupt safetensors header: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| crate::Error::Invalid(format!("{}: corrupt safetensors header: {e}", path.display())))?;
     let Some(json) = v.get("__metadata__").and_then(|m| m.get(META_KEY)).and_then(|j| j.as_str()) else { return Ok(None) };
     let meta: ModelMeta =
         serde_json::from_str(json).with_context(|| format!("{}: unreadable `{META_KEY}` metadata", path.display()))?;
@@ -244,7 +343,7 @@ pub fn save_model(path: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tenso
     md.insert(META_KEY.to_string(), serde_json::to_string(meta)?);
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let bytes = safetensors::serialize(sorted, Some(md)).map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
+    let bytes = safetensors::serialize(sorted, Some(md)).with_context(|| format!("serialising {}", path.display()))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -259,70 +358,31 @@ pub fn save_model(path: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tenso
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_nn::VarMap;
 
-    /// Every tensor of a paper-preset model under the official V1 names, with the legacy keys an
-    /// official checkpoint also carries (spec §6.2).
-    fn official_layout() -> HashMap<String, Tensor> {
-        let device = Device::Cpu;
-        let bvm = VarMap::new();
-        let bvb = train::seeded_var_builder(&bvm, 1, DType::F32, &device);
-        backbone::ResNet50::new(&backbone::ResNetConfig::r50(), backbone::Weights::from_var_builder(bvb)).unwrap();
-        let mut all: HashMap<String, Tensor> = super::super::stage1::varmap_tensors(&bvm)
-            .into_iter()
-            .map(|(k, v)| (format!("backbone.{k}"), v))
-            .collect();
-        let (pvm, _) = super::super::stage1::new_pos(Preset::Paper, &device).unwrap();
-        all.extend(super::super::stage1::varmap_tensors(&pvm));
-        all.extend(fresh_mm_tensors(&MmConfig::resnet50()).unwrap());
-        for (k, shape) in [
-            ("criterion.empty_weight", vec![151]),
-            ("sem_seg_head.pixel_decoder.crossat_0.transformer_ffn_layers.0.linear1.weight", vec![2048, 256]),
-            ("crossat_3.transformer_ffn_layers.0.linear1.weight", vec![256, 256]),
-            ("backbone.res2.0.conv1.norm.num_batches_tracked", vec![1]),
-        ] {
-            all.insert(k.to_string(), Tensor::zeros(shape, DType::F32, &device).unwrap());
-        }
-        all
+impl eval::FewShotModel for MmFormer {
+    fn device(&self) -> &Device {
+        &self.device
     }
 
-    #[test]
-    fn an_official_layout_without_metadata_loads_as_the_paper_preset_and_runs() {
-        let dir = std::env::temp_dir().join(format!("xtask-official-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let tensors = official_layout();
-        let file = dir.join("model_best.safetensors");
-        candle_core::safetensors::save(&tensors, &file).unwrap();
-        let model = MmFormer::load(&file).unwrap();
-        assert_eq!(model.meta.preset, Preset::Paper);
-        assert!(model.meta.learnable_matching && model.meta.cross_alignment);
-        let x = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
-        let label = Tensor::ones((1, 64, 64), DType::F32, &Device::Cpu).unwrap();
-        let out = model.episode(&x, &[x.clone()], &[label]).unwrap();
-        assert_eq!(out.out.dims(), &[1, 1, 64, 64]);
-        assert_eq!(out.cosine.dims(), &[1, 100]);
+    fn encode(&self, x: &Tensor) -> std::result::Result<QueryPass, eval::BoxError> {
+        Ok(self.query(x)?)
+    }
 
-        // Ours round-trips with its metadata.
-        let ours = dir.join("ours.safetensors");
-        let meta = ModelMeta::new(Preset::Paper, &MmConfig { learnable_matching: false, ..MmConfig::resnet50() });
-        save_model(&ours, &meta, &tensors).unwrap();
-        assert_eq!(read_meta(&ours).unwrap(), Some(meta));
+    fn matching(
+        &self,
+        query: &QueryPass,
+        supports: &[LevelFeatures],
+        labels: &[Tensor],
+        input_hw: (usize, usize),
+    ) -> std::result::Result<MmOutput, eval::BoxError> {
+        Ok(MmFormer::matching(self, query, supports, labels, input_hw)?)
+    }
 
-        // A stage-1 checkpoint (no MM) and a backbone-only file are refused with the reason.
-        let no_mm: HashMap<String, Tensor> =
-            tensors.iter().filter(|(k, _)| k.starts_with("backbone.") || k.starts_with("sem_seg_head.")).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let f = dir.join("step1.safetensors");
-        candle_core::safetensors::save(&no_mm, &f).unwrap();
-        let err = format!("{:#}", MmFormer::load(&f).err().unwrap());
-        assert!(err.contains("step1.safetensors") && err.contains("mask-matching"), "{err}");
-        let bb: HashMap<String, Tensor> = tensors.iter().filter(|(k, _)| k.starts_with("backbone.")).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let f = dir.join("resnet.safetensors");
-        candle_core::safetensors::save(&bb, &f).unwrap();
-        let err = format!("{:#}", MmFormer::load(&f).err().unwrap());
-        assert!(err.contains("resnet.safetensors") && err.contains("not an MM-Former checkpoint"), "{err}");
-        let _ = std::fs::remove_dir_all(&dir);
+    fn checkpoint(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn preset(&self) -> String {
+        self.meta.preset.name().to_string()
     }
 }

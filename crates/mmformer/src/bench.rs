@@ -1,0 +1,680 @@
+//! Benchmarks (`cargo xtask bench`): our models against the same computation in PyTorch on the
+//! same machine, with the same number of threads, interleaved run by run; medians and ratios.
+//! Tables are written to `out` as they are measured.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Instant;
+
+use backbone::Backbone;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use data::ShardDataset;
+use losses::fewshot::{stage2_loss, Stage2Weights};
+use mm::{MaskMatching, QueryPass};
+use serde::Serialize;
+use train::{AdamW, AdamWConfig, CheckpointStore};
+
+use crate::error::{bail, Context, Result};
+use crate::model::{load_backbone, mm_features, pos_features};
+use crate::stage1::{load_pos, KIND as POS_KIND};
+use crate::stage2::{EpisodeBatch, StageTwoData};
+use crate::{MmFormer, Preset};
+
+/// Where `tools/` lives (the workspace root).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct BenchRow {
+    pub name: String,
+    pub ours_ms: f64,
+    pub torch_ms: Option<f64>,
+    pub ratio: Option<f64>,
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// The PyTorch side: `tools/bench_torch.py` running as a server in the benchmark venv.
+pub struct TorchServer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+pub fn torch_venv() -> PathBuf {
+    match std::env::var_os("MMFORMER_TORCH_VENV") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/mmformer/torch-venv"),
+    }
+}
+
+impl TorchServer {
+    /// None (with a note) when the venv has not been made: our timings are still reported.
+    pub fn start(threads: usize, extra: &[&str], out: &mut dyn Write) -> Result<Option<Self>> {
+        let python = torch_venv().join("bin/python");
+        if !python.exists() {
+            writeln!(out, 
+                "note: no PyTorch venv at {} — run `bash tools/setup_torch_venv.sh` for the comparison; reporting ours only",
+                python.display()
+            )?;
+            return Ok(None);
+        }
+        let script = workspace_root().join("tools/bench_torch.py");
+        let mut cmd = Command::new(&python);
+        // GNU OpenMP's default spin-waiting makes every parallel region wait for a worker that
+        // another process has pushed off its core: on a shared 2-core machine a 31 ms
+        // EfficientNet-Lite0 forward took 1.9 s with 2 threads (and its spinning slows our side
+        // between requests). Passive waiting is torch's better setting there; an explicit
+        // OMP_WAIT_POLICY in the environment wins.
+        if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+            cmd.env("OMP_WAIT_POLICY", "PASSIVE");
+        }
+        let mut child = cmd
+            .arg(&script)
+            .args(["--threads", &threads.to_string()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {} {}", python.display(), script.display()))?;
+        let stdin = child.stdin.take().context("no stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let ready: serde_json::Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("bench_torch.py did not start properly: {line:?}"))?;
+        if ready["ready"] != serde_json::Value::Bool(true) {
+            bail!("bench_torch.py: unexpected first line {line:?}");
+        }
+        writeln!(out, 
+            "PyTorch {} with {} threads (OMP_WAIT_POLICY={})",
+            ready["torch"],
+            ready["threads"],
+            std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into())
+        )?;
+        Ok(Some(Self { child, stdin, stdout }))
+    }
+
+    /// Runs one request (`<model> <size> <reps>` or a model-specific line) and returns the times.
+    pub fn time(&mut self, request: &str) -> Result<Vec<f64>> {
+        let v = self.request(request)?;
+        let times = v["times_ms"].as_array().context("no times_ms")?;
+        Ok(times.iter().filter_map(|t| t.as_f64()).collect())
+    }
+
+    /// Runs one request and returns the whole JSON answer (an `error` answer is an error).
+    pub fn request(&mut self, request: &str) -> Result<serde_json::Value> {
+        writeln!(self.stdin, "{request}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let v: serde_json::Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("bench_torch.py answered {line:?}"))?;
+        if let Some(e) = v.get("error") {
+            bail!("bench_torch.py: {e} (request `{request}`)");
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for TorchServer {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+fn time_ms(f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Interleaves `reps` single runs of ours and of PyTorch (after one warm-up each) and reports medians.
+pub fn compare(
+    out: &mut dyn Write,
+    name: &str,
+    ours: &mut dyn FnMut() -> Result<()>,
+    torch: Option<(&mut TorchServer, &str)>,
+    reps: usize,
+) -> Result<BenchRow> {
+    ours()?;
+    let mut o = Vec::new();
+    let mut t = Vec::new();
+    match torch {
+        Some((server, req)) => {
+            for _ in 0..reps {
+                o.push(time_ms(ours)?);
+                t.extend(server.time(req)?);
+            }
+        }
+        None => {
+            for _ in 0..reps {
+                o.push(time_ms(ours)?);
+            }
+        }
+    }
+    let ours_ms = median(o);
+    let torch_ms = if t.is_empty() { None } else { Some(median(t)) };
+    let row = BenchRow { name: name.into(), ours_ms, torch_ms, ratio: torch_ms.map(|t| ours_ms / t) };
+    print_row(out, &row)?;
+    Ok(row)
+}
+
+pub fn print_row(out: &mut dyn Write, r: &BenchRow) -> Result<()> {
+    match (r.torch_ms, r.ratio) {
+        (Some(t), Some(x)) => writeln!(out, "{:<40} ours {:>9.1} ms   torch {:>9.1} ms   ours/torch {:>5.2}", r.name, r.ours_ms, t, x)?,
+        _ => writeln!(out, "{:<40} ours {:>9.1} ms", r.name, r.ours_ms)?,
+    }
+    Ok(())
+}
+
+pub fn write_json(rows: &[BenchRow], path: &Path) -> Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(rows)?).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// ResNet-50 and EfficientNet-Lite0 forward passes at 1×3×size×size.
+pub fn bench_backbone(out: &mut dyn Write, torch: &mut Option<TorchServer>, size: usize, reps: usize, device: &Device) -> Result<Vec<BenchRow>> {
+    use backbone::BackboneKind;
+    let x = Tensor::randn(0f32, 1f32, (1, 3, size, size), device)?;
+    let mut rows = Vec::new();
+    for (kind, torch_name, label) in [
+        (BackboneKind::ResNet50, "resnet50", "resnet50"),
+        (BackboneKind::EfficientNetLite0, "efficientnet_lite0", "efficientnet_lite0"),
+    ] {
+        let model = backbone::load_backbone(kind, None, device)?;
+        let mut ours = || -> Result<()> {
+            model.forward(&x)?;
+            Ok(())
+        };
+        let req = format!("{torch_name} {size} 1");
+        let t = torch.as_mut().map(|s| (s, req.as_str()));
+        rows.push(compare(out, &format!("backbone/{label} 1x3x{size}x{size}"), &mut ours, t, reps)?);
+    }
+    Ok(rows)
+}
+
+// ---- bench episode ------------------------------------------------------------------------
+
+/// Figures from the issue for the official PyTorch code on this kind of machine (2 threads, its
+/// pure-PyTorch deformable attention), paper preset at 480²: (shots, stage, ms). Quoted, not
+/// measured here: there is no PyTorch MM-Former in this repository to run.
+pub const EPISODE_REFERENCE_MS: &[(usize, &str, f64)] = &[
+    (1, "backbone (query)", 130.0),
+    (1, "pos", 920.0),
+    (1, "total", 1840.0),
+    (5, "total", 5300.0),
+];
+
+/// The stages of one episode, in order.
+pub const EPISODE_STAGES: [&str; 5] = ["backbone (query)", "pos", "backbone (supports)", "mm", "total"];
+
+/// CPU time (ms) used so far by all threads of this process (Linux `schedstat`, ns precision),
+/// or None where it cannot be read. Unlike wall time it barely moves when other processes
+/// share the cores; spin-waiting threads do count.
+pub fn process_cpu_ms() -> Option<f64> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc/self/task").ok()? {
+        let p = entry.ok()?.path().join("schedstat");
+        // A thread may exit between listing and reading: skip it.
+        if let Ok(text) = std::fs::read_to_string(p) {
+            total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total as f64 / 1e6)
+}
+
+/// Wall and CPU time (ms) of the four stages of one episode and of the whole; the query's
+/// backbone + POS run once whatever the number of shots.
+pub fn time_episode(
+    model: &MmFormer,
+    query: &Tensor,
+    supports: &[Tensor],
+    labels: &[Tensor],
+) -> Result<([f64; 5], [f64; 5])> {
+    let (_, _, h, w) = query.dims4()?;
+    let mut marks = Vec::with_capacity(5);
+    let mut mark = || marks.push((Instant::now(), process_cpu_ms().unwrap_or(f64::NAN)));
+    mark();
+    let f = model.backbone.forward(query)?;
+    mark();
+    let pos = model.pos.forward(&pos_features(&f))?;
+    let pass = QueryPass { features: mm_features(&f), proposal_logits: pos.pred_masks };
+    mark();
+    let feats = supports.iter().map(|x| model.support(x)).collect::<Result<Vec<_>>>()?;
+    mark();
+    let out = model.matching(&pass, &feats, labels, (h, w))?;
+    // Make sure the result is materialised (candle is eager on CPU, but be explicit).
+    out.out.sum_all()?.to_scalar::<f32>()?;
+    mark();
+    let wall = |a: usize, b: usize| (marks[b].0 - marks[a].0).as_secs_f64() * 1e3;
+    let cpu = |a: usize, b: usize| marks[b].1 - marks[a].1;
+    Ok((
+        [wall(0, 1), wall(1, 2), wall(2, 3), wall(3, 4), wall(0, 4)],
+        [cpu(0, 1), cpu(1, 2), cpu(2, 3), cpu(3, 4), cpu(0, 4)],
+    ))
+}
+
+/// 1-shot and 5-shot episodes, per stage: the paper preset (ResNet-50, full POS, MM) at
+/// `paper_size`² and the CPU preset (EfficientNet-Lite0, small POS) at 256², synthetic weights.
+/// The "torch" column holds the issue's reference figures for the official code
+/// ([`EPISODE_REFERENCE_MS`]), not a measurement.
+pub fn bench_episode(out: &mut dyn Write, paper_size: usize, reps: usize, device: &Device) -> Result<Vec<BenchRow>> {
+    let reps = reps.max(1);
+    let mut rows = Vec::new();
+    writeln!(out, 
+        "{:<46} {:>10} {:>12} {:>8} {:>12}",
+        "episode stage (median ms)", "ours", "ref (torch)", "ours/ref", "ours cpu ms"
+    )?;
+    for (preset, size) in [(Preset::Paper, paper_size), (Preset::Cpu, Preset::Cpu.input_size() as usize)] {
+        let t = Instant::now();
+        let model = MmFormer::synthetic(preset, 0, device)?;
+        writeln!(out, "built the synthetic {preset:?} model in {:.1} s", t.elapsed().as_secs_f64())?;
+        let dev = device.clone();
+        let query = Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev)?;
+        let supports = (0..5).map(|_| Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev)).collect::<candle_core::Result<Vec<_>>>()?;
+        // A centred square covering a quarter of the image.
+        let mut m = vec![0f32; size * size];
+        for y in size / 4..3 * size / 4 {
+            for x in size / 4..3 * size / 4 {
+                m[y * size + x] = 1.0;
+            }
+        }
+        let label = Tensor::from_vec(m, (1, size, size), &dev)?;
+        let labels = vec![label; 5];
+        let tag = match preset {
+            Preset::Paper => "paper",
+            Preset::Cpu => "cpu",
+        };
+        for k in [1usize, 5] {
+            time_episode(&model, &query, &supports[..k], &labels[..k])?; // warm-up
+            let mut wall: Vec<Vec<f64>> = vec![Vec::new(); EPISODE_STAGES.len()];
+            let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); EPISODE_STAGES.len()];
+            for _ in 0..reps {
+                let (w, c) = time_episode(&model, &query, &supports[..k], &labels[..k])?;
+                for i in 0..EPISODE_STAGES.len() {
+                    wall[i].push(w[i]);
+                    cpu[i].push(c[i]);
+                }
+            }
+            for ((stage, times), cpu_times) in EPISODE_STAGES.iter().zip(wall).zip(cpu) {
+                let ours_ms = median(times);
+                let cpu_ms = median(cpu_times.into_iter().map(|c| if c.is_finite() { c } else { 0.0 }).collect());
+                let reference = if preset == Preset::Paper && size == 480 {
+                    EPISODE_REFERENCE_MS.iter().find(|(s, n, _)| *s == k && n == stage).map(|r| r.2)
+                } else {
+                    None
+                };
+                let row = BenchRow {
+                    name: format!("episode/{tag}-{size}/{k}-shot/{stage}"),
+                    ours_ms,
+                    torch_ms: reference,
+                    ratio: reference.map(|r| ours_ms / r),
+                };
+                match (row.torch_ms, row.ratio) {
+                    (Some(r), Some(x)) => writeln!(out, "{:<46} {:>10.1} {:>12.1} {:>8.2} {:>12.1}", row.name, row.ours_ms, r, x, cpu_ms)?,
+                    _ => writeln!(out, "{:<46} {:>10.1} {:>12} {:>8} {:>12.1}", row.name, row.ours_ms, "-", "-", cpu_ms)?,
+                }
+                rows.push(row);
+            }
+        }
+    }
+    writeln!(out, 
+        "ref: the issue's figures for the official PyTorch code on this kind of machine (2 threads, pure-PyTorch \
+         deformable attention), quoted, not measured here; medians over {reps} episodes; cpu ms = CPU time of all \
+         our threads (spin-waits included), which other load on the machine barely changes"
+    )?;
+    Ok(rows)
+}
+
+// ---- bench pos ----------------------------------------------------------------------------
+
+/// Random post-ReLU backbone features [res2, res3, res4, res5] of a `batch`×3×`size`² input for
+/// the preset's POS (strides 4, 8, 16, 32).
+pub fn pos_bench_features(preset: Preset, size: usize, batch: usize, device: &Device) -> Result<Vec<Tensor>> {
+    let cfg = preset.pos_config();
+    cfg.in_channels
+        .iter()
+        .zip([4usize, 8, 16, 32])
+        .map(|(&c, s)| Ok(Tensor::randn(0f32, 1f32, (batch, c, size / s, size / s), device)?.relu()?))
+        .collect()
+}
+
+/// The benchmark's stage-1 targets, the same formula as `synthetic_targets` in tools/pos_torch.py:
+/// per image b a semantic label with background 0 and two rectangles (classes 1 and 2), so three
+/// GT masks (M_b, size, size), and the episode label (B, size, size) = class 1's rectangle.
+pub fn pos_bench_targets(size: usize, batch: usize, device: &Device) -> Result<(Vec<Tensor>, Tensor)> {
+    let mut targets = Vec::with_capacity(batch);
+    let mut labels = Vec::with_capacity(batch * size * size);
+    for b in 0..batch {
+        let mut sem = vec![0u8; size * size];
+        let mut fill = |y0: usize, x0: usize, h: usize, w: usize, v: u8| {
+            for y in y0..(y0 + h).min(size) {
+                for x in x0..(x0 + w).min(size) {
+                    sem[y * size + x] = v;
+                }
+            }
+        };
+        fill(size / 8 + 4 * b, size / 8 + 6 * b, size / 3, size / 3, 1);
+        fill(size / 2 + 2 * b, size / 2 - 3 * b, size / 4, size / 3, 2);
+        let t = Tensor::from_vec(sem.iter().map(|&v| v as f32).collect::<Vec<_>>(), (size, size), device)?;
+        targets.push(losses::stage1_targets(&t, &[])?);
+        labels.extend(sem.iter().map(|&v| f32::from(v == 1)));
+    }
+    Ok((targets, Tensor::from_vec(labels, (batch, size, size), device)?))
+}
+
+/// One stage-1 training iteration as `train-pos` runs it ([`crate::stage1`]), on
+/// fixed backbone features: POS on trainable `Var`s, forward + criterion + backward + clip +
+/// AdamW step.
+pub struct PosTrainBench {
+    pub model: pos::Pos,
+    pub vars: Vec<train::NamedVar>,
+    pub opt: train::AdamW,
+    pub criterion: losses::Stage1Criterion,
+    pub features: Vec<Tensor>,
+    pub targets: Vec<Tensor>,
+    pub label: Tensor,
+    pub iter: u64,
+}
+
+/// Names of the phases [`PosTrainBench::step`] times.
+pub const TRAIN_PHASES: [&str; 4] = ["forward", "criterion", "backward", "clip+step"];
+
+impl PosTrainBench {
+    pub fn new(preset: Preset, size: usize, batch: usize, device: &Device) -> Result<Self> {
+        let (vm, model) = crate::stage1::new_pos_seeded(preset, 0, device)?;
+        let vars = train::named_vars(&vm);
+        let opt = train::AdamW::new(vars.clone(), train::AdamWConfig::default(), train::default_no_decay)?;
+        let criterion = losses::Stage1Criterion::new(losses::Stage1Config {
+            num_points: preset.num_points(),
+            ..Default::default()
+        });
+        let features = pos_bench_features(preset, size, batch, device)?;
+        let (targets, label) = pos_bench_targets(size, batch, device)?;
+        Ok(Self { model, vars, opt, criterion, features, targets, label, iter: 0 })
+    }
+
+    /// One iteration; returns the wall ms of each of [`TRAIN_PHASES`] and the loss.
+    pub fn step(&mut self) -> Result<([f64; 4], f64)> {
+        use rand_chacha::rand_core::SeedableRng;
+        let t0 = Instant::now();
+        let out = self.model.forward(&self.features)?;
+        let t1 = Instant::now();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.iter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let l = self.criterion.forward_with_rng(&out.all_predictions(), &self.targets, &self.label, &mut rng)?;
+        let t2 = Instant::now();
+        let mut grads = l.total.backward()?;
+        let t3 = Instant::now();
+        train::clip_grad_norm(&mut grads, &self.vars, 0.01)?;
+        self.opt.step(&grads, 1e-4)?;
+        let t4 = Instant::now();
+        self.iter += 1;
+        let loss = l.total.to_scalar::<f32>()? as f64;
+        if !loss.is_finite() {
+            bail!("POS training bench: loss is {loss}");
+        }
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        Ok(([ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4)], loss))
+    }
+}
+
+/// Wall and CPU milliseconds of repeated runs.
+#[derive(Default)]
+struct Samples {
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Samples {
+    fn push(&mut self, wall: f64, cpu: f64) {
+        self.wall.push(wall);
+        self.cpu.push(if cpu.is_finite() { cpu } else { 0.0 });
+    }
+
+    /// Takes `times_ms` / `cpu_ms` of a bench_torch.py answer.
+    fn push_answer(&mut self, v: &serde_json::Value) -> Result<()> {
+        let get = |k: &str| -> Vec<f64> { v[k].as_array().into_iter().flatten().filter_map(|x| x.as_f64()).collect() };
+        let (w, c) = (get("times_ms"), get("cpu_ms"));
+        if w.is_empty() {
+            bail!("bench_torch.py answered without times: {v}");
+        }
+        self.wall.extend(&w);
+        self.cpu.extend(if c.len() == w.len() { c } else { vec![0.0; w.len()] });
+        Ok(())
+    }
+}
+
+/// One benchmark line: the row (wall medians) plus the CPU-time medians of both sides.
+fn pos_row(out: &mut dyn Write, name: &str, ours: Samples, torch: Samples) -> Result<BenchRow> {
+    let (ow, oc) = (median(ours.wall), median(ours.cpu));
+    let tw = (!torch.wall.is_empty()).then(|| median(torch.wall.clone()));
+    let tc = (!torch.cpu.is_empty()).then(|| median(torch.cpu));
+    let row = BenchRow { name: name.into(), ours_ms: ow, torch_ms: tw, ratio: tw.map(|t| ow / t) };
+    match (tw, tc) {
+        (Some(tw), Some(tc)) => writeln!(out, 
+            "{:<36} ours {:>8.1} ms  torch {:>8.1} ms  ours/torch {:>5.2}  | cpu ms: ours {:>8.1}  torch {:>8.1}  ratio {:>5.2}",
+            name,
+            ow,
+            tw,
+            ow / tw,
+            oc,
+            tc,
+            oc / tc
+        )?,
+        _ => writeln!(out, "{name:<36} ours {ow:>8.1} ms  | cpu ms: ours {oc:>8.1}")?,
+    }
+    Ok(row)
+}
+
+/// Runs ours and one torch request alternately `reps` times (after one warm-up of ours; the
+/// torch side warms itself up on first use).
+fn interleave(
+    out: &mut dyn Write,
+    name: &str,
+    ours: &mut dyn FnMut() -> Result<()>,
+    mut torch: Option<(&mut TorchServer, &str)>,
+    reps: usize,
+) -> Result<BenchRow> {
+    ours()?;
+    let (mut o, mut t) = (Samples::default(), Samples::default());
+    for _ in 0..reps {
+        let (c0, w0) = (process_cpu_ms().unwrap_or(f64::NAN), Instant::now());
+        ours()?;
+        o.push(w0.elapsed().as_secs_f64() * 1e3, process_cpu_ms().unwrap_or(f64::NAN) - c0);
+        if let Some((server, req)) = torch.as_mut() {
+            t.push_answer(&server.request(req)?)?;
+        }
+    }
+    pos_row(out, name, o, t)
+}
+
+/// `cargo xtask bench pos`: the POS against tools/pos_torch.py (the official Mask2Former /
+/// MM-Former code re-implemented with our configurations), interleaved run by run, medians, the
+/// same number of threads:
+///
+/// - `pos_forward_paper_<size>`: inference forward, paper config, 1 image (weights as plain
+///   tensors, as loaded from a checkpoint; torch in eval + inference_mode);
+/// - `pos_train_iter_cpu_256_b4`: one stage-1 training iteration of the cpu config on fixed
+///   backbone features of a 4×3×256² batch (forward + criterion + backward + clip + AdamW), with
+///   the per-phase medians of both sides printed below the table;
+/// - `backbone_efficientnet_lite0_256_b4`: the frozen backbone forward that a real training
+///   iteration adds (BN folded on both sides), for scale.
+///
+/// Besides wall time each line shows the process CPU time of both sides (ours includes rayon's
+/// spin-waits), which other load on a shared machine changes much less.
+pub fn bench_pos(out: &mut dyn Write, paper_size: usize, threads: usize, reps: usize, device: &Device) -> Result<Vec<BenchRow>> {
+    let reps = reps.max(1);
+    let mut torch = TorchServer::start(threads, &["--fuse-bn"], out)?;
+    let mut rows = Vec::new();
+
+    // 1. Paper-preset inference forward.
+    let model = MmFormer::synthetic(Preset::Paper, 0, device)?;
+    let feats = pos_bench_features(Preset::Paper, paper_size, 1, device)?;
+    let mut ours = || -> Result<()> {
+        let out = model.pos.forward(&feats)?;
+        out.pred_masks.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    };
+    let req = format!("pos_forward_paper {paper_size} 1 1");
+    let t = torch.as_mut().map(|s| (s, req.as_str()));
+    rows.push(interleave(out, &format!("pos_forward_paper_{paper_size}"), &mut ours, t, reps)?);
+    drop(model);
+
+    // 2. CPU-preset training iteration, per phase.
+    let (size, batch) = (Preset::Cpu.input_size() as usize, 4);
+    let mut bench = PosTrainBench::new(Preset::Cpu, size, batch, device)?;
+    bench.step()?; // warm-up
+    let (mut o, mut t) = (Samples::default(), Samples::default());
+    let mut ours_p: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let mut torch_p: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let mut solver = String::new();
+    let req = format!("pos_train_cpu {size} 1 {batch}");
+    for _ in 0..reps {
+        let c0 = process_cpu_ms().unwrap_or(f64::NAN);
+        let (p, _) = bench.step()?;
+        o.push(p.iter().sum::<f64>(), process_cpu_ms().unwrap_or(f64::NAN) - c0);
+        for (v, x) in ours_p.iter_mut().zip(p) {
+            v.push(x);
+        }
+        if let Some(s) = torch.as_mut() {
+            let v = s.request(&req)?;
+            t.push_answer(&v)?;
+            for (name, dst) in TRAIN_PHASES.iter().zip(torch_p.iter_mut()) {
+                dst.extend(v["phases_ms"][*name].as_array().into_iter().flatten().filter_map(|x| x.as_f64()));
+            }
+            solver = v["solver"].as_str().unwrap_or("").to_string();
+        }
+    }
+    rows.push(pos_row(out, &format!("pos_train_iter_cpu_{size}_b{batch}"), o, t)?);
+    drop(bench);
+
+    // 3. The frozen backbone a real iteration runs first.
+    let bb = backbone::EfficientNetLite0::synthetic(0, device)?;
+    let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), device)?;
+    let mut ours = || -> Result<()> {
+        bb.forward(&x)?;
+        Ok(())
+    };
+    let req = format!("efficientnet_lite0 {size} 1 {batch}");
+    let t = torch.as_mut().map(|s| (s, req.as_str()));
+    rows.push(interleave(out, &format!("backbone_efficientnet_lite0_{size}_b{batch}"), &mut ours, t, reps)?);
+
+    writeln!(out, "training iteration by phase (median wall ms over {reps}):")?;
+    for (i, name) in TRAIN_PHASES.iter().enumerate() {
+        let o = median(ours_p[i].clone());
+        if torch_p[i].is_empty() {
+            writeln!(out, "  {name:<12} ours {o:>9.1}")?;
+        } else {
+            let t = median(torch_p[i].clone());
+            writeln!(out, "  {name:<12} ours {o:>9.1}   torch {t:>9.1}   ours/torch {:>5.2}", o / t)?;
+        }
+    }
+    if !solver.is_empty() {
+        writeln!(out, "torch matcher solver: {solver}")?;
+    }
+    Ok(rows)
+}
+
+// ---- bench stage2 -------------------------------------------------------------------------
+
+/// One stage-2 training step read from the shards, against the same step with the backbone and
+/// POS run live on the same episodes (what stage 2 would cost without the stage boundary).
+/// Medians over interleaved repetitions. Writes the table and returns the rows (no PyTorch column: both sides are ours).
+pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usize, device: &Device) -> Result<Vec<BenchRow>> {
+    let d = StageTwoData::open(shards)?;
+    let m = &d.manifest;
+    let reader = d.train.as_ref().context("no train shards")?;
+    let ds = crate::datasets::open_dataset(&m.dataset)?;
+    let novel = ds.novel_classes(m.fold)?.to_vec();
+    let size = m.preset.input_size();
+    let min_area = data::AugmentConfig::with_crop_size(size).min_support_area;
+    let train = ShardDataset::train(reader, &novel, 1, 0, min_area)?;
+    let mut cfg = m.preset.mm_config();
+    let ablate = std::env::var("MMFORMER_BENCH_ABLATE").unwrap_or_default();
+    cfg.cross_alignment &= !ablate.contains("cross");
+    cfg.self_alignment &= !ablate.contains("self");
+    let vm = VarMap::new();
+    let mm = MaskMatching::new(&cfg, train::seeded_var_builder(&vm, 0, DType::F32, device))?;
+    let vars = train::named_vars(&vm);
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default(), train::default_no_decay)?;
+    // The live side: the same frozen models the shards were made with.
+    let backbone = load_backbone(m.preset, Some(&m.backbone_file), device)?;
+    let ck = CheckpointStore::open(&m.pos_checkpoint, POS_KIND)?;
+    let pos = load_pos(m.preset, &ck, device)?;
+    let aug = data::AugmentConfig::with_crop_size(size);
+    let train_samples = ds.samples(data::Split::Train);
+
+    let (mut t_read, mut t_step, mut t_live) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps + 1 {
+        let n0 = rep as u64 * batch as u64;
+        // Stage 2 from shards: read + tensors, then forward/loss/backward/step.
+        let t = Instant::now();
+        let eps = (0..batch as u64).map(|j| train.episode(n0 + j)).collect::<data::Result<Vec<_>>>()?;
+        let b = EpisodeBatch::new(&eps, device)?;
+        let read = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mm_out = b.forward(&mm)?;
+        let t_fwd = t.elapsed().as_secs_f64();
+        let loss = stage2_loss(&mm_out.two_channel()?, &b.query_label, &mm_out.cosine, &mm_out.proposals, Stage2Weights::default())?;
+        let _ = loss.total.to_scalar::<f32>()?;
+        let t_loss = t.elapsed().as_secs_f64();
+        let mut grads = loss.total.backward()?;
+        let t_bwd = t.elapsed().as_secs_f64();
+        train::clip_grad_norm(&mut grads, &vars, 0.01)?;
+        opt.step(&grads, 1e-4)?;
+        let step = t.elapsed().as_secs_f64();
+        if std::env::var_os("MMFORMER_BENCH_VERBOSE").is_some() {
+            writeln!(out, "forward {:.1} ms, loss {:.1} ms, backward {:.1} ms, clip+step {:.1} ms", t_fwd * 1e3, (t_loss - t_fwd) * 1e3, (t_bwd - t_loss) * 1e3, (step - t_bwd) * 1e3)?;
+        }
+        // Live: decode + augment the same views, backbone on query and support, POS on the query.
+        let t = Instant::now();
+        let mut views = Vec::new();
+        for e in &eps {
+            for r in std::iter::once(&e.query).chain(&e.supports) {
+                let idx = ds.find(data::Split::Train, &r.image_id).context("image of the shards not in the dataset")?;
+                let k = match r.view {
+                    data::shard::ShardView::Augmented(k) => k,
+                    data::shard::ShardView::Test => 0,
+                };
+                views.push(data::cached::cached_train_view(&train_samples[idx], idx, k, &aug, m.seed)?.0);
+            }
+        }
+        let per = 1 + eps[0].supports.len();
+        let queries: Vec<_> = views.iter().step_by(per).collect();
+        let supports: Vec<_> = views.iter().skip(1).step_by(per).collect();
+        let fq = backbone.forward(&eval::images_to_tensor(&queries, device)?)?;
+        let p = pos.forward(&pos_features(&fq))?;
+        let fs = backbone.forward(&eval::images_to_tensor(&supports, device)?)?;
+        let _keep: (Tensor, [Tensor; 3], [Tensor; 3]) = (p.pred_masks, mm_features(&fq), mm_features(&fs));
+        let live = t.elapsed().as_secs_f64() + step;
+        if rep > 0 {
+            t_read.push(read * 1e3);
+            t_step.push(step * 1e3);
+            t_live.push(live * 1e3);
+        }
+    }
+    let (r, s, l) = (median(t_read), median(t_step), median(t_live));
+    writeln!(out, "stage-2 training step, {:?} preset, batch {batch}, 1-shot, median of {reps}:", m.preset)?;
+    writeln!(out, "  from shards: {:8.1} ms  (read {r:.1} ms + MM forward/backward/step {s:.1} ms)", r + s)?;
+    writeln!(out, "  live:        {:8.1} ms  (decode+augment+backbone+POS {:.1} ms + the same MM step)", l, l - s)?;
+    writeln!(out, "  ratio live / shards: {:.1}x", l / (r + s))?;
+    let row = |name: &str, ms: f64| BenchRow { name: name.into(), ours_ms: ms, torch_ms: None, ratio: None };
+    Ok(vec![
+        row("stage2_step_from_shards", r + s),
+        row("stage2_step_shard_read", r),
+        row("stage2_step_mm", s),
+        row("stage2_step_live", l),
+    ])
+}
