@@ -32,26 +32,30 @@ fn parity_preprocess_matches_official_normalisation() {
 #[test]
 fn preprocess_pads_bottom_right_with_zero_after_normalising() {
     let inputs = load_fixture("inputs.safetensors").unwrap();
-    // 128x160 cut to 100x150 must come back as 128x160 with zeros in the new rows / columns.
-    let image = inputs
-        .get("query.image")
-        .unwrap()
-        .narrow(1, 0, 100)
-        .unwrap()
-        .narrow(2, 0, 150)
-        .unwrap();
+    // The image cut by a few rows and columns must come back padded to the next multiples of 32
+    // with zeros in the new rows / columns.
+    let full_image = inputs.get("query.image").unwrap();
+    let (_, fh, fw) = full_image.dims3().unwrap();
+    // Not a multiple of 32, so that padding adds at least one row / column.
+    let cut = |n: usize, by: usize| {
+        let c = n.saturating_sub(by).max(1);
+        if c % 32 == 0 && c > 1 { c - 1 } else { c }
+    };
+    let (ch, cw) = (cut(fh, 28), cut(fw, 10));
+    let (ph, pw) = (ch.div_ceil(32) * 32, cw.div_ceil(32) * 32);
+    let image = full_image.narrow(1, 0, ch).unwrap().narrow(2, 0, cw).unwrap();
     let x = preprocess(&image).unwrap();
-    assert_eq!(x.dims(), &[1, 3, 128, 160]);
-    let full = preprocess(&inputs.get("query.image").unwrap()).unwrap();
-    let inner = x.narrow(2, 0, 100).unwrap().narrow(3, 0, 150).unwrap();
+    assert_eq!(x.dims(), &[1, 3, ph, pw]);
+    let full = preprocess(&full_image).unwrap();
+    let inner = x.narrow(2, 0, ch).unwrap().narrow(3, 0, cw).unwrap();
     let (d, _) = parity::max_abs_diff(
         &inner,
-        &full.narrow(2, 0, 100).unwrap().narrow(3, 0, 150).unwrap(),
+        &full.narrow(2, 0, ch).unwrap().narrow(3, 0, cw).unwrap(),
     )
     .unwrap();
     assert_eq!(d, 0.0);
     let bottom = x
-        .narrow(2, 100, 28)
+        .narrow(2, ch, ph - ch)
         .unwrap()
         .abs()
         .unwrap()
@@ -60,7 +64,7 @@ fn preprocess_pads_bottom_right_with_zero_after_normalising() {
         .to_scalar::<f32>()
         .unwrap();
     let right = x
-        .narrow(3, 150, 10)
+        .narrow(3, cw, pw - cw)
         .unwrap()
         .abs()
         .unwrap()
@@ -77,7 +81,7 @@ fn preprocess_pads_bottom_right_with_zero_after_normalising() {
         .unwrap()
         .to_vec1::<u8>()
         .unwrap();
-    let y = backbone::preprocess_hwc(&hwc, 100, 150, &Device::Cpu).unwrap();
+    let y = backbone::preprocess_hwc(&hwc, ch, cw, &Device::Cpu).unwrap();
     assert_eq!(parity::max_abs_diff(&x, &y).unwrap().0, 0.0);
 }
 

@@ -197,3 +197,31 @@ fn shards_feed_stage_two_which_resumes_exactly_and_writes_a_full_model() {
     assert!(err.contains("index.bin") && err.contains("model weights"), "{err}");
     assert!(CacheManifest::read(&dir.path("shards")).is_ok());
 }
+
+/// The optimizer's no-decay set over the whole POS and mask matching is the official grouping:
+/// the norm layers and the decoder's three embedding tables, nothing else (the pixel decoder's
+/// `level_embed`, an `nn.Parameter`, decays).
+#[test]
+fn the_no_decay_set_is_the_official_grouping() {
+    let device = Device::Cpu;
+    let (vm, _) = mmformer::stage1::new_pos_seeded(Preset::Paper, 0, &device).unwrap();
+    let mut names: Vec<String> = mmformer::train::named_vars(&vm).into_iter().map(|v| v.name).collect();
+    names.extend(mmformer::model::fresh_mm_tensors(&mmformer::mm::MmConfig::resnet50(), 0, &device).unwrap().into_keys());
+    let no_decay: Vec<&String> = names.iter().filter(|n| mmformer::train::default_no_decay(n)).collect();
+    let embeddings = ["sem_seg_head.predictor.query_feat.weight", "sem_seg_head.predictor.query_embed.weight", "sem_seg_head.predictor.level_embed.weight"];
+    for e in embeddings {
+        assert!(no_decay.iter().any(|n| *n == e), "{e} must not decay");
+    }
+    assert!(names.iter().any(|n| n == "sem_seg_head.pixel_decoder.transformer.level_embed"));
+    assert!(!mmformer::train::default_no_decay("sem_seg_head.pixel_decoder.transformer.level_embed"));
+    for n in &no_decay {
+        let last_two: Vec<&str> = n.rsplitn(3, '.').collect();
+        let norm = n.split('.').any(|c| c.starts_with("norm") || c.ends_with("_norm")) || (n.contains("input_proj.") && last_two[1] == "1");
+        assert!(norm || embeddings.contains(&n.as_str()), "{n} is neither a norm nor an embedding table");
+        assert!(n.ends_with(".weight") || n.ends_with(".bias"), "{n}");
+    }
+    // Every linear / conv weight decays.
+    for n in names.iter().filter(|n| n.contains("linear") || n.contains("in_proj") || n.starts_with("fc") || n.starts_with("conv_")) {
+        assert!(!mmformer::train::default_no_decay(n), "{n} must decay");
+    }
+}

@@ -15,15 +15,14 @@ pub struct NamedVar {
 }
 
 /// Official rule: no weight decay on normalisation layers (BN/GN/LN weights and biases) and on
-/// `nn.Embedding` tables (the decoder's query_feat/query_embed/level_embed); everything else,
-/// biases included, decays.
+/// `nn.Embedding` tables (the transformer decoder's `query_feat`, `query_embed`, `level_embed`:
+/// their parameters end in `.weight`); everything else, biases included, decays. The pixel
+/// decoder's `level_embed` is a bare `nn.Parameter`, not an embedding, so it decays (0.05).
 pub fn default_no_decay(name: &str) -> bool {
     let is_norm = name.split('.').any(|c| c.starts_with("norm") || c.ends_with("_norm"))
         // GroupNorm in `input_proj.{i}.1.*` (an nn.Sequential index, no "norm" in its name)
         || name.contains("input_proj.") && name.split('.').rev().nth(1) == Some("1");
-    let is_embedding = ["query_feat.weight", "query_embed.weight", "level_embed.weight", "level_embed"]
-        .iter()
-        .any(|s| name.ends_with(s));
+    let is_embedding = ["query_feat.weight", "query_embed.weight", "level_embed.weight"].iter().any(|s| name.ends_with(s));
     is_norm || is_embedding
 }
 

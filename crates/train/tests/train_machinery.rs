@@ -17,7 +17,6 @@ fn no_decay_rule_matches_the_official_groups() {
         "sem_seg_head.pixel_decoder.adapter_1.norm.bias",
         "sem_seg_head.predictor.query_feat.weight",
         "sem_seg_head.predictor.level_embed.weight",
-        "sem_seg_head.pixel_decoder.transformer.level_embed",
         "crossat_0.transformer_ffn_layers.1.norm.weight",
     ] {
         assert!(default_no_decay(n), "{n} must not decay");
@@ -26,6 +25,8 @@ fn no_decay_rule_matches_the_official_groups() {
         "sem_seg_head.pixel_decoder.input_proj.2.0.weight",
         "sem_seg_head.pixel_decoder.input_proj.2.0.bias",
         "fc1.bias",
+        // An nn.Parameter in the official pixel decoder, not an nn.Embedding: it decays.
+        "sem_seg_head.pixel_decoder.transformer.level_embed",
         "sem_seg_head.predictor.transformer_ffn_layers.0.linear1.weight",
         "crossat_0.transformer_cross_attention_layers.0.multihead_attn.in_proj_weight",
     ] {
