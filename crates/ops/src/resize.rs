@@ -1,6 +1,9 @@
 //! Spatial resizing with torch `F.interpolate` semantics.
 
-use candle_core::{bail, DType, Result, Tensor};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::util::ensure_float;
 
@@ -43,6 +46,28 @@ fn interp_matrix(n_in: usize, n_out: usize, align_corners: bool, single: bool) -
     m
 }
 
+/// The (out, in) interpolation matrix as a tensor on `dev` in `dt`, built and uploaded once per
+/// (sizes, mode, dtype, device) and then reused: resizes run every iteration and every episode
+/// at a handful of sizes, and a rebuilt matrix is a host loop plus a host-to-device copy.
+fn interp_tensor(n_in: usize, n_out: usize, align_corners: bool, dt: DType, dev: &Device) -> Result<Tensor> {
+    type Key = (usize, usize, bool, DType, String);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Tensor>>> = OnceLock::new();
+    // Bounded: a caller resizing to ever new sizes must not grow it without end.
+    const MAX_ENTRIES: usize = 256;
+    let key = (n_in, n_out, align_corners, dt, format!("{:?}", dev.location()));
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(t) = cache.lock().expect("resize cache lock").get(&key) {
+        return Ok(t.clone());
+    }
+    let t = Tensor::from_vec(interp_matrix(n_in, n_out, align_corners, dt == DType::F32), (n_out, n_in), dev)?.to_dtype(dt)?;
+    let mut map = cache.lock().expect("resize cache lock");
+    if map.len() >= MAX_ENTRIES {
+        map.clear();
+    }
+    map.insert(key, t.clone());
+    Ok(t)
+}
+
 /// Bilinear resize, torch `F.interpolate(x, size=out_hw, mode="bilinear",
 /// align_corners=align_corners)` (antialias off).
 ///
@@ -60,19 +85,16 @@ pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) 
     }
     let dev = x.device();
     let dt = x.dtype();
-    let single = dt == DType::F32;
     // Each axis whose size is unchanged is skipped: torch copies it exactly. Rows first, as a
     // batched Wh · X_bc; then columns as one big (B·C·oh, W) · Wwᵀ gemm. This order needs no
     // transposed copies of the (large) output.
     let mut y = x.reshape((b * c, h, w))?;
     if oh != h {
-        let wh = Tensor::from_vec(interp_matrix(h, oh, align_corners, single), (oh, h), dev)?
-            .to_dtype(dt)?;
+        let wh = interp_tensor(h, oh, align_corners, dt, dev)?;
         y = wh.broadcast_left(b * c)?.matmul(&y)?;
     }
     if ow != w {
-        let ww = Tensor::from_vec(interp_matrix(w, ow, align_corners, single), (ow, w), dev)?
-            .to_dtype(dt)?;
+        let ww = interp_tensor(w, ow, align_corners, dt, dev)?;
         y = y.reshape((b * c * oh, w))?.matmul(&ww.t()?)?;
     }
     y.reshape((b, c, oh, ow))
