@@ -51,6 +51,20 @@ pub struct DemoArgs {
     /// Test episodes per fold and shot on the VOC photos.
     #[arg(long, default_value_t = 40)]
     pub photo_episodes: usize,
+    /// Training seed (model initialisation, episodes, cached augmentations) of both stages.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `cargo xtask demo-seeds`: the demo trained with several seeds, each in `<out>/seed-<k>`, and
+/// the spread of its test figures (`<out>/seeds-report.{json,md}`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoSeedsArgs {
+    #[command(flatten)]
+    pub demo: DemoArgs,
+    /// Training seeds 0..N.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..))]
+    pub seeds: u64,
 }
 
 /// The headline numbers of one benchmark and shot (percentages).
@@ -109,7 +123,7 @@ fn evaluate_cached(model: &MmFormer, ds: &mmformer::data::FewShotDataset, name: 
     Ok(rep)
 }
 
-pub fn demo(args: &DemoArgs) -> Result<()> {
+pub fn demo(args: &DemoArgs) -> Result<serde_json::Value> {
     let t0 = Instant::now();
     let mut timings = Vec::new();
     let preset = Preset::Cpu;
@@ -134,7 +148,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             lr: args.pos_lr,
             weight_decay: 0.05,
             clip: 0.01,
-            seed: 0,
+            seed: args.seed,
             out: pos_dir.clone(),
             eval_every: args.pos_iters.div_ceil(2).max(1),
             eval_episodes: 100,
@@ -157,7 +171,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             out: shards.clone(),
             split: Splits::Both,
             views: args.views,
-            seed: 0,
+            seed: args.seed,
             feature_dtype: "f16".into(),
             mask_dtype: "u8".into(),
             records_per_shard: 64,
@@ -181,7 +195,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             weight_decay: 0.05,
             clip: 0.01,
             shot: 1,
-            seed: 0,
+            seed: args.seed,
             out: mm_dir.clone(),
             eval_every: args.mm_iters.div_ceil(5).max(1),
             eval_episodes: 300,
@@ -233,6 +247,11 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         "fold": 0,
         "checkpoint": ck,
         "checkpoint_sha256": ck_sha,
+        "training_seed": args.seed,
+        // Checkpoints were selected on validation episodes of this seed; the figures below are
+        // on the official test episodes, which played no part in selection.
+        "selection_seed": mmformer::eval::validation_seed(mmformer::datasets::open_dataset(&args.data)?.default_test_seed(0)?),
+        "mIoU_rule": mmformer::eval::MIOU_RULE,
         "synthetic": {"1shot": scores(&synthetic, 1)?, "5shot": scores(&synthetic, 5)?, "report": args.out.join("eval/synthetic/report.json")},
         "voc_photos": {"1shot": scores(&photos, 1)?, "5shot": scores(&photos, 5)?, "report": args.out.join("eval/voc_photos/report.json")},
         "settings": {"pos_iters": args.pos_iters, "pos_lr": args.pos_lr, "mm_iters": args.mm_iters, "mm_lr": args.mm_lr, "views": args.views},
@@ -247,7 +266,47 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     println!("\n{md}");
     println!("demo finished in {:.1} min", total / 60.0);
     println!("{}", path.display());
+    Ok(report)
+}
+
+/// The demo once per training seed, then mean ± sample std of every headline figure.
+pub fn demo_seeds(args: &DemoSeedsArgs) -> Result<()> {
+    let mut reports = Vec::new();
+    for k in 0..args.seeds {
+        eprintln!("\n==== demo-seeds: training seed {k} of {} ====", args.seeds);
+        let one = DemoArgs { out: args.demo.out.join(format!("seed-{k}")), seed: k, ..args.demo.clone() };
+        reports.push(demo(&one)?);
+    }
+    let mut summary = serde_json::json!({"format": "mmformer-demo-seeds/1", "training_seeds": (0..args.seeds).collect::<Vec<_>>(),
+        "mIoU_rule": mmformer::eval::MIOU_RULE, "runs": (0..args.seeds).map(|k| args.demo.out.join(format!("seed-{k}/report.json"))).collect::<Vec<_>>()});
+    let mut md = format!("Test episodes (official seed), {} training seeds, mean ± sample std:\n\n| benchmark | shot | baseline mIoU | **ours mIoU** | oracle mIoU | ours FB-IoU |\n|---|---|---|---|---|---|\n", args.seeds);
+    for b in ["synthetic", "voc_photos"] {
+        for shot in ["1shot", "5shot"] {
+            let mut row = format!("| {b} | {shot} |");
+            for key in ["baseline_miou", "miou", "oracle_miou", "fb_iou"] {
+                let v: Vec<f64> = reports.iter().map(|r| r[b][shot][key].as_f64().unwrap_or(f64::NAN)).collect();
+                let (mean, std) = mean_std(&v);
+                summary[b][shot][key] = serde_json::json!({"mean": mean, "std": std, "values": v});
+                row += &if key == "miou" { format!(" **{mean:.1} ± {std:.1}** |") } else { format!(" {mean:.1} ± {std:.1} |") };
+            }
+            md += &row;
+            md.push('\n');
+        }
+    }
+    let path = args.demo.out.join("seeds-report.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&summary)?).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::write(args.demo.out.join("seeds-report.md"), &md)?;
+    println!("\n{md}");
+    println!("{}", path.display());
     Ok(())
+}
+
+/// Mean and sample standard deviation.
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
 }
 
 fn markdown(r: &serde_json::Value, out: &Path) -> String {

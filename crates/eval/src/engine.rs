@@ -35,10 +35,12 @@
 //!   size too.
 //!
 //! Pixels labelled 255 are excluded from the counts. mIoU accumulates intersections and unions
-//! per class over episodes, then averages over the classes that have at least one episode (the
-//! official rule averages over all of the fold's novel classes; the two agree whenever every
-//! novel class is drawn, as always with 1000 PASCAL/COCO episodes; classes without episodes are
-//! listed in `classes_without_episodes`). FB-IoU accumulates over all episodes.
+//! per class over episodes, then averages over every novel class of the evaluated folds, a class
+//! without episodes counting 0: the official rule ([`MIOU_RULE`]), the one checkpoint selection
+//! uses too. Classes without episodes are listed in `classes_without_episodes`, and the mean over
+//! the classes that have episodes is reported apart, labelled (`miou_present_classes`); the two
+//! agree whenever every novel class is drawn, as always with 1000 PASCAL/COCO episodes. FB-IoU
+//! accumulates over all episodes.
 //!
 //! # Output files (under `opts.out`)
 //! - `report.json`: [`EvalReport`]; all figures are percentages.
@@ -77,8 +79,12 @@ use crate::tensors::{images_to_tensor, labels_to_tensor};
 use crate::error::{bail, Context};
 use crate::{EpisodeIou, FewShotMetrics, FewShotModel, MethodOverSeeds, MethodScores, Result, SeedStats, SummaryRow};
 
-/// Tag of [`EvalReport`]'s format (`report.json`'s `format`).
-pub const REPORT_FORMAT: &str = "mmformer-eval-report/1";
+/// Tag of [`EvalReport`]'s format (`report.json`'s `format`). 2: the official mIoU rule.
+pub const REPORT_FORMAT: &str = "mmformer-eval-report/2";
+
+/// How every mIoU of a report (and of checkpoint selection) is averaged.
+pub const MIOU_RULE: &str =
+    "official: mean over every novel class of the evaluated folds, a class without episodes counting 0 (FewShotSemSegEvaluator)";
 
 /// Which folds to evaluate: one, or the union of all (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,6 +216,24 @@ pub fn seed_sequence(official: u64, n: usize) -> Vec<u64> {
     seeds
 }
 
+/// Test episode sets this many derived seeds deep are kept apart from validation.
+const TEST_SEEDS_RESERVED: usize = 64;
+
+/// The seed of the validation episodes that select checkpoints during training: drawn from a
+/// stream of its own and never one of the first [`TEST_SEEDS_RESERVED`] seeds of
+/// [`seed_sequence`]`(test_seed, ..)`, so the episodes a model was selected on are not the test
+/// episodes it is reported on (`--seeds` up to that many).
+pub fn validation_seed(test_seed: u64) -> u64 {
+    let test = seed_sequence(test_seed, TEST_SEEDS_RESERVED);
+    let mut rng = SeededRng::from_seed(test_seed ^ 0x5E1E_C7_0A_5EED);
+    loop {
+        let s = rng.next_u64() % 100_000_000;
+        if !test.contains(&s) {
+            return s;
+        }
+    }
+}
+
 /// The seeds one fold used.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FoldSeeds {
@@ -264,6 +288,9 @@ pub struct ProtocolResult {
     pub oracle_miou: f64,
     pub oracle_miou_std: Option<f64>,
     pub oracle_fb_iou: f64,
+    /// Ours, averaged over the classes that have episodes only (not the official rule; equal to
+    /// `miou` when every novel class was drawn). Mean over seeds.
+    pub miou_present_classes: f64,
     /// Per-class IoU of the three methods, ascending class id.
     pub per_class: Vec<ClassRow>,
     /// The full aggregation of each method over seeds.
@@ -291,8 +318,8 @@ pub struct ShotResult {
     pub baseline_miou_std: Option<f64>,
     pub oracle_miou: f64,
     pub oracle_miou_std: Option<f64>,
-    /// Novel classes of the evaluated folds that no episode of some seed drew (left out of
-    /// that seed's mean).
+    /// Novel classes of the evaluated folds that no episode of some seed drew (they count 0 in
+    /// that seed's mIoU; `miou_present_classes` leaves them out).
     pub classes_without_episodes: Vec<u32>,
     pub official: ProtocolResult,
     pub original: ProtocolResult,
@@ -345,6 +372,8 @@ pub struct EvalReport {
     pub benchmark: String,
     /// The dataset's own name.
     pub dataset: String,
+    /// How the mIoU figures average over classes ([`MIOU_RULE`]).
+    pub miou_rule: String,
     pub checkpoint: String,
     /// The model's preset (`cpu`, `paper`).
     pub preset: String,
@@ -411,6 +440,16 @@ impl EvalReport {
         s.push_str(
             "\nbaseline: the proposal with the highest cosine similarity to the support prototype; oracle: the proposal with the best IoU against the ground truth (an upper bound). `official`: labels resized to the input size; `original`: original-resolution labels.\n",
         );
+        s.push_str(&format!("\nmIoU rule: {}.\n", self.miou_rule));
+        for r in self.shots.values().filter(|r| !r.classes_without_episodes.is_empty()) {
+            s.push_str(&format!(
+                "\n{}-shot: {} novel class(es) without episodes ({:?}) count 0; over the classes with episodes only (not the official rule) ours is {:.1}.\n",
+                r.shot,
+                r.classes_without_episodes.len(),
+                r.classes_without_episodes,
+                r.official.miou_present_classes
+            ));
+        }
         if !self.skipped_folds.is_empty() {
             s.push_str("\nSkipped folds: ");
             s.push_str(&self.skipped_folds.iter().map(|f| format!("{} ({})", f.fold, f.reason)).collect::<Vec<_>>().join("; "));
@@ -576,7 +615,9 @@ pub fn evaluate_with(
                 }
             }
         }
-        let classes: Vec<u32> = present.into_iter().collect();
+        // The official rule: every novel class of the evaluated folds, drawn or not.
+        let classes: Vec<u32> =
+            used_folds.iter().map(|&f| ds.novel_classes(f)).collect::<data::Result<Vec<_>>>()?.concat().iter().map(|&c| c as u32).collect();
         let mut metrics: [[FewShotMetrics; 3]; 2] = std::array::from_fn(|_| std::array::from_fn(|_| FewShotMetrics::new(&classes)));
         let stage = format!("{shot}-shot, seed {}/{}", k + 1, opts.seeds);
 
@@ -650,6 +691,7 @@ pub fn evaluate_with(
         format: REPORT_FORMAT.into(),
         benchmark: benchmark_name.into(),
         dataset: ds.name().into(),
+        miou_rule: MIOU_RULE.into(),
         checkpoint: model.checkpoint(),
         preset: model.preset(),
         fold: opts.fold,
@@ -753,6 +795,13 @@ fn protocol_result(
         oracle_miou: oracle.miou.mean,
         oracle_miou_std: oracle.miou.std,
         oracle_fb_iou: oracle.fb_iou.mean,
+        miou_present_classes: {
+            let present = |s: &crate::MetricsSummary| {
+                let v: Vec<f64> = s.per_class.iter().filter(|c| c.2 > 0).map(|c| c.1).collect();
+                v.iter().sum::<f64>() / v.len().max(1) as f64
+            };
+            per_seed.iter().map(|s| present(&s[p][1].0)).sum::<f64>() / per_seed.len().max(1) as f64
+        },
         per_class,
         per_seed: per_seed
             .iter()
@@ -1403,6 +1452,11 @@ mod tests {
         let distinct: BTreeSet<u64> = s.iter().copied().collect();
         assert_eq!(distinct.len(), 5);
         assert_eq!(seed_sequence(7, 1), vec![7]);
+        // Validation is apart from every test seed a report can use, and deterministic.
+        let v = validation_seed(4604572);
+        assert_eq!(v, validation_seed(4604572));
+        assert!(!seed_sequence(4604572, TEST_SEEDS_RESERVED).contains(&v));
+        assert_ne!(validation_seed(4604572), validation_seed(7743485));
     }
 
     #[test]
@@ -1582,6 +1636,8 @@ mod tests {
         let report = evaluate_with(&model, &ds, "tiny-bench", &opts, &tuning, &train::Silent).unwrap();
 
         assert_eq!(report.folds, vec![0, 1, 2]);
+        assert_eq!(report.miou_rule, MIOU_RULE);
+        assert_eq!(report.format, REPORT_FORMAT);
         assert_eq!(report.skipped_folds.len(), 1);
         assert_eq!(report.skipped_folds[0].fold, 3);
         assert_eq!(report.seeds.len(), 3);

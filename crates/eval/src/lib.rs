@@ -20,7 +20,7 @@ pub use metrics::{EpisodeIou, FewShotMetrics, MetricsSummary};
 pub use overlay::{episode_overlay, episode_overlay_methods, tint, GROUND_TRUTH_COLOR, PREDICTION_COLOR, SUPPORT_COLOR};
 pub use report::{markdown_table, BenchmarkReport, MethodScores};
 pub use seeds::{markdown_summary, ClassOverSeeds, MethodOverSeeds, SeedStats, SummaryRow};
-pub use engine::{evaluate, evaluate_with, seed_sequence, EvalOptions, EvalReport, EvalTuning, FoldSel, ShotResult};
+pub use engine::{evaluate, evaluate_with, seed_sequence, validation_seed, EvalOptions, EvalReport, EvalTuning, FoldSel, ShotResult, MIOU_RULE};
 pub use error::{BoxError, Context, EvalError, Result};
 pub use model::FewShotModel;
 pub use tensors::{binary, images_to_tensor, labels_to_tensor, oracle_mask, upsampled_proposals};

@@ -151,8 +151,8 @@ impl train::Stage for PosStage<'_> {
         let miou = oracle_miou(self.ds, self.opts.fold, &self.val, size, self.backbone.as_ref(), &self.model, self.device)?;
         Ok(Evaluation {
             metric: miou,
-            record: serde_json::json!({"oracle_miou": miou, "episodes": self.val.len()}),
-            summary: format!("oracle mIoU {miou:.2} on {} held-out episodes", self.val.len()),
+            record: serde_json::json!({"oracle_miou": miou, "episodes": self.val.len(), "seed": self.val.seed}),
+            summary: format!("oracle mIoU {miou:.2} on {} validation episodes", self.val.len()),
         })
     }
 }
@@ -175,7 +175,9 @@ pub fn train_pos(opts: &Stage1Options, device: &Device, progress: &dyn Progress)
         train::default_no_decay,
     )?;
     let criterion = Stage1Criterion::new(Stage1Config { num_points: opts.preset.num_points(), ..Default::default() });
-    let val = TestEpisodes::generate(&ds, opts.fold, 1, opts.eval_episodes, ds.default_test_seed(opts.fold)?)?;
+    // Checkpoints are selected on validation episodes, never on the test episodes.
+    let val_seed = eval::validation_seed(ds.default_test_seed(opts.fold)?);
+    let val = TestEpisodes::generate(&ds, opts.fold, 1, opts.eval_episodes, val_seed)?;
     crate::write_config(&opts.out, opts)?;
     let mut stage = PosStage { opts, device, ds: &ds, sampler, backbone, model, criterion, val };
     let spec = RunSpec { kind: KIND, config: crate::run_config(opts), out: &opts.out, device };

@@ -241,8 +241,8 @@ impl train::Stage for MmStage<'_> {
         let out = Evaluation {
             metric: e.ours.miou,
             record: serde_json::json!({"miou": e.ours.miou, "fb_iou": e.ours.fb_iou, "baseline_miou": e.baseline.miou,
-                "oracle_miou": e.oracle.miou, "episodes": e.episodes, "shot": e.shot}),
-            summary: format!("mIoU {:.2} (baseline {:.2}, oracle {:.2}) on {} held-out episodes", e.ours.miou, e.baseline.miou, e.oracle.miou, e.episodes),
+                "oracle_miou": e.oracle.miou, "episodes": e.episodes, "shot": e.shot, "seed": self.val.seed}),
+            summary: format!("mIoU {:.2} (baseline {:.2}, oracle {:.2}) on {} validation episodes", e.ours.miou, e.baseline.miou, e.oracle.miou, e.episodes),
         };
         self.last = Some(e);
         Ok(out)
@@ -253,7 +253,7 @@ impl train::Stage for MmStage<'_> {
         let provenance = serde_json::json!({
             "dataset": self.manifest.dataset, "fold": self.manifest.fold, "shards": self.opts.shards,
             "model_fingerprint": self.manifest.model_fingerprint, "iter": state.iter,
-            "val_miou": e.ours.miou, "val_episodes": e.episodes,
+            "val_miou": e.ours.miou, "val_episodes": e.episodes, "val_seed": self.val.seed,
         });
         write_full_model(self.opts, self.manifest, &self.frozen, &self.cfg, &train::varmap_tensors(self.vm), provenance)?;
         Ok(())
@@ -298,7 +298,9 @@ pub fn train_mm(opts: &Stage2Options, device: &Device, progress: &dyn Progress) 
     let size = manifest.preset.input_size();
     let min_area = data::AugmentConfig::with_crop_size(size).min_support_area;
     let train = ShardDataset::train(train_reader, &novel, opts.shot, opts.seed, min_area)?;
-    let val = TestEpisodes::generate(&ds, manifest.fold, 1, opts.eval_episodes, ds.default_test_seed(manifest.fold)?)?;
+    // Checkpoints are selected on validation episodes, never on the test episodes.
+    let val_seed = eval::validation_seed(ds.default_test_seed(manifest.fold)?);
+    let val = TestEpisodes::generate(&ds, manifest.fold, 1, opts.eval_episodes, val_seed)?;
 
     let cfg = opts.mm_config(manifest.preset);
     let vm = VarMap::new();
