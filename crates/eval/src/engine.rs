@@ -1242,10 +1242,10 @@ impl<'a> Engine<'a> {
         };
         let (qimg, gt) = load(&item.query)?;
         let supports = item.supports.iter().map(|s| load(s)).collect::<Result<Vec<_>>>()?;
-        let preds: Vec<(&[u8], [u8; 3])> = vec![
-            (&masks.methods[0], BASELINE_COLOR),
-            (&masks.methods[1], crate::PREDICTION_COLOR),
-            (&masks.methods[2], ORACLE_COLOR),
+        let preds: Vec<(&str, &[u8], [u8; 3])> = vec![
+            ("baseline", &masks.methods[0], BASELINE_COLOR),
+            ("ours", &masks.methods[1], crate::PREDICTION_COLOR),
+            ("oracle", &masks.methods[2], ORACLE_COLOR),
         ];
         let img = crate::episode_overlay_methods(&supports, &qimg, &preds, &gt, 192);
         let class = self.ds.class_name(item.class_id).unwrap_or("class").to_string();
@@ -1677,7 +1677,7 @@ mod tests {
         assert_eq!(report.overlays.len(), 4);
         for o in &report.overlays {
             let img = image::open(out.join(&o.file)).unwrap();
-            assert_eq!(img.height(), 192);
+            assert_eq!(img.height(), 192 + crate::overlay::header_height(192));
             assert!(md.contains(&o.file));
         }
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("episodes.jsonl"))

@@ -17,7 +17,7 @@ mod seeds;
 pub mod tensors;
 
 pub use metrics::{EpisodeIou, FewShotMetrics, MetricsSummary};
-pub use overlay::{episode_overlay, episode_overlay_methods, tint, GROUND_TRUTH_COLOR, PREDICTION_COLOR, SUPPORT_COLOR};
+pub use overlay::{episode_overlay, episode_overlay_methods, header_height as overlay_header_height, tint, GROUND_TRUTH_COLOR, PREDICTION_COLOR, SUPPORT_COLOR};
 pub use report::{markdown_table, BenchmarkReport, MethodScores};
 pub use seeds::{markdown_summary, ClassOverSeeds, MethodOverSeeds, SeedStats, SummaryRow};
 pub use engine::{evaluate, evaluate_with, seed_sequence, validation_seed, EvalOptions, EvalReport, EvalTuning, FoldSel, ShotResult, MIOU_RULE};

@@ -51,8 +51,14 @@ fn overlay_has_one_panel_per_image_and_tints_masks() {
     assert_eq!(t.get_pixel(1, 0).0, [100, 100, 100]);
     assert_eq!(t.get_pixel(3, 1).0, [255, 255, 255]);
     let o = episode_overlay(&[(im.clone(), mask.clone())], &im, &mask, &mask, 8);
-    assert_eq!(o.height(), 8);
+    assert_eq!(o.height(), 8 + eval::overlay_header_height(8));
     assert_eq!(o.width(), 4 * 16 + 3 * 4);
+    // The header names the panels: the support's label is drawn in the support colour.
+    let big = episode_overlay(&[(im.clone(), mask.clone())], &im, &mask, &mask, 160);
+    let header = eval::overlay_header_height(160);
+    let in_header = |c: [u8; 3]| (0..big.width()).any(|x| (0..header).any(|y| big.get_pixel(x, y).0 == c));
+    assert!(in_header(eval::SUPPORT_COLOR) && in_header(eval::PREDICTION_COLOR) && in_header(eval::GROUND_TRUTH_COLOR));
+    assert!((0..big.width()).all(|x| big.get_pixel(x, header - 1).0 == [32, 32, 32]), "labels stay above the panels");
 }
 
 #[test]

@@ -77,10 +77,10 @@ fn method_overlay_has_one_panel_per_prediction() {
     let o = episode_overlay_methods(
         &[(im.clone(), mask.clone()), (im.clone(), mask.clone())],
         &im,
-        &[(&mask, [255, 0, 0]), (&mask, [0, 0, 255]), (&mask, [0, 255, 0])],
+        &[("a", &mask, [255, 0, 0]), ("b", &mask, [0, 0, 255]), ("c", &mask, [0, 255, 0])],
         &mask,
         8,
     );
     // 2 supports + query + 3 predictions + ground truth = 7 panels of 16 px, 6 gaps
-    assert_eq!((o.width(), o.height()), (7 * 16 + 6 * 4, 8));
+    assert_eq!((o.width(), o.height()), (7 * 16 + 6 * 4, 8 + eval::overlay_header_height(8)));
 }
