@@ -210,7 +210,10 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 #[inline]
 pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
     let m = max(row);
-    if m == T::NEG_INF {
+    // A NaN logit makes the whole row NaN, as the composed softmax does (`max` and the clamped
+    // `exp` would otherwise turn it into a silent probability of 0); so does an all -inf row.
+    #[allow(clippy::eq_op)]
+    if m == T::NEG_INF || row.iter().any(|&x| x != x) {
         row.fill(T::NAN);
         return;
     }

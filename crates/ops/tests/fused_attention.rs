@@ -196,6 +196,30 @@ fn fused_matches_composed_f32() {
     }
 }
 
+/// A NaN in a key poisons every query row that attends to it, in the fused kernel as in the
+/// composed path (and in torch): no silent probability 0.
+#[test]
+fn a_nan_key_propagates_like_the_composed_path() {
+    let mut rng = Rng::new(601);
+    let (b, heads, lq, lk, e) = (1usize, 2usize, 3usize, 4usize, 4usize);
+    let q = rng.tensor(&[b, lq, e], -1.0, 1.0, DType::F32);
+    let mut kv = to_vec(&rng.tensor(&[b, lk, e], -1.0, 1.0, DType::F32));
+    kv[2 * e] = f64::NAN; // key 2, first channel (the first head's)
+    let kv = Tensor::from_vec(kv, (b, lk, e), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    // Query row 0 does not attend to key 2; the others do.
+    let m: Vec<u8> = (0..lq * lk).map(|i| (i / lk == 0 && i % lk == 2) as u8).collect();
+    let mask = Tensor::from_vec(m, (b, lq, lk), &Device::Cpu).unwrap();
+    let fused = to_vec(&scaled_dot_product_attention(&q, &kv, &kv, heads, Some(&mask)).unwrap());
+    let composed = to_vec(&ops::attention::scaled_dot_product_attention_composed(&q, &kv, &kv, heads, Some(&mask)).unwrap());
+    for (i, (f, c)) in fused.iter().zip(&composed).enumerate() {
+        assert_eq!(f.is_nan(), c.is_nan(), "element {i}: fused {f}, composed {c}");
+        if !f.is_nan() {
+            assert!((f - c).abs() < 1e-5, "element {i}: fused {f}, composed {c}");
+        }
+    }
+    assert!(fused[e..].iter().any(|x| x.is_nan()), "rows attending to the NaN key are NaN: {fused:?}");
+}
+
 #[test]
 fn fully_masked_rows_are_nan_like_torch() {
     let mut rng = Rng::new(600);

@@ -57,6 +57,14 @@ fn fused_softmax_matches_composed() {
     assert_eq!(a[1], 0.0);
     assert!((a[0] - b[0]).abs() < 1e-7 && (a[2] - b[2]).abs() < 1e-7);
     assert!(a[3..].iter().all(|v| v.is_nan()) && b[3..].iter().all(|v| v.is_nan()));
+    // A NaN logit poisons its row in both, and only its row.
+    for dtype in [DType::F32, DType::F64] {
+        let x = Tensor::new(&[[0f32, f32::NAN, 1.0], [0.5, 1.0, 2.0]], &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let a = common::to_vec(&softmax(&x, 1).unwrap());
+        let b = common::to_vec(&softmax_composed(&x, 1).unwrap());
+        assert!(a[..3].iter().all(|v| v.is_nan()) && b[..3].iter().all(|v| v.is_nan()), "{dtype:?}: {a:?} vs {b:?}");
+        assert!(a[3..].iter().zip(&b[3..]).all(|(p, q)| (p - q).abs() < 1e-6), "{dtype:?}: {a:?} vs {b:?}");
+    }
 }
 
 #[test]
