@@ -54,6 +54,8 @@ pub struct DemoArgs {
     /// Training seed (model initialisation, episodes, cached augmentations) of both stages.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub device: crate::args::DeviceArg,
 }
 
 /// `cargo xtask demo-seeds`: the demo trained with several seeds, each in `<out>/seed-<k>`, and
@@ -124,6 +126,7 @@ fn evaluate_cached(model: &MmFormer, ds: &mmformer::data::FewShotDataset, name: 
 }
 
 pub fn demo(args: &DemoArgs) -> Result<serde_json::Value> {
+    let device = args.device.open()?;
     let t0 = Instant::now();
     let mut timings = Vec::new();
     let preset = Preset::Cpu;
@@ -134,7 +137,6 @@ pub fn demo(args: &DemoArgs) -> Result<serde_json::Value> {
         assets::fetch_assets(&assets::default_asset_dir(), &root.join("target/assets-cache"))
     })?;
     step("synthetic dataset", &mut timings, || crate::make_synthetic(&mmformer::data::synthetic::SyntheticConfig::default(), &args.data))?;
-    let device = mmformer::Device::Cpu;
     let pos_dir = args.out.join("pos");
     step("stage 1: train the POS", &mut timings, || {
         train_pos(

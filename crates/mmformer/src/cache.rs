@@ -34,11 +34,39 @@ use crate::Preset;
 
 pub const MANIFEST: &str = "manifest.json";
 
-/// `--shard i/n`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `--shard i/n`. Written as `"i/n"` in `config.json` (so the file feeds `--config` back);
+/// the `{"index", "count"}` object earlier versions wrote is read too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkerSlice {
     pub index: u32,
     pub count: u32,
+}
+
+impl std::fmt::Display for WorkerSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl Serialize for WorkerSlice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerSlice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Object { index: u32, count: u32 },
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+            Raw::Object { index, count } => format!("{index}/{count}").parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl std::str::FromStr for WorkerSlice {
@@ -412,6 +440,12 @@ mod tests {
     #[test]
     fn worker_slices_parse_and_bad_ones_are_refused() {
         assert_eq!("1/4".parse::<WorkerSlice>().unwrap(), WorkerSlice { index: 1, count: 4 });
+        // config.json: written as text, the earlier object form still read, bad ones refused.
+        let w = WorkerSlice { index: 1, count: 4 };
+        assert_eq!(serde_json::to_value(w).unwrap(), serde_json::json!("1/4"));
+        assert_eq!(serde_json::from_value::<WorkerSlice>(serde_json::json!("1/4")).unwrap(), w);
+        assert_eq!(serde_json::from_value::<WorkerSlice>(serde_json::json!({"index": 1, "count": 4})).unwrap(), w);
+        assert!(serde_json::from_value::<WorkerSlice>(serde_json::json!({"index": 4, "count": 4})).is_err());
         for bad in ["4/4", "1", "a/2", "0/0"] {
             assert!(bad.parse::<WorkerSlice>().is_err(), "{bad}");
         }
