@@ -125,8 +125,8 @@ impl MmFormer {
         let backbone_tensors = backbone_tensors.into_iter().map(|(k, v)| Ok((k, v.to_device(device)?))).collect::<candle_core::Result<_>>()?;
         let backbone = build_backbone(meta.preset, StateDict::from_tensors(origin, backbone_tensors))
             .with_context(|| format!("{}: backbone", origin.display()))?;
-        // Official checkpoints carry training-only entries (`criterion.*`, legacy keys): only
-        // what the model uses is kept.
+        // Kept as read (official checkpoints' training-only and legacy entries included, all
+        // small), so that `save` writes back what was loaded; the POS and MM share these tensors.
         let weights: HashMap<String, Tensor> = tensors
             .into_iter()
             .map(|(k, v)| {
