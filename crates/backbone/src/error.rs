@@ -36,6 +36,18 @@ pub enum BackboneError {
         found: Vec<usize>,
     },
 
+    /// A pickle naming a global (a function or class) outside the whitelist of a state dict:
+    /// nothing of it was imported or run. `key` is where the file holds it.
+    #[error(
+        "{}: `{key}` refers to the global `{global}`, which a weight file has no use for: refused (not on the state-dict whitelist; nothing was executed)",
+        file.display()
+    )]
+    ForbiddenGlobal {
+        file: PathBuf,
+        key: String,
+        global: String,
+    },
+
     /// A tensor that exists but cannot be used (e.g. an unsupported dtype).
     #[error("{}: tensor `{key}`: {detail}", file.display())]
     BadTensor {

@@ -7,18 +7,17 @@ use backbone::preprocess::normalize;
 use backbone::{Backbone, EfficientNetLite0};
 use candle_core::{Device, Tensor, D};
 
-fn assets() -> Option<(PathBuf, PathBuf)> {
-    let weights = backbone::assets::efficientnet_lite0_path();
+mod common;
+
+/// The weights and the photo folder; a test fails without them unless
+/// `MMFORMER_SKIP_ASSET_TESTS=1` (then it prints `SKIPPED <test>` and passes).
+fn assets(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let weights = common::lite0_or_skip(test)?;
     let photos = backbone::assets::assets_dir().join("skimage");
-    if weights.exists() && photos.join("chelsea.png").exists() {
-        Some((weights, photos))
-    } else {
-        eprintln!(
-            "SKIPPED: assets not found under {} (run `cargo xtask fetch-assets`)",
-            backbone::assets::assets_dir().display()
-        );
-        None
+    for photo in ["chelsea.png", "coffee.png"] {
+        common::asset_or_skip(test, photos.join(photo))?;
     }
+    Some((weights, photos))
 }
 
 /// PIL's `Image.resize(..., BILINEAR)` along one axis of 8-bit data: a triangle filter widened
@@ -113,7 +112,9 @@ fn top5(model: &EfficientNetLite0, photo: &str, dir: &std::path::Path) -> Vec<(u
 
 #[test]
 fn efficientnet_lite0_classifies_chelsea_as_a_cat_and_coffee_as_espresso() {
-    let Some((weights, photos)) = assets() else {
+    let Some((weights, photos)) =
+        assets("efficientnet_lite0_classifies_chelsea_as_a_cat_and_coffee_as_espresso")
+    else {
         return;
     };
     let model = EfficientNetLite0::from_file(&weights, &Device::Cpu).unwrap();
@@ -137,7 +138,7 @@ fn efficientnet_lite0_classifies_chelsea_as_a_cat_and_coffee_as_espresso() {
 
 #[test]
 fn efficientnet_lite0_feature_taps() {
-    let Some((weights, photos)) = assets() else {
+    let Some((weights, photos)) = assets("efficientnet_lite0_feature_taps") else {
         return;
     };
     let model = EfficientNetLite0::from_file(&weights, &Device::Cpu).unwrap();
@@ -175,7 +176,10 @@ fn efficientnet_lite0_feature_taps() {
 /// cannot tell which side gets the extra row.
 #[test]
 fn efficientnet_lite0_matches_the_python_reference_at_64x96() {
-    let Some((weights, _)) = assets() else { return };
+    let Some((weights, _)) = assets("efficientnet_lite0_matches_the_python_reference_at_64x96")
+    else {
+        return;
+    };
     let model = EfficientNetLite0::from_file(&weights, &Device::Cpu).unwrap();
     let (h, w) = (64, 96);
     let x: Vec<f32> = (0..3 * h * w)

@@ -11,9 +11,8 @@ use backbone::names::{
 use backbone::{BackboneError, EfficientNetLite0, ResNet50, StateDict};
 use candle_core::{DType, Device, Tensor};
 
-fn fixture(name: &str) -> PathBuf {
-    parity::weights_fixture_dir().join(name)
-}
+mod common;
+use common::{fixture, lite0_or_skip, write_legacy_fixture};
 
 fn expected() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("expected.safetensors"), &Device::Cpu)
@@ -291,145 +290,6 @@ fn non_weight_files_are_rejected() {
     );
 }
 
-// --- A legacy (non-zip) torch file written by hand, byte for byte, in the format
-// `torch.save(..., _use_new_zipfile_serialization=False)` produces.
-
-struct Pickle(Vec<u8>);
-
-impl Pickle {
-    fn new() -> Self {
-        Pickle(vec![0x80, 2])
-    }
-    fn op(&mut self, b: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(b);
-        self
-    }
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.0.push(b'X');
-        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        self.op(s.as_bytes())
-    }
-    fn int(&mut self, v: u32) -> &mut Self {
-        self.0.push(b'J');
-        self.op(&v.to_le_bytes())
-    }
-    fn global(&mut self, module: &str, name: &str) -> &mut Self {
-        self.0.push(b'c');
-        self.op(format!("{module}\n{name}\n").as_bytes())
-    }
-    fn ints(&mut self, v: &[usize]) -> &mut Self {
-        self.op(b"(");
-        for &x in v {
-            self.int(x as u32);
-        }
-        self.op(b"t")
-    }
-    /// `_rebuild_tensor_v2(('storage', torch.<class>, key, 'cpu', numel, None), offset, size,
-    /// stride, False, OrderedDict())`
-    fn tensor(
-        &mut self,
-        class: &str,
-        key: &str,
-        numel: usize,
-        offset: usize,
-        size: &[usize],
-        stride: &[usize],
-    ) -> &mut Self {
-        self.global("torch._utils", "_rebuild_tensor_v2")
-            .op(b"((")
-            .str("storage")
-            .global("torch", class)
-            .str(key)
-            .str("cpu");
-        self.int(numel as u32)
-            .op(b"NtQ")
-            .int(offset as u32)
-            .ints(size)
-            .ints(stride);
-        self.op(b"\x89")
-            .global("collections", "OrderedDict")
-            .op(b")Rt")
-            .op(b"R")
-    }
-    fn stop(&mut self) -> Vec<u8> {
-        self.0.push(b'.');
-        std::mem::take(&mut self.0)
-    }
-}
-
-const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
-
-/// Writes `legacy.pth` with: `a` a (2, 3) f32 tensor; `a_t` its transpose, a strided view of the
-/// same storage; `tail` a view at offset 2 of another storage; `count` an int64 scalar; `d` an
-/// f64 vector. Storages are written in key order "0" < "1" < "2" < "3".
-fn write_legacy_fixture(dir: &Path) -> PathBuf {
-    let mut file = Pickle::new().op(&[0x8a, 10]).op(&LEGACY_MAGIC).stop();
-    file.extend(Pickle::new().op(b"M").op(&1001u16.to_le_bytes()).stop());
-    let mut sys = Pickle::new();
-    sys.op(b"}(")
-        .str("protocol_version")
-        .op(b"M")
-        .op(&1001u16.to_le_bytes())
-        .str("little_endian")
-        .op(b"\x88");
-    sys.str("type_sizes")
-        .op(b"}(")
-        .str("short")
-        .op(b"K\x02")
-        .str("int")
-        .op(b"K\x04")
-        .str("long")
-        .op(b"K\x04")
-        .op(b"uu");
-    file.extend(sys.stop());
-    let mut sd = Pickle::new();
-    sd.global("collections", "OrderedDict").op(b")R(");
-    sd.str("a")
-        .tensor("FloatStorage", "0", 6, 0, &[2, 3], &[3, 1]);
-    sd.str("a_t")
-        .tensor("FloatStorage", "0", 6, 0, &[3, 2], &[1, 3]);
-    sd.str("tail").tensor("FloatStorage", "1", 5, 2, &[3], &[1]);
-    sd.str("count").tensor("LongStorage", "2", 1, 0, &[], &[]);
-    sd.str("d").tensor("DoubleStorage", "3", 2, 0, &[2], &[1]);
-    // `_metadata` as torch's OrderedDict state, merged by BUILD; not a tensor.
-    sd.op(b"u}").str("_metadata").op(b"}").op(b"sb");
-    file.extend(sd.stop());
-    let mut keys = Pickle::new();
-    keys.op(b"](").str("0").str("1").str("2").str("3").op(b"e");
-    file.extend(keys.stop());
-    let storage = |file: &mut Vec<u8>, numel: i64, data: Vec<u8>| {
-        file.extend_from_slice(&numel.to_le_bytes());
-        file.extend(data);
-    };
-    storage(
-        &mut file,
-        6,
-        [1f32, 2., 3., 4., 5., 6.]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-    );
-    storage(
-        &mut file,
-        5,
-        [10f32, 11., 12., 13., 14.]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-    );
-    storage(&mut file, 1, 1234i64.to_le_bytes().to_vec());
-    storage(
-        &mut file,
-        2,
-        [0.25f64, -1e300]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-    );
-    let path = dir.join("legacy.pth");
-    std::fs::write(&path, file).unwrap();
-    path
-}
 
 #[test]
 fn legacy_format_hand_written_file() {
@@ -483,22 +343,9 @@ fn legacy_view_outside_its_storage_is_an_error() {
     }
 }
 
-fn efficientnet_weights() -> Option<PathBuf> {
-    let p = backbone::assets::efficientnet_lite0_path();
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIPPED: {} not found (run `cargo xtask fetch-assets` or set MMFORMER_ASSETS)",
-            p.display()
-        );
-        None
-    }
-}
-
 #[test]
 fn legacy_format_real_efficientnet_file() {
-    let Some(path) = efficientnet_weights() else {
+    let Some(path) = lite0_or_skip("legacy_format_real_efficientnet_file") else {
         return;
     };
     let sd = StateDict::read(&path, &Device::Cpu).unwrap();
@@ -579,7 +426,7 @@ fn legacy_format_real_efficientnet_file() {
 
 #[test]
 fn efficientnet_full_load_and_missing_key() {
-    let Some(path) = efficientnet_weights() else {
+    let Some(path) = lite0_or_skip("efficientnet_full_load_and_missing_key") else {
         return;
     };
     let model = EfficientNetLite0::from_file(&path, &Device::Cpu).unwrap();

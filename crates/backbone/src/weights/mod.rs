@@ -1,12 +1,18 @@
 //! Weight files and the tensor source the models are built from.
 //!
 //! [`StateDict::read`] opens every format users have, told apart by their first bytes:
-//! PyTorch zip (`torch.save` since 1.6, read with `candle_core::pickle`), the legacy PyTorch
-//! pickle (read by [`legacy`]) and safetensors. [`Weights`] is what a model's `new(cfg, vb)`
-//! takes: a prefix-scoped view of a [`StateDict`], of any candle `VarBuilder`, or of
-//! deterministic synthetic values (for timing without a file).
+//! PyTorch zip (`torch.save` since 1.6, [`zip`]), the legacy PyTorch pickle ([`legacy`]) and
+//! safetensors. Both `.pth` formats go through our own pickle reader ([`pickle`]), which runs
+//! nothing: only a whitelist of globals is understood (see [`pickle::classify`]), anything else is
+//! refused naming the key that holds it, and every tensor is checked against the bytes its
+//! storage really has before anything is allocated ([`torch`]). [`Weights`] is what a model's
+//! `new(cfg, vb)` takes: a prefix-scoped view of a [`StateDict`], of any candle `VarBuilder`,
+//! or of deterministic synthetic values (for timing without a file).
 
 mod legacy;
+mod pickle;
+mod torch;
+mod zip;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -55,16 +61,39 @@ impl StateDict {
             file: path.to_path_buf(),
             source,
         })?;
+        Self::from_bytes(path, &bytes, dict_key, device)
+    }
+
+    /// As [`StateDict::read_with_key`], from the bytes of a file already in memory; `path`
+    /// names it in errors. Whatever the bytes, nothing in them is executed, nothing panics, and
+    /// what is allocated is bounded by the file: the tensors by twice the bytes of the storages
+    /// they view (plus 64 KiB), the decoded pickle's objects by 64 MiB plus 16 bytes per byte of
+    /// pickle (256 MiB at most), and a deflated zip member (torch never writes one) by its
+    /// declared size, itself bounded by deflate's 1032:1 ratio.
+    pub fn from_bytes(
+        path: impl AsRef<Path>,
+        bytes: &[u8],
+        dict_key: Option<&str>,
+        device: &Device,
+    ) -> Result<Self> {
+        let path = path.as_ref();
         let tensors = if bytes.starts_with(ZIP_MAGIC) {
-            read_zip(path, dict_key, device)?
-        } else if legacy::is_legacy(&bytes) {
-            legacy::read_legacy(path, &bytes, dict_key, device)?
-        } else if looks_like_safetensors(&bytes) {
-            read_safetensors(path, &bytes, device)?
+            read_zip(path, bytes, dict_key, device)?
+        } else if legacy::is_legacy(bytes) {
+            let t = legacy::read_legacy(path, bytes, dict_key, device)?;
+            if t.is_empty() && dict_key.is_none() {
+                return Err(BackboneError::NotAWeightFile {
+                    file: path.to_path_buf(),
+                    found: "a legacy torch file holding no tensors".into(),
+                });
+            }
+            t
+        } else if looks_like_safetensors(bytes) {
+            read_safetensors(path, bytes, device)?
         } else {
             return Err(BackboneError::NotAWeightFile {
                 file: path.to_path_buf(),
-                found: describe_start(&bytes),
+                found: describe_start(bytes),
             });
         };
         Ok(Self {
@@ -192,51 +221,160 @@ impl StateDict {
     }
 }
 
-fn read_zip(path: &Path, dict_key: Option<&str>, device: &Device) -> Result<Vec<(String, Tensor)>> {
-    let corrupt = |e: candle_core::Error| BackboneError::Corrupt {
-        file: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    let keys: Vec<Option<&str>> = match dict_key {
-        Some(k) => vec![Some(k)],
-        // A checkpoint dict holds its tensors one level down.
-        None => vec![None, Some("model"), Some("state_dict")],
-    };
-    for key in keys {
-        let infos = match candle_core::pickle::read_pth_tensor_info(path, false, key) {
-            Ok(infos) => infos,
-            Err(e)
-                if dict_key.is_none() && key.is_some() && e.to_string().contains("not found") =>
-            {
-                continue
-            }
-            Err(e) => return Err(corrupt(e)),
-        };
-        if infos.is_empty() && dict_key.is_none() {
-            continue;
-        }
-        let pth = candle_core::pickle::PthTensors::new(path, key).map_err(corrupt)?;
-        let mut out = Vec::with_capacity(infos.len());
-        for info in infos {
-            let t = pth
-                .get(&info.name)
-                .map_err(|e| BackboneError::BadTensor {
-                    file: path.to_path_buf(),
-                    key: info.name.clone(),
-                    detail: e.to_string(),
-                })?
-                .ok_or_else(|| BackboneError::Corrupt {
-                    file: path.to_path_buf(),
-                    detail: format!("tensor `{}` listed but not readable", info.name),
-                })?;
-            out.push((info.name, t.to_device(device)?));
-        }
-        return Ok(out);
+/// The one-line error of a [`torch::Problem`] in `path`. Text taken from the file (keys,
+/// global names, strings quoted in details) has its control characters escaped, so that the
+/// message stays on one line whatever the file holds.
+pub(crate) fn problem_error(path: &Path, p: torch::Problem) -> BackboneError {
+    let file = path.to_path_buf();
+    match p {
+        torch::Problem::Forbidden { key, global } => BackboneError::ForbiddenGlobal {
+            file,
+            key: one_line(key),
+            global: one_line(global),
+        },
+        torch::Problem::Corrupt(detail) => BackboneError::Corrupt {
+            file,
+            detail: one_line(detail),
+        },
+        torch::Problem::Tensor { key, detail } => BackboneError::BadTensor {
+            file,
+            key: one_line(key),
+            detail: one_line(detail),
+        },
     }
-    Err(BackboneError::NotAWeightFile {
-        file: path.to_path_buf(),
-        found: "a torch zip file holding no tensors".into(),
-    })
+}
+
+/// `s` with its control characters (newlines included) escaped as Rust does (`\n`, `\u{1b}`).
+fn one_line(s: String) -> String {
+    if !s.chars().any(char::is_control) {
+        return s;
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// A pickle that could not be decoded: refused for its first non-whitelisted global when it
+/// named one before failing, else corrupt. `start` is where the pickle starts in its member.
+pub(crate) fn pickle_problem(e: pickle::PickleError, what: &str, start: usize) -> torch::Problem {
+    match e.forbidden {
+        Some((global, at)) => torch::Problem::Forbidden {
+            key: format!("{what} (byte {})", start + at),
+            global,
+        },
+        None => torch::Problem::Corrupt(format!(
+            "cannot decode {what} at byte {}: {}",
+            start + e.at,
+            e.reason
+        )),
+    }
+}
+
+fn read_zip(path: &Path, bytes: &[u8], dict_key: Option<&str>, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let tensors = zip_tensors(bytes, dict_key, device).map_err(|p| problem_error(path, p))?;
+    if tensors.is_empty() && dict_key.is_none() {
+        return Err(BackboneError::NotAWeightFile {
+            file: path.to_path_buf(),
+            found: "a torch zip file holding no tensors".into(),
+        });
+    }
+    Ok(tensors)
+}
+
+/// `<name>/data.pkl` (the saved object), `<name>/data/<key>` (one member per storage),
+/// `<name>/byteorder`, `<name>/version`, ...
+fn zip_tensors(bytes: &[u8], dict_key: Option<&str>, device: &Device) -> std::result::Result<Vec<(String, Tensor)>, torch::Problem> {
+    use torch::Problem;
+    let archive = zip::Archive::parse(bytes).map_err(Problem::Corrupt)?;
+    let pkls: Vec<&String> = archive
+        .names
+        .iter()
+        .filter(|n| {
+            n.strip_suffix("data.pkl")
+                .is_some_and(|pre| pre.is_empty() || (pre.ends_with('/') && pre.matches('/').count() == 1))
+        })
+        .collect();
+    let pkl_name = match pkls.as_slice() {
+        [one] => one.as_str(),
+        [] => return Err(Problem::Corrupt("a zip file without a torch `data.pkl`".into())),
+        more => {
+            return Err(Problem::Corrupt(format!(
+                "a zip file with {} `data.pkl` members",
+                more.len()
+            )))
+        }
+    };
+    let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
+    if archive.entry(&format!("{prefix}byteorder")).is_some() {
+        let order = archive.read(&format!("{prefix}byteorder")).map_err(Problem::Corrupt)?;
+        if order.trim_ascii() != b"little" {
+            return Err(Problem::Corrupt(format!(
+                "byte order `{}` is not supported (only little-endian)",
+                String::from_utf8_lossy(&order[..order.len().min(16)])
+            )));
+        }
+    }
+    let data = archive.read(pkl_name).map_err(Problem::Corrupt)?;
+    let p = pickle::read(&data).map_err(|e| pickle_problem(e, pkl_name, 0))?;
+    torch::check(&p)?;
+    let entries = torch::select(&p, dict_key)?;
+    let mut source = ZipStorages {
+        archive: &archive,
+        prefix,
+        cache: HashMap::new(),
+    };
+    torch::tensors(&p, entries, &mut source, device)
+}
+
+/// Storages as zip members `<prefix>data/<key>`.
+struct ZipStorages<'z, 'a> {
+    archive: &'z zip::Archive<'a>,
+    prefix: &'z str,
+    /// Members already read (a storage shared by several tensors is inflated once).
+    cache: HashMap<std::rc::Rc<str>, std::borrow::Cow<'a, [u8]>>,
+}
+
+impl ZipStorages<'_, '_> {
+    fn member(&self, s: &torch::StorageRef) -> String {
+        format!("{}data/{}", self.prefix, s.key)
+    }
+}
+
+impl torch::StorageSource for ZipStorages<'_, '_> {
+    fn check(&self, s: &torch::StorageRef) -> std::result::Result<(), torch::Problem> {
+        let name = self.member(s);
+        let entry = self.archive.entry(&name).ok_or_else(|| {
+            torch::Problem::Corrupt(format!("its storage member `{name}` is missing"))
+        })?;
+        let claimed = (s.numel as u64).checked_mul(s.stype.elem as u64);
+        if claimed != Some(entry.size) {
+            return Err(torch::Problem::Corrupt(format!(
+                "its storage member `{name}` has {} bytes, but the pickle claims {} elements of torch.{} ({} bytes)",
+                entry.size,
+                s.numel,
+                s.stype.name,
+                claimed.map_or("too many".to_string(), |c| c.to_string())
+            )));
+        }
+        Ok(())
+    }
+
+    fn bytes(&mut self, s: &torch::StorageRef) -> std::result::Result<std::borrow::Cow<'_, [u8]>, torch::Problem> {
+        use std::collections::hash_map::Entry;
+        self.check(s)?;
+        let name = self.member(s);
+        let data = match self.cache.entry(s.key.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(self.archive.read(&name).map_err(torch::Problem::Corrupt)?),
+        };
+        Ok(std::borrow::Cow::Borrowed(&data[..]))
+    }
 }
 
 /// An 8-byte little-endian header length followed by a JSON object.
@@ -248,7 +386,7 @@ fn read_safetensors(path: &Path, bytes: &[u8], device: &Device) -> Result<Vec<(S
     let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
         BackboneError::Corrupt {
             file: path.to_path_buf(),
-            detail: e.to_string(),
+            detail: one_line(e.to_string()),
         }
     })?;
     Ok(tensors.into_iter().collect())
