@@ -39,6 +39,21 @@ is the batch, default 1):
                      "solver" (the assignment solver that ran).
   efficientnet_lite0 / resnet50 accept the batch field too.
 
+Episode request (tools/episode_torch.py; `cargo xtask bench episode` drives it):
+  episode_paper <size> <reps> <shots> [file]
+                     one whole MM-Former V1 episode at the paper preset as the official code
+                     runs it (detectron2 R-50 with FrozenBN unfolded, the POS of pos_torch.py,
+                     the official mask matching with its per-shot (1, 256, 100, h, w) query
+                     pooling), query and supports SIZE^2, under torch.no_grad() like the
+                     official inference. `file` (optional) is a safetensors file with the
+                     model's weights under the official names and the inputs `input.query`,
+                     `input.support.{s}`, `input.support_label.{s}` (what bench_episode writes,
+                     so both sides run the same weights on the same images); without it the
+                     weights are random and the inputs N(0, 1) with a centred-square label.
+                     The answer also carries "stages_ms" and "stages_cpu_ms": {stage: [per rep]}
+                     for "backbone (query)", "pos", "backbone (supports)", "mm", "total";
+                     times_ms / cpu_ms are the totals.
+
 Each model/size pair gets one untimed warm-up forward on first use. Everything runs in eval
 mode under torch.inference_mode() with torch.set_num_threads(N) (default 2).
 --fuse-bn folds every BatchNorm into the preceding conv, as the Rust backbone does at load.
@@ -232,6 +247,40 @@ def run_pos(name, size, reps, batch, models, warmed):
     raise ValueError(f"unknown POS request {name!r} (pos_forward_paper, pos_forward_cpu, pos_train_cpu)")
 
 
+def run_episode(parts, models, warmed):
+    """`episode_paper <size> <reps> <shots> [file]` (see the module docstring)."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import episode_torch
+
+    if parts[0] != "episode_paper" or len(parts) not in (4, 5):
+        raise ValueError("expected 'episode_paper <size> <reps> <shots> [file]'")
+    size, reps, shots = int(parts[1]), int(parts[2]), int(parts[3])
+    path = parts[4] if len(parts) == 5 else None
+    if size < 32 or reps < 1 or not 1 <= shots <= 5:
+        raise ValueError("size must be >= 32, reps >= 1 and shots in 1..=5")
+    key = ("episode_paper", size, path)
+    if key not in models:
+        # One model at a time: the paper model is 55 M parameters.
+        for k in [k for k in models if k[0] == "episode_paper"]:
+            del models[k]
+        models[key] = episode_torch.EpisodeBench(size, path)
+    bench = models[key]
+    if (key, shots) not in warmed:
+        bench.run(shots)
+        warmed.add((key, shots))
+    stages = {n: [] for n in episode_torch.STAGES}
+    stages_cpu = {n: [] for n in episode_torch.STAGES}
+    for _ in range(reps):
+        wall, cpu = bench.run(shots)
+        for n, w, c in zip(episode_torch.STAGES, wall, cpu):
+            stages[n].append(w)
+            stages_cpu[n].append(c)
+    return {"model": "episode_paper", "size": size, "shots": shots, "weights": path or "random",
+            "times_ms": stages["total"], "cpu_ms": stages_cpu["total"],
+            "stages_ms": stages, "stages_cpu_ms": stages_cpu}
+
+
 def emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -259,6 +308,9 @@ def main():
             break
         try:
             parts = line.split()
+            if parts and parts[0].startswith("episode_"):
+                emit(run_episode(parts, models, warmed))
+                continue
             if len(parts) not in (3, 4):
                 raise ValueError("expected '<model> <size> <reps> [batch]'")
             name, size, reps = parts[0], int(parts[1]), int(parts[2])

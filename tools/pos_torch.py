@@ -373,6 +373,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.level_embed = nn.Embedding(NUM_LEVELS, d)
         self.input_proj = nn.ModuleList(nn.Sequential() for _ in range(NUM_LEVELS))  # identity
         self.mask_embed = MLP(d, d, d, 3)
+        # Parity hooks (tools/check_episode_torch.py), off by default and not in the official code:
+        # `inject_attn_masks`, a list of dec_layers (B, N, h*w) tensors (1 = not attended, before the
+        # fully-masked-row fix), replaces the mask layer i derives from prediction i; a list in
+        # `record_attn_masks` collects the masks this run derives, in the same layout.
+        self.inject_attn_masks = None
+        self.record_attn_masks = None
 
     def forward(self, x, mask_features):
         src, pos, size_list = [], [], []
@@ -390,6 +396,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         predictions_mask.append(outputs_mask)
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
+            if self.record_attn_masks is not None:
+                self.record_attn_masks.append(attn_mask[::self.num_heads].clone())
+            if self.inject_attn_masks is not None:
+                attn_mask = (self.inject_attn_masks[i].bool().unsqueeze(1)
+                             .repeat(1, self.num_heads, 1, 1).flatten(0, 1))
             attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
             output = self.transformer_cross_attention_layers[i](output, src[level_index], attn_mask,
                                                                 pos[level_index], query_embed)

@@ -250,7 +250,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
     for w in &args.what {
         match w.as_str() {
             "backbone" => rows.extend(bench::bench_backbone(out, &mut torch, args.size, reps, &device)?),
-            "episode" => rows.extend(bench::bench_episode(out, args.size, reps, &device)?),
+            "episode" => rows.extend(bench::bench_episode(out, args.size, threads, reps, &device)?),
             "stage2" => rows.extend(bench::bench_stage2(out, &args.shards, args.batch as usize, reps, &device)?),
             "pos" => rows.extend(bench::bench_pos(out, args.size, threads, reps, &device)?),
             other => bail!("unknown benchmark `{other}` (known: backbone, pos, episode, stage2)"),

@@ -27,12 +27,38 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// One benchmark figure. `torch_ms` is always a measurement taken in the same run (never a
+/// quoted figure), `None` when the PyTorch side was not run.
 #[derive(Serialize, Clone, Debug)]
 pub struct BenchRow {
     pub name: String,
     pub ours_ms: f64,
     pub torch_ms: Option<f64>,
     pub ratio: Option<f64>,
+    /// CPU time, spread and standalone cross-check (`bench episode`), when measured.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<RowDetail>,
+}
+
+/// What `bench episode` records besides the wall-time medians: the CPU-time medians, the spread
+/// (min and max over the repetitions) and, on the `total` rows, the medians of the standalone
+/// cross-check (each side run alone, back to back).
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct RowDetail {
+    pub reps: usize,
+    pub ours_cpu_ms: f64,
+    pub ours_min_ms: f64,
+    pub ours_max_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_cpu_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_min_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_max_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ours_alone_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_alone_ms: Option<f64>,
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -167,7 +193,7 @@ pub fn compare(
     }
     let ours_ms = median(o);
     let torch_ms = if t.is_empty() { None } else { Some(median(t)) };
-    let row = BenchRow { name: name.into(), ours_ms, torch_ms, ratio: torch_ms.map(|t| ours_ms / t) };
+    let row = BenchRow { name: name.into(), ours_ms, torch_ms, ratio: torch_ms.map(|t| ours_ms / t), detail: None };
     print_row(out, &row)?;
     Ok(row)
 }
@@ -207,18 +233,12 @@ pub fn bench_backbone(out: &mut dyn Write, torch: &mut Option<TorchServer>, size
 
 // ---- bench episode ------------------------------------------------------------------------
 
-/// Figures from the issue for the official PyTorch code on this kind of machine (2 threads, its
-/// pure-PyTorch deformable attention), paper preset at 480²: (shots, stage, ms). Quoted, not
-/// measured here: there is no PyTorch MM-Former in this repository to run.
-pub const EPISODE_REFERENCE_MS: &[(usize, &str, f64)] = &[
-    (1, "backbone (query)", 130.0),
-    (1, "pos", 920.0),
-    (1, "total", 1840.0),
-    (5, "total", 5300.0),
-];
-
-/// The stages of one episode, in order.
+/// The stages of one episode, in order (also the keys of `tools/episode_torch.py`'s
+/// `stages_ms`).
 pub const EPISODE_STAGES: [&str; 5] = ["backbone (query)", "pos", "backbone (supports)", "mm", "total"];
+
+/// A side differing from its own standalone runs by more than this fraction gets a WARNING.
+pub const STANDALONE_TOLERANCE: f64 = 0.10;
 
 /// CPU time (ms) used so far by all threads of this process (Linux `schedstat`, ns precision),
 /// or None where it cannot be read. Unlike wall time it barely moves when other processes
@@ -266,17 +286,91 @@ pub fn time_episode(
     ))
 }
 
+/// Per-stage samples of one side ([`EPISODE_STAGES`] order).
+fn stage_samples() -> Vec<Samples> {
+    (0..EPISODE_STAGES.len()).map(|_| Samples::default()).collect()
+}
+
+/// Adds one `episode_paper` answer of bench_torch.py (`stages_ms` / `stages_cpu_ms`).
+fn push_torch_stages(stages: &mut [Samples], v: &serde_json::Value) -> Result<()> {
+    for (stage, s) in EPISODE_STAGES.iter().zip(stages.iter_mut()) {
+        let get = |k: &str| -> Vec<f64> { v[k][*stage].as_array().into_iter().flatten().filter_map(|x| x.as_f64()).collect() };
+        let (w, c) = (get("stages_ms"), get("stages_cpu_ms"));
+        if w.is_empty() {
+            bail!("bench_torch.py answered without stage `{stage}`: {v}");
+        }
+        s.cpu.extend(if c.len() == w.len() { c } else { vec![0.0; w.len()] });
+        s.wall.extend(w);
+    }
+    Ok(())
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)))
+}
+
+/// A temporary file removed at drop (the weights + inputs handed to the PyTorch side).
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes the model's weights (official names) and the episode inputs for
+/// `tools/episode_torch.py` (`input.query`, `input.support.{s}`, `input.support_label.{s}`), so
+/// the PyTorch side runs the same weights on the same images.
+fn write_torch_episode(model: &MmFormer, query: &Tensor, supports: &[Tensor], labels: &[Tensor]) -> Result<TempFile> {
+    let path = std::env::temp_dir().join(format!("mmformer-bench-episode-{}.safetensors", std::process::id()));
+    let file = TempFile(path.clone());
+    let cpu = Device::Cpu;
+    let mut t = std::collections::HashMap::new();
+    for (k, v) in model.weights() {
+        t.insert(k.clone(), v.to_dtype(DType::F32)?.to_device(&cpu)?);
+    }
+    t.insert("input.query".to_string(), query.to_device(&cpu)?);
+    for (s, (x, l)) in supports.iter().zip(labels).enumerate() {
+        t.insert(format!("input.support.{s}"), x.to_device(&cpu)?);
+        t.insert(format!("input.support_label.{s}"), l.to_device(&cpu)?);
+    }
+    candle_core::safetensors::save(&t, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(file)
+}
+
+/// True when a side's interleaved median differs from its standalone median by more than
+/// [`STANDALONE_TOLERANCE`] of the standalone one.
+fn disagrees(interleaved: f64, alone: f64) -> bool {
+    (interleaved - alone).abs() > STANDALONE_TOLERANCE * alone
+}
+
 /// 1-shot and 5-shot episodes, per stage: the paper preset (ResNet-50, full POS, MM) at
-/// `paper_size`² and the CPU preset (EfficientNet-Lite0, small POS) at 256², synthetic weights.
-/// The "torch" column holds the issue's reference figures for the official code
-/// ([`EPISODE_REFERENCE_MS`]), not a measurement.
-pub fn bench_episode(out: &mut dyn Write, paper_size: usize, reps: usize, device: &Device) -> Result<Vec<BenchRow>> {
+/// `paper_size`², against the PyTorch reference of the official V1 episode
+/// (`tools/episode_torch.py`, the same function as ours: `tools/check_episode_torch.py`) on the
+/// same weights and inputs, measured in this run; and the CPU preset (EfficientNet-Lite0, small
+/// POS) at 256², ours only. Synthetic weights.
+///
+/// Protocol (paper preset, per shot count), after one warm-up of each side:
+/// 1. `reps` rounds, each one episode of ours then one of PyTorch (a separate process, one
+///    request at a time): while one side runs, the other's threads sleep (PyTorch with
+///    `OMP_WAIT_POLICY=PASSIVE`, ours in rayon's idle pool between runs). Per stage and in
+///    total: median wall ms, [min–max] over the rounds, median CPU ms (all threads of the
+///    side's process), and the ratio ours/PyTorch of the wall medians.
+/// 2. A standalone cross-check: a few episodes of ours back to back, then a few of PyTorch back
+///    to back. Their medians are printed next to the interleaved ones, with a WARNING when
+///    they differ by more than 10% for either side (then the interleaved figures were disturbed,
+///    by each other or by other load, and should be retaken).
+///
+/// Without the PyTorch venv ours is reported alone, with a note. Rows carry measured values only.
+pub fn bench_episode(out: &mut dyn Write, paper_size: usize, threads: usize, reps: usize, device: &Device) -> Result<Vec<BenchRow>> {
     let reps = reps.max(1);
+    let alone = reps.clamp(1, 3);
+    let mut torch = TorchServer::start(threads, &[], out)?;
+    if torch.is_some() && !device.is_cpu() {
+        writeln!(out, "note: ours runs on {device:?}, the PyTorch reference on the CPU")?;
+    }
     let mut rows = Vec::new();
-    writeln!(out, 
-        "{:<46} {:>10} {:>12} {:>8} {:>12}",
-        "episode stage (median ms)", "ours", "ref (torch)", "ours/ref", "ours cpu ms"
-    )?;
+    let mut warnings = Vec::new();
     for (preset, size) in [(Preset::Paper, paper_size), (Preset::Cpu, Preset::Cpu.input_size() as usize)] {
         let t = Instant::now();
         let model = MmFormer::synthetic(preset, 0, device)?;
@@ -293,48 +387,116 @@ pub fn bench_episode(out: &mut dyn Write, paper_size: usize, reps: usize, device
         }
         let label = Tensor::from_vec(m, (1, size, size), &dev)?;
         let labels = vec![label; 5];
-        let tag = match preset {
-            Preset::Paper => "paper",
-            Preset::Cpu => "cpu",
+        let tag = preset.name();
+        // The PyTorch reference exists for the paper preset only.
+        let mut server = if preset == Preset::Paper { torch.as_mut() } else { None };
+        let file = match server {
+            Some(_) => Some(write_torch_episode(&model, &query, &supports, &labels)?),
+            None => None,
         };
         for k in [1usize, 5] {
-            time_episode(&model, &query, &supports[..k], &labels[..k])?; // warm-up
-            let mut wall: Vec<Vec<f64>> = vec![Vec::new(); EPISODE_STAGES.len()];
-            let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); EPISODE_STAGES.len()];
+            let name = format!("episode/{tag}-{size}/{k}-shot");
+            let req = |n: usize| format!("episode_paper {size} {n} {k} {}", file.as_ref().map(|f| f.0.display().to_string()).unwrap_or_default());
+            // Warm-up: one episode each (the server also builds its model on first use).
+            time_episode(&model, &query, &supports[..k], &labels[..k])?;
+            if let Some(s) = server.as_deref_mut() {
+                s.request(&req(1))?;
+            }
+            // 1. Interleaved, round by round.
+            let (mut ours, mut theirs) = (stage_samples(), stage_samples());
             for _ in 0..reps {
                 let (w, c) = time_episode(&model, &query, &supports[..k], &labels[..k])?;
-                for i in 0..EPISODE_STAGES.len() {
-                    wall[i].push(w[i]);
-                    cpu[i].push(c[i]);
+                for (i, s) in ours.iter_mut().enumerate() {
+                    s.push(w[i], c[i]);
+                }
+                if let Some(s) = server.as_deref_mut() {
+                    push_torch_stages(&mut theirs, &s.request(&req(1))?)?;
                 }
             }
-            for ((stage, times), cpu_times) in EPISODE_STAGES.iter().zip(wall).zip(cpu) {
-                let ours_ms = median(times);
-                let cpu_ms = median(cpu_times.into_iter().map(|c| if c.is_finite() { c } else { 0.0 }).collect());
-                let reference = if preset == Preset::Paper && size == 480 {
-                    EPISODE_REFERENCE_MS.iter().find(|(s, n, _)| *s == k && n == stage).map(|r| r.2)
+            // 2. Standalone: each side alone, back to back.
+            let mut ours_alone = Vec::new();
+            let mut torch_alone = None;
+            if let Some(s) = server.as_deref_mut() {
+                for _ in 0..alone {
+                    ours_alone.push(time_episode(&model, &query, &supports[..k], &labels[..k])?.0[4]);
+                }
+                let mut t = stage_samples();
+                push_torch_stages(&mut t, &s.request(&req(alone))?)?;
+                torch_alone = Some(median(t[4].wall.clone()));
+            }
+            let ours_alone = (!ours_alone.is_empty()).then(|| median(ours_alone));
+
+            let have_torch = !theirs[4].wall.is_empty();
+            writeln!(out, "{name}: medians of {reps} {}; [min–max]; cpu = CPU ms of all threads of the side's process",
+                if have_torch { "interleaved round(s) (ours, then PyTorch)" } else { "episode(s)" })?;
+            if have_torch {
+                writeln!(out, "  {:<20} {:>9} {:>19} {:>9} | {:>9} {:>19} {:>9} | {:>10} {:>9}",
+                    "stage", "ours ms", "[min–max]", "cpu ms", "torch ms", "[min–max]", "cpu ms", "ours/torch", "cpu ratio")?;
+            } else {
+                writeln!(out, "  {:<20} {:>9} {:>19} {:>9}", "stage", "ours ms", "[min–max]", "cpu ms")?;
+            }
+            for (i, stage) in EPISODE_STAGES.iter().enumerate() {
+                let (o, t) = (&ours[i], &theirs[i]);
+                let (ow, oc) = (median(o.wall.clone()), median(o.cpu.clone()));
+                let (omin, omax) = min_max(&o.wall);
+                let mut detail = RowDetail { reps, ours_cpu_ms: oc, ours_min_ms: omin, ours_max_ms: omax, ..Default::default() };
+                let range = |a: f64, b: f64| format!("[{a:.1}–{b:.1}]");
+                let torch_ms = if have_torch {
+                    let (tw, tc) = (median(t.wall.clone()), median(t.cpu.clone()));
+                    let (tmin, tmax) = min_max(&t.wall);
+                    detail.torch_cpu_ms = Some(tc);
+                    detail.torch_min_ms = Some(tmin);
+                    detail.torch_max_ms = Some(tmax);
+                    writeln!(out, "  {:<20} {:>9.1} {:>19} {:>9.1} | {:>9.1} {:>19} {:>9.1} | {:>10.2} {:>9.2}",
+                        stage, ow, range(omin, omax), oc, tw, range(tmin, tmax), tc, ow / tw, oc / tc)?;
+                    Some(tw)
                 } else {
+                    writeln!(out, "  {:<20} {:>9.1} {:>19} {:>9.1}", stage, ow, range(omin, omax), oc)?;
                     None
                 };
-                let row = BenchRow {
-                    name: format!("episode/{tag}-{size}/{k}-shot/{stage}"),
-                    ours_ms,
-                    torch_ms: reference,
-                    ratio: reference.map(|r| ours_ms / r),
-                };
-                match (row.torch_ms, row.ratio) {
-                    (Some(r), Some(x)) => writeln!(out, "{:<46} {:>10.1} {:>12.1} {:>8.2} {:>12.1}", row.name, row.ours_ms, r, x, cpu_ms)?,
-                    _ => writeln!(out, "{:<46} {:>10.1} {:>12} {:>8} {:>12.1}", row.name, row.ours_ms, "-", "-", cpu_ms)?,
+                if *stage == "total" {
+                    detail.ours_alone_ms = ours_alone;
+                    detail.torch_alone_ms = torch_alone;
                 }
-                rows.push(row);
+                rows.push(BenchRow {
+                    name: format!("{name}/{stage}"),
+                    ours_ms: ow,
+                    torch_ms,
+                    ratio: torch_ms.map(|t| ow / t),
+                    detail: Some(detail),
+                });
+            }
+            if let (Some(oa), Some(ta)) = (ours_alone, torch_alone) {
+                let (oi, ti) = (median(ours[4].wall.clone()), median(theirs[4].wall.clone()));
+                let pct = |i: f64, a: f64| 100.0 * (i - a) / a;
+                writeln!(out,
+                    "  standalone cross-check (total, {alone} run(s) of each side alone, back to back): ours {oa:.1} ms \
+                     (interleaved {oi:.1}, {:+.1}%), torch {ta:.1} ms (interleaved {ti:.1}, {:+.1}%); ratio alone {:.2}",
+                    pct(oi, oa), pct(ti, ta), oa / ta)?;
+                for (side, i, a) in [("ours", oi, oa), ("torch", ti, ta)] {
+                    if disagrees(i, a) {
+                        let w = format!(
+                            "WARNING: {name}: {side} interleaved {i:.1} ms vs alone {a:.1} ms ({:+.1}%, more than {:.0}%): \
+                             the run was disturbed (by the other side or other load); retake it on a quiet machine",
+                            pct(i, a), STANDALONE_TOLERANCE * 100.0);
+                        writeln!(out, "  {w}")?;
+                        warnings.push(w);
+                    }
+                }
             }
         }
+        drop(file);
     }
-    writeln!(out, 
-        "ref: the issue's figures for the official PyTorch code on this kind of machine (2 threads, pure-PyTorch \
-         deformable attention), quoted, not measured here; medians over {reps} episodes; cpu ms = CPU time of all \
-         our threads (spin-waits included), which other load on the machine barely changes"
-    )?;
+    if torch.is_some() {
+        writeln!(out,
+            "torch = tools/episode_torch.py: the official V1 episode re-implemented op for op (detectron2 R-50 with FrozenBN \
+             unfolded, the POS with pure-PyTorch deformable attention, the official mask matching), the same function as ours \
+             (tools/check_episode_torch.py), on the same weights and inputs; both sides {threads} thread(s)")?;
+    }
+    writeln!(out, "cpu ms: CPU time of all threads of a side's process (ours includes rayon's spin-waits), which other load barely changes")?;
+    if !warnings.is_empty() {
+        writeln!(out, "{} WARNING(s) above: interleaved and standalone timings disagree by more than {:.0}%", warnings.len(), STANDALONE_TOLERANCE * 100.0)?;
+    }
     Ok(rows)
 }
 
@@ -461,7 +623,7 @@ fn pos_row(out: &mut dyn Write, name: &str, ours: Samples, torch: Samples) -> Re
     let (ow, oc) = (median(ours.wall), median(ours.cpu));
     let tw = (!torch.wall.is_empty()).then(|| median(torch.wall.clone()));
     let tc = (!torch.cpu.is_empty()).then(|| median(torch.cpu));
-    let row = BenchRow { name: name.into(), ours_ms: ow, torch_ms: tw, ratio: tw.map(|t| ow / t) };
+    let row = BenchRow { name: name.into(), ours_ms: ow, torch_ms: tw, ratio: tw.map(|t| ow / t), detail: None };
     match (tw, tc) {
         (Some(tw), Some(tc)) => writeln!(out, 
             "{:<36} ours {:>8.1} ms  torch {:>8.1} ms  ours/torch {:>5.2}  | cpu ms: ours {:>8.1}  torch {:>8.1}  ratio {:>5.2}",
@@ -670,7 +832,7 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
     writeln!(out, "  from shards: {:8.1} ms  (read {r:.1} ms + MM forward/backward/step {s:.1} ms)", r + s)?;
     writeln!(out, "  live:        {:8.1} ms  (decode+augment+backbone+POS {:.1} ms + the same MM step)", l, l - s)?;
     writeln!(out, "  ratio live / shards: {:.1}x", l / (r + s))?;
-    let row = |name: &str, ms: f64| BenchRow { name: name.into(), ours_ms: ms, torch_ms: None, ratio: None };
+    let row = |name: &str, ms: f64| BenchRow { name: name.into(), ours_ms: ms, torch_ms: None, ratio: None, detail: None };
     Ok(vec![
         row("stage2_step_from_shards", r + s),
         row("stage2_step_shard_read", r),
