@@ -475,3 +475,101 @@ mod tests {
         assert!(e.contains("cuda:0") && e.contains("no CUDA support") && e.contains("--features cuda"), "{e}");
     }
 }
+
+/// `cargo xtask fuzz`: the file readers against mutated seed files, in worker processes under
+/// an address-space limit (see `mmformer::fuzz`).
+#[derive(Args, Clone, Debug)]
+pub struct FuzzArgs {
+    /// pth, safetensors, png-mask, image, episodes-json, shard, config, or all (comma-separated
+    /// or repeated).
+    #[arg(long = "target", value_delimiter = ',', required_unless_present = "worker")]
+    pub targets: Vec<String>,
+    /// Seconds per target.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub seconds: u64,
+    /// Stop a target after this many cases (even before --seconds).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cases: Option<u64>,
+    /// Seed of the mutations: case i of a seed is the same bytes on every run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Index of the first case.
+    #[arg(long, default_value_t = 0)]
+    pub start_case: u64,
+    /// Crashes (`crashes/<target>-<case>.{bin,txt}`) and `summary.json` go here.
+    #[arg(long, default_value = "target/fuzz")]
+    pub out: PathBuf,
+    /// Address-space limit of a worker (setrlimit RLIMIT_AS), MiB; 0 = none.
+    #[arg(long, default_value_t = mmformer::fuzz::DEFAULT_MEMORY_MB)]
+    pub memory_mb: u64,
+    /// Seconds a case may run before it counts as a hang.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub case_timeout: u64,
+    /// Replay one case in this process (no worker, no memory limit, panics not caught) and
+    /// print how it was made and what the reader said.
+    #[arg(long, conflicts_with = "input")]
+    pub case: Option<u64>,
+    /// Run the target's readers on this file (a folder for `shard`) in this process.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Internal: run as a worker (the job is in the environment).
+    #[arg(long, hide = true)]
+    pub worker: bool,
+}
+
+impl FuzzArgs {
+    pub fn run(&self) -> Result<()> {
+        use mmformer::fuzz::{self, Outcome, Target};
+        if self.worker {
+            fuzz::worker_main();
+        }
+        let targets = Target::parse_list(&self.targets.join(","))?;
+        let scratch = self.out.join("scratch").join(format!("replay-{}", std::process::id()));
+        if self.case.is_some() || self.input.is_some() {
+            for &t in &targets {
+                let outcome = match (self.case, &self.input) {
+                    (Some(i), _) => {
+                        let (case, outcome) = fuzz::replay_case(t, self.seed, i, &scratch)?;
+                        println!("{t} case {i} (seed {}): from `{}`, mutated {}:", self.seed, case.base, case.mutated);
+                        case.ops.iter().for_each(|o| println!("  {o}"));
+                        outcome
+                    }
+                    (None, Some(input)) => fuzz::run_input(t, input, &scratch)?,
+                    (None, None) => unreachable!(),
+                };
+                match outcome {
+                    Outcome::Ok => println!("{t}: accepted"),
+                    Outcome::Err(e) => println!("{t}: refused: {e}"),
+                }
+            }
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Ok(());
+        }
+        let mut opts = fuzz::FuzzOptions::new(targets, &self.out);
+        opts.seed = self.seed;
+        opts.seconds = Some(self.seconds as f64);
+        opts.cases = self.cases;
+        opts.start_case = self.start_case;
+        opts.memory_mb = self.memory_mb;
+        opts.case_timeout = std::time::Duration::from_secs(self.case_timeout);
+        let worker = fuzz::WorkerCommand {
+            program: std::env::current_exe().context("cannot find this program to start fuzz workers")?,
+            args: vec!["fuzz".into(), "--worker".into()],
+        };
+        eprintln!(
+            "fuzz: {} for {} s each, seed {}, workers limited to {} MiB of address space; crashes to {}",
+            opts.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+            self.seconds,
+            self.seed,
+            self.memory_mb,
+            self.out.join("crashes").display()
+        );
+        let summary = fuzz::run(&opts, &worker, &mut |line| eprintln!("{line}"))?;
+        print!("{}", summary.report());
+        println!("{}", self.out.join("summary.json").display());
+        match summary.failures() {
+            0 => Ok(()),
+            n => anyhow::bail!("{n} failing case(s); inputs and reasons under {}", self.out.join("crashes").display()),
+        }
+    }
+}

@@ -72,6 +72,9 @@ enum Cmd {
     Predict(PredictArgs),
     /// Speed against PyTorch on this machine (same threads, interleaved, medians).
     Bench(BenchArgs),
+    /// Fuzz the file readers: mutated seed files, worker processes under a memory limit;
+    /// `--target all --seconds N` (per target). Fails if any case panics, aborts or hangs.
+    Fuzz(args::FuzzArgs),
 }
 
 /// Errors end the program with one line (the whole chain of causes) and a non-zero status.
@@ -143,6 +146,7 @@ fn run() -> Result<()> {
         Cmd::Predict(args) => predict(&args),
         Cmd::Eval(args) => run_eval(&args).map(|_| ()),
         Cmd::Bench(args) => run_bench(&args),
+        Cmd::Fuzz(args) => args.run(),
     }
 }
 

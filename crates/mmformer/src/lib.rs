@@ -42,6 +42,7 @@
 pub mod bench;
 pub mod cache;
 pub mod datasets;
+pub mod fuzz;
 mod device;
 mod error;
 pub mod model;
