@@ -392,7 +392,8 @@ pub struct BenchArgs {
     /// Threads for both sides.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     pub threads: u64,
-    /// Write `[{"name", "ours_ms", "torch_ms", "ratio"}]` here.
+    /// Write `[{"name", "ours_ms", "torch_ms", "ratio", "detail"}]` here (`detail`: CPU times, spread,
+    /// standalone medians where measured).
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Shard folder for `stage2` (one training step from shards vs live backbone + POS).
