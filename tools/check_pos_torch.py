@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks that tools/pos_torch.py computes the same function as our POS.
 
-    cargo test --release -p xtask dump_pos_for_torch -- --ignored     # writes /tmp/pos_dump.safetensors
+    cargo test --release -p mmformer --test profile dump_pos_for_torch -- --ignored     # writes /tmp/pos_dump.safetensors
     $VENV/bin/python tools/check_pos_torch.py [/tmp/pos_dump.safetensors]
 
 The dump holds a cpu-preset POS with our seeded initialisation (official parameter names under
@@ -12,31 +12,12 @@ every mask prediction. Attention masks threshold logits at 0, so a logit within 
 can flip a mask bit between implementations and make later predictions differ locally.
 """
 
-import json
-import struct
 import sys
 
-import numpy as np
 import torch
 
 import pos_torch
-
-DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "U32": np.uint32, "U8": np.uint8}
-
-
-def load_safetensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        arr = np.frombuffer(data[a:b], dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
-        out[name] = torch.from_numpy(arr.copy())
-    return out
+from episode_torch import load_safetensors
 
 
 def main():
