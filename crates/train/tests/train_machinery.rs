@@ -141,3 +141,62 @@ fn optimizer_state_holds_no_autograd_graph() {
         assert!(!t.track_op(), "optimizer state `{name}` still references the autograd graph");
     }
 }
+
+/// A non-finite loss or gradient norm leaves the weights and the optimizer as they were.
+#[test]
+fn non_finite_steps_are_skipped_and_name_the_parameter() {
+    let w = var("fc1.weight", &[0.0, 1.0]);
+    let cfg = AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
+    let mut opt = AdamW::new(vec![w.clone()], cfg, default_no_decay).unwrap();
+    // sqrt at 0: a finite loss whose gradient is infinite.
+    let loss = w.var.as_tensor().sqrt().unwrap().sum_all().unwrap();
+    let step = apply_step(&loss, &[w.clone()], &mut opt, 0.01, 0.1).unwrap();
+    match step {
+        Step::Skipped { loss, grad_norm, parameter } => {
+            assert_eq!(loss, 1.0);
+            assert!(!grad_norm.is_finite());
+            assert_eq!(parameter.as_deref(), Some("fc1.weight"));
+        }
+        other => panic!("expected a skipped step, got {other:?}"),
+    }
+    assert_eq!(w.var.as_tensor().to_vec1::<f32>().unwrap(), vec![0.0, 1.0]);
+    assert_eq!(opt.step_count(), 0);
+    let nan = (w.var.as_tensor().sum_all().unwrap() * f64::NAN).unwrap();
+    assert!(matches!(apply_step(&nan, &[w.clone()], &mut opt, 0.01, 0.1).unwrap(), Step::Skipped { parameter: None, .. }));
+    // A finite step is applied.
+    let ok = w.var.as_tensor().sqr().unwrap().sum_all().unwrap();
+    assert!(matches!(apply_step(&ok, &[w.clone()], &mut opt, 0.01, 0.1).unwrap(), Step::Applied { .. }));
+    assert_eq!(opt.step_count(), 1);
+}
+
+/// A run whose steps are all non-finite stops after `max_skipped_steps` in a row with a clear
+/// error, logging each skip, and writes no checkpoint of the poisoned weights.
+#[test]
+fn a_run_of_non_finite_steps_stops_with_a_clear_error() {
+    struct Poisoned(Var);
+    impl Stage for Poisoned {
+        type Error = TrainError;
+        fn loss(&mut self, _iter: u64) -> Result<StepLoss> {
+            Ok(StepLoss { total: (self.0.as_tensor().sum_all()? * f64::NAN)?, parts: Vec::new() })
+        }
+        fn evaluate(&mut self) -> Result<Evaluation> {
+            Ok(Evaluation { metric: 0.0, record: serde_json::json!({}), summary: "evaluated".into() })
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("train-poisoned-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let vm = candle_nn::VarMap::new();
+    let t = vm.get(2, "fc1.weight", candle_nn::Init::Const(1.0), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let v = vm.data().lock().unwrap().get("fc1.weight").unwrap().clone();
+    drop(t);
+    let mut opt = AdamW::new(named_vars(&vm), AdamWConfig::default(), default_no_decay).unwrap();
+    let spec = RunSpec { kind: "test", config: serde_json::json!({}), out: &dir, device: &Device::Cpu };
+    let cfg = LoopConfig { iters: 100, lr: 1e-3, clip: 0.01, eval_every: 50, log_every: 10, max_skipped_steps: 3 };
+    let err = train(&mut Poisoned(v.clone()), &spec, &vm, &mut opt, &cfg, &Silent).unwrap_err().to_string();
+    assert!(err.contains("3 non-finite steps in a row") && err.contains("iteration 3"), "{err}");
+    let log = std::fs::read_to_string(dir.join("log.jsonl")).unwrap();
+    assert_eq!(log.matches("\"event\":\"skipped_step\"").count(), 3, "{log}");
+    assert_eq!(v.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 1.0], "weights untouched");
+    assert!(!dir.join("checkpoints").exists() || std::fs::read_dir(dir.join("checkpoints")).unwrap().next().is_none());
+    let _ = std::fs::remove_dir_all(&dir);
+}
