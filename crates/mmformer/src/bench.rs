@@ -161,51 +161,6 @@ impl Drop for TorchServer {
     }
 }
 
-fn time_ms(f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
-    let t = Instant::now();
-    f()?;
-    Ok(t.elapsed().as_secs_f64() * 1e3)
-}
-
-/// Interleaves `reps` single runs of ours and of PyTorch (after one warm-up each) and reports medians.
-pub fn compare(
-    out: &mut dyn Write,
-    name: &str,
-    ours: &mut dyn FnMut() -> Result<()>,
-    torch: Option<(&mut TorchServer, &str)>,
-    reps: usize,
-) -> Result<BenchRow> {
-    ours()?;
-    let mut o = Vec::new();
-    let mut t = Vec::new();
-    match torch {
-        Some((server, req)) => {
-            for _ in 0..reps {
-                o.push(time_ms(ours)?);
-                t.extend(server.time(req)?);
-            }
-        }
-        None => {
-            for _ in 0..reps {
-                o.push(time_ms(ours)?);
-            }
-        }
-    }
-    let ours_ms = median(o);
-    let torch_ms = if t.is_empty() { None } else { Some(median(t)) };
-    let row = BenchRow { name: name.into(), ours_ms, torch_ms, ratio: torch_ms.map(|t| ours_ms / t), detail: None };
-    print_row(out, &row)?;
-    Ok(row)
-}
-
-pub fn print_row(out: &mut dyn Write, r: &BenchRow) -> Result<()> {
-    match (r.torch_ms, r.ratio) {
-        (Some(t), Some(x)) => writeln!(out, "{:<40} ours {:>9.1} ms   torch {:>9.1} ms   ours/torch {:>5.2}", r.name, r.ours_ms, t, x)?,
-        _ => writeln!(out, "{:<40} ours {:>9.1} ms", r.name, r.ours_ms)?,
-    }
-    Ok(())
-}
-
 pub fn write_json(rows: &[BenchRow], path: &Path) -> Result<()> {
     std::fs::write(path, serde_json::to_vec_pretty(rows)?).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -226,7 +181,7 @@ pub fn bench_backbone(out: &mut dyn Write, torch: &mut Option<TorchServer>, size
         };
         let req = format!("{torch_name} {size} 1");
         let t = torch.as_mut().map(|s| (s, req.as_str()));
-        rows.push(compare(out, &format!("backbone/{label} 1x3x{size}x{size}"), &mut ours, t, reps)?);
+        rows.push(interleave(out, &format!("backbone/{label} 1x3x{size}x{size}"), &mut ours, t, reps)?);
     }
     Ok(rows)
 }
@@ -641,7 +596,9 @@ fn pos_row(out: &mut dyn Write, name: &str, ours: Samples, torch: Samples) -> Re
 }
 
 /// Runs ours and one torch request alternately `reps` times (after one warm-up of ours; the
-/// torch side warms itself up on first use).
+/// torch side warms itself up on first use), then a standalone cross-check: a few runs of each
+/// side alone, back to back, whose medians are printed next to the interleaved ones with a
+/// WARNING when they disagree by more than [`STANDALONE_TOLERANCE`].
 fn interleave(
     out: &mut dyn Write,
     name: &str,
@@ -650,16 +607,45 @@ fn interleave(
     reps: usize,
 ) -> Result<BenchRow> {
     ours()?;
+    let timed = |f: &mut dyn FnMut() -> Result<()>, into: &mut Samples| -> Result<()> {
+        let (c0, w0) = (process_cpu_ms().unwrap_or(f64::NAN), Instant::now());
+        f()?;
+        into.push(w0.elapsed().as_secs_f64() * 1e3, process_cpu_ms().unwrap_or(f64::NAN) - c0);
+        Ok(())
+    };
     let (mut o, mut t) = (Samples::default(), Samples::default());
     for _ in 0..reps {
-        let (c0, w0) = (process_cpu_ms().unwrap_or(f64::NAN), Instant::now());
-        ours()?;
-        o.push(w0.elapsed().as_secs_f64() * 1e3, process_cpu_ms().unwrap_or(f64::NAN) - c0);
+        timed(ours, &mut o)?;
         if let Some((server, req)) = torch.as_mut() {
             t.push_answer(&server.request(req)?)?;
         }
     }
-    pos_row(out, name, o, t)
+    let alone = reps.min(3);
+    let (mut oa, mut ta) = (Samples::default(), Samples::default());
+    for _ in 0..alone {
+        timed(ours, &mut oa)?;
+    }
+    if let Some((server, req)) = torch.as_mut() {
+        for _ in 0..alone {
+            ta.push_answer(&server.request(req)?)?;
+        }
+    }
+    let (oi, ti) = (median(o.wall.clone()), (!t.wall.is_empty()).then(|| median(t.wall.clone())));
+    let (os, omin_max) = (median(oa.wall), min_max(&o.wall));
+    let row = pos_row(out, name, o, t)?;
+    let mut line = format!("  [min–max ours {:.1}–{:.1}] alone ({alone} run(s) back to back): ours {os:.1} ms", omin_max.0, omin_max.1);
+    let mut warn = disagrees(oi, os);
+    if let Some(ti) = ti {
+        let tmm = min_max(&ta.wall);
+        let tsa = median(ta.wall);
+        line += &format!(", torch {tsa:.1} ms [alone min–max {:.1}–{:.1}], ratio alone {:.2}", tmm.0, tmm.1, os / tsa);
+        warn |= disagrees(ti, tsa);
+    }
+    writeln!(out, "{line}")?;
+    if warn {
+        writeln!(out, "  WARNING: {name}: interleaved and standalone medians disagree by more than {:.0}%: the run was disturbed; retake it on a quiet machine", STANDALONE_TOLERANCE * 100.0)?;
+    }
+    Ok(row)
 }
 
 /// `cargo xtask bench pos`: the POS against tools/pos_torch.py (the official Mask2Former /
