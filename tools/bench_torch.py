@@ -37,7 +37,11 @@ is the batch, default 1):
                      backward + clip_grad_norm_(0.01) + AdamW step. Its answer also carries
                      "phases_ms": {forward, criterion, backward, clip+step: [per rep]} and
                      "solver" (the assignment solver that ran).
+  pos_train_paper    the same with the paper config (batch 8 at 480^2 is the paper's iteration).
   efficientnet_lite0 / resnet50 accept the batch field too.
+
+--device cuda[:N] runs models and inputs there and synchronises before each clock read
+(episode requests stay on the CPU).
 
 Episode request (tools/episode_torch.py; `cargo xtask bench episode` drives it):
   episode_paper <size> <reps> <shots> [file]
@@ -206,7 +210,12 @@ def build(name, args):
     return model
 
 
-def run_pos(name, size, reps, batch, models, warmed):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_pos(name, size, reps, batch, models, warmed, device):
     """The POS requests (see the module docstring); the model is built once per (name, size, batch)."""
     import os
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -218,21 +227,24 @@ def run_pos(name, size, reps, batch, models, warmed):
         preset = name.rsplit("_", 1)[1]
         if key not in models:
             torch.manual_seed(0)
-            models[key] = (pos_torch.Pos(preset).eval(), pos_torch.random_features(preset, size, batch))
+            feats = [f.to(device) for f in pos_torch.random_features(preset, size, batch)]
+            models[key] = (pos_torch.Pos(preset).eval().to(device), feats)
         model, feats = models[key]
         with torch.inference_mode():
             if key not in warmed:
                 model(feats)
+                sync(device)
                 warmed.add(key)
             for _ in range(reps):
                 c0, t0 = time.process_time(), time.perf_counter()
                 model(feats)
+                sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
                 cpu.append((time.process_time() - c0) * 1e3)
         return {"model": name, "size": size, "batch": batch, "times_ms": times, "cpu_ms": cpu}
-    if name == "pos_train_cpu":
+    if name in ("pos_train_cpu", "pos_train_paper"):
         if key not in models:
-            models[key] = pos_torch.TrainBench("cpu", size, batch)
+            models[key] = pos_torch.TrainBench(name.rsplit("_", 1)[1], size, batch, device)
         bench = models[key]
         if key not in warmed:
             bench.step()
@@ -244,7 +256,7 @@ def run_pos(name, size, reps, batch, models, warmed):
             cpu.append((time.process_time() - c0) * 1e3)
         return {"model": name, "size": size, "batch": batch, "times_ms": times, "cpu_ms": cpu,
                 "phases_ms": phases, "solver": pos_torch.solver_name()}
-    raise ValueError(f"unknown POS request {name!r} (pos_forward_paper, pos_forward_cpu, pos_train_cpu)")
+    raise ValueError(f"unknown POS request {name!r} (pos_forward_paper, pos_forward_cpu, pos_train_cpu, pos_train_paper)")
 
 
 def run_episode(parts, models, warmed):
@@ -291,14 +303,16 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fuse-bn", action="store_true")
     parser.add_argument("--head", action="store_true", help="add EfficientNet-Lite0's conv_head")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (models, inputs and timings)")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = {}
     warmed = set()
     emit({"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__,
-          "fuse_bn": args.fuse_bn})
+          "fuse_bn": args.fuse_bn, "device": str(device)})
 
     for line in sys.stdin:
         line = line.strip()
@@ -318,20 +332,22 @@ def main():
             if size < 32 or reps < 1 or batch < 1:
                 raise ValueError("size must be >= 32, reps >= 1 and batch >= 1")
             if name.startswith("pos_"):
-                emit(run_pos(name, size, reps, batch, models, warmed))
+                emit(run_pos(name, size, reps, batch, models, warmed, device))
                 continue
             if name not in models:
-                models[name] = build(name, args)
+                models[name] = build(name, args).to(device)
             model = models[name]
-            x = torch.randn(batch, 3, size, size)
+            x = torch.randn(batch, 3, size, size).to(device)
             times, cpu = [], []
             with torch.inference_mode():
-                if (name, size) not in warmed:
+                if (name, size, batch) not in warmed:
                     model(x)
-                    warmed.add((name, size))
+                    sync(device)
+                    warmed.add((name, size, batch))
                 for _ in range(reps):
                     c0, t0 = time.process_time(), time.perf_counter()
                     model(x)
+                    sync(device)
                     times.append((time.perf_counter() - t0) * 1e3)
                     cpu.append((time.process_time() - c0) * 1e3)
             emit({"model": name, "size": size, "batch": batch, "times_ms": times, "cpu_ms": cpu})

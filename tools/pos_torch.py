@@ -684,28 +684,36 @@ def synthetic_targets(size, batch):
 class TrainBench:
     """One stage-1 training iteration on fixed backbone features."""
 
-    def __init__(self, preset, size, batch):
+    def __init__(self, preset, size, batch, device="cpu"):
         torch.manual_seed(0)
-        self.model = Pos(preset).train()
+        self.device = torch.device(device)
+        self.model = Pos(preset).train().to(self.device)
         self.criterion = SetCriterion(NUM_POINTS[preset])
         self.opt = make_optimizer(self.model)
-        self.features = random_features(preset, size, batch)
-        self.targets, self.label = synthetic_targets(size, batch)
+        self.features = [f.to(self.device) for f in random_features(preset, size, batch)]
+        targets, label = synthetic_targets(size, batch)
+        self.targets = [{"masks": t["masks"].to(self.device)} for t in targets]
+        self.label = label.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
-    def step(self, phases=None):
+    def _now(self):
         import time
-        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def step(self, phases=None):
+        t0 = self._now()
         outputs = self.model(self.features)
-        t1 = time.perf_counter()
+        t1 = self._now()
         loss, _ = stage1_loss(self.criterion, outputs, self.targets, self.label)
-        t2 = time.perf_counter()
+        t2 = self._now()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        t3 = time.perf_counter()
+        t3 = self._now()
         torch.nn.utils.clip_grad_norm_(self.params, 0.01)
         self.opt.step()
-        t4 = time.perf_counter()
+        t4 = self._now()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise RuntimeError(f"non-finite loss {value}")

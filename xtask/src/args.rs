@@ -17,11 +17,22 @@ pub struct DeviceArg {
     /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// On CUDA, f32 matrix products and convolutions in TF32 (tensor cores; PyTorch's default
+    /// for cuDNN convolutions). Off: float32 throughout, as on the CPU.
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 impl DeviceArg {
     pub fn open(&self) -> Result<mmformer::Device> {
-        Ok(mmformer::parse_device(&self.device)?)
+        let dev = mmformer::parse_device(&self.device)?;
+        if self.tf32 {
+            if !dev.is_cuda() {
+                anyhow::bail!("--tf32 needs a CUDA device (got {})", self.device);
+            }
+            mmformer::ops::set_tf32(true);
+        }
+        Ok(dev)
     }
 }
 

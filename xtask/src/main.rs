@@ -5,6 +5,7 @@ mod args;
 mod assets;
 mod config_file;
 mod demo;
+mod gpu_check;
 mod progress;
 
 use std::path::PathBuf;
@@ -75,6 +76,16 @@ enum Cmd {
     /// Fuzz the file readers: mutated seed files, worker processes under a memory limit;
     /// `--target all --seconds N` (per target). Fails if any case panics, aborts or hangs.
     Fuzz(args::FuzzArgs),
+    /// On a GPU (`--features cuda`): every op against the CPU, the parity fixtures, both training
+    /// stages for a few iterations, and speed against PyTorch on the same GPU; one summary.
+    GpuCheck(gpu_check::GpuCheckArgs),
+    /// A project-local CUDA 13.0 toolchain from PyPI (no root, no system CUDA; works without a
+    /// GPU) and the `--features cuda` build of this CLI: runs tools/setup-cuda.sh.
+    SetupCuda {
+        /// Toolchain and env file only, no build.
+        #[arg(long)]
+        no_build: bool,
+    },
 }
 
 /// Errors end the program with one line (the whole chain of causes) and a non-zero status.
@@ -147,6 +158,20 @@ fn run() -> Result<()> {
         Cmd::Eval(args) => run_eval(&args).map(|_| ()),
         Cmd::Bench(args) => run_bench(&args),
         Cmd::Fuzz(args) => args.run(),
+        Cmd::GpuCheck(args) => gpu_check::gpu_check(&args),
+        Cmd::SetupCuda { no_build } => {
+            let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/setup-cuda.sh");
+            let mut cmd = std::process::Command::new("bash");
+            cmd.arg(&script);
+            if no_build {
+                cmd.arg("--no-build");
+            }
+            let status = cmd.status().with_context(|| format!("cannot run {}", script.display()))?;
+            if !status.success() {
+                bail!("{} failed ({status})", script.display());
+            }
+            Ok(())
+        }
     }
 }
 

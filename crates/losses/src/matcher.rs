@@ -1,6 +1,7 @@
 //! Mask2Former's `HungarianMatcher` without the class cost (MM-Former POS, spec §2.3).
 
 use candle_core::{bail, DType, Result, Tensor};
+use rayon::prelude::*;
 
 use crate::mask::{pairwise_bce_cost, pairwise_dice_cost};
 use crate::points::{sample_maps_shared, PointDraw, PointSource};
@@ -14,10 +15,15 @@ pub fn linear_sum_assignment(cost: &Tensor) -> Result<(Vec<usize>, Vec<usize>)> 
         _ => bail!("linear_sum_assignment: cost must be 2-D, got {:?}", cost.shape()),
     };
     let flat: Vec<f64> = cost.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    solve_host(r, c, &flat)
+}
+
+/// [`linear_sum_assignment`] of a row-major (r, c) matrix already on the host (`lsap` takes a `Vec`).
+fn solve_host(r: usize, c: usize, flat: &Vec<f64>) -> Result<(Vec<usize>, Vec<usize>)> {
     if let Some(v) = flat.iter().find(|v| !v.is_finite()) {
         bail!("linear_sum_assignment: the {r}x{c} cost matrix holds a non-finite entry ({v})");
     }
-    let (rows, cols) = lsap::solve(r, c, &flat, false)
+    let (rows, cols) = lsap::solve(r, c, flat, false)
         .map_err(|e| candle_core::Error::Msg(format!("linear_sum_assignment on a {r}x{c} matrix failed: {e}")))?;
     // scipy's contract: rows ascending. lsap already returns them so; enforce it for safety.
     let mut pairs: Vec<(usize, usize)> = rows.into_iter().zip(cols).collect();
@@ -98,11 +104,35 @@ impl HungarianMatcher {
         if self.num_points == 0 {
             bail!("HungarianMatcher: num_points must be positive");
         }
-        let mut out = Vec::with_capacity(b);
+        // Every image's cost is queued first and read back after: on a GPU the device then
+        // waits once per batch, not once per image. The solves run in parallel.
+        let mut costs = Vec::with_capacity(b);
         for (i, tgt) in targets.iter().enumerate() {
             let pts = points.draw(PointDraw::Match, 1, self.num_points, pred_masks.device())?;
-            out.push(self.match_image(&pred_masks.get(i)?, tgt, &pts)?);
+            let pred = pred_masks.get(i)?;
+            costs.push(match (pred.dims(), tgt.dims()) {
+                (&[q, _, _], &[0, _, _]) => Err(Tensor::zeros((q, 0), DType::F32, pred.device())?),
+                _ => Ok(self.cost_matrix(&pred, tgt, &pts)?),
+            });
         }
-        Ok(out)
+        let host: Vec<Option<(usize, usize, Vec<f64>)>> = costs
+            .iter()
+            .map(|c| match c {
+                Ok(cost) => Ok(Some((cost.dim(0)?, cost.dim(1)?, cost.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?))),
+                Err(_) => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let solved: Vec<Option<(Vec<usize>, Vec<usize>)>> = host
+            .par_iter()
+            .map(|h| h.as_ref().map(|(r, c, flat)| solve_host(*r, *c, flat)).transpose())
+            .collect::<Result<_>>()?;
+        Ok(costs
+            .into_iter()
+            .zip(solved)
+            .map(|(cost, s)| match (cost, s) {
+                (Ok(cost), Some((src, tgt))) => ImageMatch { src, tgt, cost },
+                (Ok(cost), None) | (Err(cost), _) => ImageMatch { src: vec![], tgt: vec![], cost },
+            })
+            .collect())
     }
 }

@@ -8,6 +8,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rand_chacha::rand_core::RngCore;
+use rayon::prelude::*;
 
 /// Which `torch.rand` call of the official code a draw replaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,26 +84,26 @@ impl PointSource for FixedPoints {
 /// ties (which torch leaves unspecified).
 pub fn top_k_indices(uncertainty: &Tensor, k: usize) -> Result<Vec<Vec<usize>>> {
     let rows: Vec<Vec<f32>> = uncertainty.to_dtype(DType::F32)?.to_vec2()?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        if k > row.len() {
-            bail!("top_k_indices: k = {k} exceeds the {} candidates", row.len());
-        }
-        if row.iter().any(|v| v.is_nan()) {
-            bail!("top_k_indices: NaN uncertainty (non-finite mask logits)");
-        }
-        let mut idx: Vec<usize> = (0..row.len()).collect();
-        // Descending value, then ascending index: a total order (NaN was excluded above), so
-        // partitioning at k and sorting only the kept prefix equals a full sort's first k.
-        let order = |a: &usize, b: &usize| row[*b].partial_cmp(&row[*a]).unwrap().then(a.cmp(b));
-        if k > 0 && k < idx.len() {
-            idx.select_nth_unstable_by(k - 1, order);
-        }
-        idx.truncate(k);
-        idx.sort_unstable_by(order);
-        out.push(idx);
+    rows.into_par_iter().map(|row| top_k_row(row, k)).collect()
+}
+
+fn top_k_row(row: Vec<f32>, k: usize) -> Result<Vec<usize>> {
+    if k > row.len() {
+        bail!("top_k_indices: k = {k} exceeds the {} candidates", row.len());
     }
-    Ok(out)
+    if row.iter().any(|v| v.is_nan()) {
+        bail!("top_k_indices: NaN uncertainty (non-finite mask logits)");
+    }
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    // Descending value, then ascending index: a total order (NaN was excluded above), so
+    // partitioning at k and sorting only the kept prefix equals a full sort's first k.
+    let order = |a: &usize, b: &usize| row[*b].partial_cmp(&row[*a]).unwrap().then(a.cmp(b));
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, order);
+    }
+    idx.truncate(k);
+    idx.sort_unstable_by(order);
+    Ok(idx)
 }
 
 /// Mask2Former's point uncertainty: −|logit| (the closer to the decision boundary, the higher).

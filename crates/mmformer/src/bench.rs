@@ -23,8 +23,13 @@ use crate::stage2::{EpisodeBatch, StageTwoData};
 use crate::{MmFormer, Preset};
 
 /// Where `tools/` lives (the workspace root).
+/// The checkout whose `tools/` holds the PyTorch scripts: `$MMFORMER_ROOT` when set (a binary
+/// run from another checkout or machine), else the one this binary was built from.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    match std::env::var_os("MMFORMER_ROOT") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
 }
 
 /// One benchmark figure. `torch_ms` is always a measurement taken in the same run (never a
@@ -504,6 +509,9 @@ pub struct PosTrainBench {
     pub targets: Vec<Tensor>,
     pub label: Tensor,
     pub iter: u64,
+    /// Wait for the device at each phase boundary, so that the phase times are the device's
+    /// (without it a GPU's phases are launch times and the last one holds the rest).
+    pub sync_phases: bool,
 }
 
 /// Names of the phases [`PosTrainBench::step`] times.
@@ -520,23 +528,30 @@ impl PosTrainBench {
         });
         let features = pos_bench_features(preset, size, batch, device)?;
         let (targets, label) = pos_bench_targets(size, batch, device)?;
-        Ok(Self { model, vars, opt, criterion, features, targets, label, iter: 0 })
+        Ok(Self { model, vars, opt, criterion, features, targets, label, iter: 0, sync_phases: false })
     }
 
     /// One iteration; returns the wall ms of each of [`TRAIN_PHASES`] and the loss.
     pub fn step(&mut self) -> Result<([f64; 4], f64)> {
         use rand_chacha::rand_core::SeedableRng;
-        let t0 = Instant::now();
+        let dev = self.features[0].device().clone();
+        let now = || -> Result<Instant> {
+            if self.sync_phases {
+                dev.synchronize()?;
+            }
+            Ok(Instant::now())
+        };
+        let t0 = now()?;
         let out = self.model.forward(&self.features)?;
-        let t1 = Instant::now();
+        let t1 = now()?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.iter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let l = self.criterion.forward_with_rng(&out.all_predictions(), &self.targets, &self.label, &mut rng)?;
-        let t2 = Instant::now();
+        let t2 = now()?;
         let mut grads = l.total.backward()?;
-        let t3 = Instant::now();
+        let t3 = now()?;
         train::clip_grad_norm(&mut grads, &self.vars, 0.01)?;
         self.opt.step(&grads, 1e-4)?;
-        let t4 = Instant::now();
+        let t4 = now()?;
         self.iter += 1;
         let loss = l.total.to_scalar::<f32>()? as f64;
         if !loss.is_finite() {

@@ -26,7 +26,12 @@ pub fn parse_device(s: &str) -> Result<Device> {
             "device `{s}`: this build has no CUDA support; rebuild with the `cuda` feature (`cargo run --release -p xtask --features cuda -- ...`, see the README) or use --device cpu"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| Error::Invalid(format!("device `{s}`: cannot open CUDA device {ordinal}: {e}")))
+    // candle appends a backtrace to driver errors: the first line says what happened.
+    Device::new_cuda(ordinal).map_err(|e| {
+        let msg = e.to_string();
+        let first = msg.lines().next().unwrap_or_default().to_string();
+        Error::Invalid(format!("device `{s}`: cannot open CUDA device {ordinal}: {first} (is an NVIDIA driver >= 580 installed and the GPU visible?)"))
+    })
 }
 
 /// How a device is written on the command line and in logs.

@@ -46,6 +46,7 @@ pub mod fuzz;
 mod device;
 mod error;
 pub mod model;
+pub mod prefetch;
 mod preset;
 pub mod segment;
 pub mod stage1;
@@ -63,6 +64,9 @@ pub use {backbone, data, eval, losses, mm, ops, pos, train};
 
 /// Consecutive non-finite training steps tolerated before a run stops.
 pub const MAX_SKIPPED_STEPS: u32 = 10;
+
+/// Training batches prepared ahead of the device by the prefetch thread.
+pub const PREFETCH_DEPTH: usize = 2;
 
 /// The shared training loop's schedule (both stages).
 fn loop_config(iters: u64, lr: f64, clip: f64, eval_every: u64, log_every: u64) -> train::LoopConfig {

@@ -19,7 +19,9 @@ use train::{AdamW, AdamWConfig, Evaluation, LoopConfig, Progress, RunSpec, StepL
 use crate::datasets::open_dataset;
 use crate::error::{bail, Error, Result};
 use crate::model::pos_features;
-use crate::Preset;
+use crate::prefetch::Prefetcher;
+use crate::{Preset, PREFETCH_DEPTH};
+use rayon::prelude::*;
 
 pub const KIND: &str = "pos";
 
@@ -113,31 +115,33 @@ pub fn oracle_miou(
 
 /// What stage 1 adds to the shared training loop: one batch of episodes through the frozen
 /// backbone, the POS and the stage-1 criterion; the oracle mIoU on validation episodes.
-struct PosStage<'a> {
+struct PosStage<'a, 'scope, 'env> {
     opts: &'a Stage1Options,
     device: &'a Device,
     ds: &'a FewShotDataset,
-    sampler: TrainEpisodeSampler,
+    /// Decoded, augmented episode batches, made ahead on CPU threads.
+    batches: Prefetcher<'scope, 'env, data::Result<Vec<data::Episode>>>,
     backbone: Box<dyn Backbone>,
     model: pos::Pos,
     criterion: Stage1Criterion,
     val: TestEpisodes,
 }
 
-impl train::Stage for PosStage<'_> {
+impl train::Stage for PosStage<'_, '_, '_> {
     type Error = Error;
 
     fn loss(&mut self, it: u64) -> Result<StepLoss> {
         let (opts, device) = (self.opts, self.device);
         // Episode indices and loss points derive from (seed, iteration) alone, so a resumed run
         // sees exactly what the uninterrupted one would.
-        let eps = (0..opts.batch as u64)
-            .map(|j| self.sampler.episode(it * opts.batch as u64 + j))
-            .collect::<data::Result<Vec<_>>>()?;
+        let eps = self.batches.get(it)?;
         let x = images_to_tensor(&eps.iter().map(|e| &e.query.image).collect::<Vec<_>>(), device)?;
-        let sem = labels_to_tensor(&eps.iter().map(|e| &e.query_semantic).collect::<Vec<_>>(), device)?;
+        // The GT masks are made on the host, where the labels are, then sent: no read-back.
+        let sem = labels_to_tensor(&eps.iter().map(|e| &e.query_semantic).collect::<Vec<_>>(), &Device::Cpu)?;
         let qlabel = labels_to_tensor(&eps.iter().map(|e| &e.query.label).collect::<Vec<_>>(), device)?;
-        let targets = (0..eps.len()).map(|b| losses::stage1_targets(&sem.get(b)?, &[])).collect::<candle_core::Result<Vec<_>>>()?;
+        let targets = (0..eps.len())
+            .map(|b| losses::stage1_targets(&sem.get(b)?, &[])?.to_device(device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let feats = self.backbone.forward(&x)?;
         let out = self.model.forward(&pos_features(&feats))?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed ^ (it.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
@@ -179,9 +183,14 @@ pub fn train_pos(opts: &Stage1Options, device: &Device, progress: &dyn Progress)
     let val_seed = eval::validation_seed(ds.default_test_seed(opts.fold)?);
     let val = TestEpisodes::generate(&ds, opts.fold, 1, opts.eval_episodes, val_seed)?;
     crate::write_config(&opts.out, opts)?;
-    let mut stage = PosStage { opts, device, ds: &ds, sampler, backbone, model, criterion, val };
     let spec = RunSpec { kind: KIND, config: crate::run_config(opts), out: &opts.out, device };
-    let state = train::train(&mut stage, &spec, &vm, &mut opt, &opts.loop_config(), progress)?;
+    let batch = opts.batch as u64;
+    let make = |it: u64| (0..batch).into_par_iter().map(|j| sampler.episode(it * batch + j)).collect::<data::Result<Vec<_>>>();
+    let state = std::thread::scope(|scope| {
+        let batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH);
+        let mut stage = PosStage { opts, device, ds: &ds, batches, backbone, model, criterion, val };
+        train::train(&mut stage, &spec, &vm, &mut opt, &opts.loop_config(), progress)
+    })?;
     progress.note(&format!(
         "best oracle mIoU {:.2} at iteration {} → {}",
         state.best_metric.unwrap_or(f64::NAN),

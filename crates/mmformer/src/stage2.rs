@@ -22,7 +22,8 @@ use crate::cache::CacheManifest;
 use crate::datasets::open_dataset;
 use crate::error::{bail, Context, Error, Result};
 use crate::model::{merge_part, save_model, ModelMeta};
-use crate::Preset;
+use crate::prefetch::Prefetcher;
+use crate::{Preset, PREFETCH_DEPTH};
 
 pub const KIND: &str = "mm";
 /// The full checkpoint `train-mm` writes (best validation mIoU) inside `--out`.
@@ -203,11 +204,12 @@ pub fn evaluate_on_shards(mm: &MaskMatching, val: &ShardReader, episodes: &TestE
 /// What stage 2 adds to the shared training loop: a batch of shard episodes through the mask
 /// matching and the stage-2 loss; ours / baseline / oracle on the validation shard episodes; the
 /// full model written at every new best.
-struct MmStage<'a> {
+struct MmStage<'a, 'scope, 'env> {
     opts: &'a Stage2Options,
     device: &'a Device,
     manifest: &'a CacheManifest,
-    train: ShardDataset<'a>,
+    /// Training episodes read from the shards, made ahead on CPU threads.
+    batches: Prefetcher<'scope, 'env, data::Result<Vec<ShardEpisode>>>,
     val_reader: &'a ShardReader,
     val: TestEpisodes,
     novel: Vec<u32>,
@@ -219,13 +221,11 @@ struct MmStage<'a> {
     last: Option<ShardEvaluation>,
 }
 
-impl train::Stage for MmStage<'_> {
+impl train::Stage for MmStage<'_, '_, '_> {
     type Error = Error;
 
     fn loss(&mut self, it: u64) -> Result<StepLoss> {
-        let batch = self.opts.batch as u64;
-        // Episode n depends only on (seed, n): a resumed run sees what the uninterrupted one would.
-        let eps = (0..batch).into_par_iter().map(|j| self.train.episode(it * batch + j)).collect::<data::Result<Vec<_>>>()?;
+        let eps = self.batches.get(it)?;
         let b = EpisodeBatch::new(&eps, self.device)?;
         let out = b.forward(&self.mm)?;
         let loss = stage2_loss(&out.two_channel()?, &b.query_label, &out.cosine, &out.proposals, self.weights)?;
@@ -315,14 +315,21 @@ pub fn train_mm(opts: &Stage2Options, device: &Device, progress: &dyn Progress) 
     let mut config = crate::run_config(opts);
     config["model_fingerprint"] = serde_json::json!(manifest.model_fingerprint);
     let novel = novel.iter().map(|&c| c as u32).collect();
-    let mut stage = MmStage { opts, device, manifest, train, val_reader, val, novel, mm, vm: &vm, cfg: cfg.clone(), weights, frozen, last: None };
     let spec = RunSpec { kind: KIND, config, out: &opts.out, device };
-    let state = train::train(&mut stage, &spec, &vm, &mut opt, &opts.loop_config(), progress)?;
+    let batch = opts.batch as u64;
+    // Episode n depends only on (seed, n): a resumed run sees what the uninterrupted one would.
+    let make = |it: u64| (0..batch).into_par_iter().map(|j| train.episode(it * batch + j)).collect::<data::Result<Vec<_>>>();
+    let (state, frozen) = std::thread::scope(|scope| -> Result<_> {
+        let batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH);
+        let mut stage = MmStage { opts, device, manifest, batches, val_reader, val, novel, mm, vm: &vm, cfg: cfg.clone(), weights, frozen, last: None };
+        let state = train::train(&mut stage, &spec, &vm, &mut opt, &opts.loop_config(), progress)?;
+        Ok((state, stage.frozen))
+    })?;
     let full = opts.out.join(MODEL_FILE);
     if !full.exists() {
         // A resumed run that was already finished: rebuild the full model from the best MM.
         let best = train::checkpoint_store(&opts.out).best(KIND)?.context("no best checkpoint")?;
-        write_full_model(opts, manifest, &stage.frozen, &cfg, &best.model(device)?, serde_json::json!({"iter": best.state.iter}))?;
+        write_full_model(opts, manifest, &frozen, &cfg, &best.model(device)?, serde_json::json!({"iter": best.state.iter}))?;
     }
     progress.note(&format!(
         "best val mIoU {:.2} at iteration {}; full model → {}",

@@ -549,6 +549,9 @@ pub fn conv2d_trainable(
             Some(b) => x.apply_op3(&w, &b.contiguous()?, train::ConvBiasOp { padding }),
         };
     }
+    if !x.device().is_cpu() && std::env::var("MMFORMER_CONV_MATMUL").as_deref() != Ok("0") {
+        return conv2d_by_matmul(x, weight, bias, padding);
+    }
     let [pt, pb, pl, pr] = padding;
     let (x, pad) = if pt == pb && pt == pl && pt == pr {
         (x.clone(), pt)
@@ -559,6 +562,44 @@ pub fn conv2d_trainable(
     match bias {
         None => Ok(y),
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+    }
+}
+
+/// [`conv2d_trainable`] as kh·kw matrix products, one per kernel tap, over shifted views of the
+/// padded input: `y = Σ_taps W[:, :, dy, dx] · x_pad[:, :, dy.., dx..]`. Forward and backward are
+/// then cuBLAS products (candle's CUDA convolution backward runs a direct transposed-convolution
+/// kernel, far slower on the pixel decoder's 256-channel maps). Used off the CPU.
+pub fn conv2d_by_matmul(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: [usize; 4],
+) -> candle_core::Result<Tensor> {
+    let (n, cin, h, w) = x.dims4()?;
+    let (cout, wcin, kh, kw) = weight.dims4()?;
+    let [pt, pb, pl, pr] = padding;
+    if wcin != cin || h + pt + pb < kh || w + pl + pr < kw {
+        return Err(err(format!("conv2d: input {:?} does not fit weight {:?} with padding {padding:?}", x.dims(), weight.dims())));
+    }
+    let (ho, wo) = (h + pt + pb - kh + 1, w + pl + pr - kw + 1);
+    let xp = if padding == [0; 4] { x.clone() } else { x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)? };
+    let mut acc: Option<Tensor> = None;
+    for dy in 0..kh {
+        for dx in 0..kw {
+            let tap = if kh == 1 && kw == 1 { xp.clone() } else { xp.narrow(2, dy, ho)?.narrow(3, dx, wo)? };
+            let tap = tap.contiguous()?.reshape((n, cin, ho * wo))?;
+            let wt = weight.narrow(2, dy, 1)?.narrow(3, dx, 1)?.reshape((1, cout, cin))?;
+            let y = wt.broadcast_as((n, cout, cin))?.contiguous()?.matmul(&tap)?; // (N, Cout, Ho·Wo)
+            acc = Some(match acc {
+                None => y,
+                Some(a) => (a + y)?,
+            });
+        }
+    }
+    let y = acc.expect("a kernel has at least one tap").reshape((n, cout, ho, wo))?;
+    match bias {
+        None => Ok(y),
+        Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?),
     }
 }
 

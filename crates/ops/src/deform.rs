@@ -7,6 +7,49 @@ use crate::nn::softmax;
 use crate::util::{bilinear_taps, ensure_float};
 
 mod kernel;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// How the CUDA backward of the deformable-attention core is parallelised (both compute the same
+/// gradients; the GPU check compares each with the CPU kernel and times both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaBackward {
+    /// One warp per sampling point, lanes over channels: coalesced reads and atomics (default).
+    Warp,
+    /// One thread per sampling point, channels in a loop.
+    Thread,
+}
+
+static CUDA_BACKWARD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// The CUDA backward in use: [`set_cuda_backward`]'s choice, else `MMFORMER_DEFORM_BWD`
+/// (`warp` or `thread`), else [`CudaBackward::Warp`].
+pub fn cuda_backward() -> CudaBackward {
+    use std::sync::atomic::Ordering;
+    match CUDA_BACKWARD.load(Ordering::Relaxed) {
+        0 => CudaBackward::Warp,
+        1 => CudaBackward::Thread,
+        _ => match std::env::var("MMFORMER_DEFORM_BWD").as_deref() {
+            Ok("thread") => CudaBackward::Thread,
+            _ => CudaBackward::Warp,
+        },
+    }
+}
+
+/// Chooses the CUDA backward for the whole process.
+pub fn set_cuda_backward(v: CudaBackward) {
+    let code = match v {
+        CudaBackward::Warp => 0,
+        CudaBackward::Thread => 1,
+    };
+    CUDA_BACKWARD.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the dedicated deformable-attention kernel runs on `device` (CPU always; CUDA when
+/// built with the `cuda` feature); elsewhere the composed path is used.
+pub fn has_kernel(device: &candle_core::Device) -> bool {
+    device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
+}
 
 /// Sizes of one core call, after validation.
 struct CoreDims {
@@ -78,8 +121,8 @@ fn check_core_inputs(
 /// - `attention_weights`: (B, Lq, heads, L, P);
 ///
 /// returns (B, Lq, heads·dh) with the head index major. Differentiable w.r.t. all three tensors.
-/// On CPU this runs a dedicated kernel with an analytic backward; on other devices it falls back
-/// to [`ms_deform_attn_core_composed`].
+/// On CPU (and on CUDA with the `cuda` feature) this runs a dedicated kernel with an analytic
+/// backward; on other devices it falls back to [`ms_deform_attn_core_composed`].
 pub fn ms_deform_attn_core(
     value: &Tensor,
     spatial_shapes: &[(usize, usize)],
@@ -87,7 +130,7 @@ pub fn ms_deform_attn_core(
     attention_weights: &Tensor,
 ) -> Result<Tensor> {
     let dims = check_core_inputs(value, spatial_shapes, sampling_locations, attention_weights)?;
-    if !value.device().is_cpu() {
+    if !has_kernel(value.device()) {
         return ms_deform_attn_core_composed(
             value,
             spatial_shapes,

@@ -54,3 +54,33 @@ pub fn init_cpu_threads() -> String {
     }
 }
 pub(crate) mod util;
+
+/// Runs f32 matrix products on CUDA in TF32 (10-bit mantissa, the tensor cores) when `on`:
+/// cuBLAS matmuls and candle's im2col convolutions. PyTorch's default for cuDNN convolutions;
+/// off by default here, so results match the CPU to float32 rounding. No effect on CPU.
+pub fn set_tf32(on: bool) {
+    #[cfg(feature = "cuda")]
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
+    let _ = on;
+}
+
+/// Whether [`set_tf32`] is on (always false without CUDA).
+pub fn tf32() -> bool {
+    #[cfg(feature = "cuda")]
+    return candle_core::cuda::gemm_reduced_precision_f32();
+    #[allow(unreachable_code)]
+    false
+}
+
+/// Device memory in use on `device` as the driver reports it (total − free, in MiB): the CUDA
+/// context, every allocation and what the stream-ordered pool keeps. None on the CPU or when
+/// the build has no CUDA.
+pub fn device_memory_mb(device: &candle_core::Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some(total.saturating_sub(free) as f64 / (1024.0 * 1024.0));
+    }
+    let _ = device;
+    None
+}

@@ -3,7 +3,7 @@
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
-use crate::deform::ms_deform_attn_core;
+use crate::deform::{has_kernel, ms_deform_attn_core};
 use crate::util::{bilinear_taps, ensure_float};
 
 /// Validated (B, C, H, W, Ho, Wo) of a grid_sample call.
@@ -38,24 +38,24 @@ fn grid_dims(input: &Tensor, grid: &Tensor) -> Result<(usize, usize, usize, usiz
 ///
 /// `input`: (B, C, H, W), `grid`: (B, Ho, Wo, 2) holding normalised (x, y) in [-1, 1]
 /// (values outside read zeros) -> (B, C, Ho, Wo). Differentiable w.r.t. both `input` and `grid`.
-/// On CPU it runs as a one-head, one-level, one-point deformable-attention core (identical
-/// sampling at location (g + 1) / 2), whose kernel is ~10× faster than the gather formulation;
-/// elsewhere it uses [`grid_sample_bilinear_composed`].
+/// On CPU and CUDA it runs as a one-head, one-level, one-point deformable-attention core
+/// (identical sampling at location (g + 1) / 2), whose kernel is ~10× faster than the gather
+/// formulation on CPU; elsewhere it uses [`grid_sample_bilinear_composed`].
 pub fn grid_sample_bilinear(input: &Tensor, grid: &Tensor) -> Result<Tensor> {
     let (b, c, _, _, ho, wo) = grid_dims(input, grid)?;
-    if !input.device().is_cpu() {
+    if !has_kernel(input.device()) {
         return grid_sample_bilinear_composed(input, grid);
     }
     let loc = grid
         .to_dtype(input.dtype())?
         .affine(0.5, 0.5)?
         .reshape((b, ho * wo, 2))?;
-    sample_unit_cpu(input, &loc)?.reshape((b, c, ho, wo))
+    sample_unit(input, &loc)?.reshape((b, c, ho, wo))
 }
 
-/// CPU sampling of `input` (B, C, H, W) at `loc` (B, N, 2), (x, y) in [0, 1] -> (B, C, N),
+/// Kernel sampling of `input` (B, C, H, W) at `loc` (B, N, 2), (x, y) in [0, 1] -> (B, C, N),
 /// through the deformable-attention kernel with one head, level and point of weight 1.
-fn sample_unit_cpu(input: &Tensor, loc: &Tensor) -> Result<Tensor> {
+fn sample_unit(input: &Tensor, loc: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = input.dims4()?;
     let n = loc.dim(1)?;
     let dt = input.dtype();
@@ -105,9 +105,9 @@ pub fn point_sample(input: &Tensor, coords: &Tensor) -> Result<Tensor> {
     };
     let grid = coords.affine(2.0, -1.0)?.reshape((b, 1, p, 2))?;
     grid_dims(input, &grid)?;
-    if input.device().is_cpu() {
+    if has_kernel(input.device()) {
         // Straight from the [0, 1] coordinates: no round trip through [-1, 1].
-        return sample_unit_cpu(input, coords);
+        return sample_unit(input, coords);
     }
     grid_sample_bilinear_composed(input, &grid)?.squeeze(D::Minus2)
 }

@@ -207,3 +207,44 @@ fn group_norm_bad_inputs_are_errors() {
     let w5 = Tensor::ones(5, DType::F32, &dev).unwrap();
     assert!(group_norm(&x, &w5, &w, 3, 1e-5).is_err(), "weight length");
 }
+
+/// The tap-wise matrix-product convolution (the path off the CPU) against the CPU kernels, value
+/// and gradients of input, weight and bias, in f64, on odd shapes, asymmetric padding and 1×1.
+#[test]
+fn conv_by_matmul_matches_the_cpu_kernels_f64() {
+    let mut rng = Rng::new(23);
+    let cases: [(&[usize], &[usize], [usize; 4]); 4] = [
+        (&[2, 3, 5, 6], &[4, 3, 3, 3], [1, 1, 1, 1]),
+        (&[1, 2, 6, 5], &[3, 2, 3, 3], [0, 2, 1, 0]),
+        (&[2, 4, 4, 3], &[5, 4, 1, 1], [0, 0, 0, 0]),
+        (&[1, 3, 5, 5], &[2, 3, 3, 2], [1, 1, 0, 1]),
+    ];
+    for (xs, ws, pad) in cases {
+        let x = rng.var(xs, -1.0, 1.0);
+        let w = rng.var(ws, -1.0, 1.0);
+        let b = rng.var(&ws[..1], -1.0, 1.0);
+        let what = format!("conv2d_by_matmul x {xs:?} w {ws:?} pad {pad:?}");
+        let run = |matmul: bool| {
+            let f = if matmul { ops::conv::conv2d_by_matmul } else { conv2d_trainable };
+            let y = f(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), pad).unwrap();
+            let weights = Tensor::arange(0f64, y.elem_count() as f64, y.device()).unwrap().reshape(y.dims()).unwrap().cos().unwrap();
+            let g = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = [&x, &w, &b].map(|v| g.get(v).expect("gradient").clone());
+            (y, grads)
+        };
+        let (y, g) = run(true);
+        let (y_ref, g_ref) = run(false);
+        assert!(rel_err(&y, &y_ref) < 1e-12, "{what}: forward");
+        for (name, (a, r)) in ["x", "w", "bias"].iter().zip(g.iter().zip(&g_ref)) {
+            assert!(rel_err(a, r) < 1e-12, "{what}: gradient of {name}");
+        }
+    }
+}
+
+#[test]
+fn conv_by_matmul_rejects_a_weight_that_does_not_fit() {
+    let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((2, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let e = ops::conv::conv2d_by_matmul(&x, &w, None, [1; 4]).unwrap_err().to_string();
+    assert!(e.contains("does not fit"), "{e}");
+}

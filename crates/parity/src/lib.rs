@@ -167,7 +167,12 @@ impl FormulaWeights {
 
     /// A `VarBuilder` over these weights (f32, CPU).
     pub fn var_builder(self) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self), DType::F32, Device::Cpu)
+        self.var_builder_on(&Device::Cpu)
+    }
+
+    /// A `VarBuilder` over these weights (f32) on `device`.
+    pub fn var_builder_on(self, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), DType::F32, device.clone())
     }
 
     /// Name → tensor for an explicit list of (name, shape) pairs, e.g. to feed a loader that

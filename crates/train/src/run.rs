@@ -123,10 +123,15 @@ pub fn train<S: Stage>(
     progress.start(spec.kind, cfg.iters, state.iter);
     let mut window = Instant::now();
     let mut skipped_in_a_row = 0u32;
+    // The driver's view of device memory after each step (None on CPU); the log keeps the peak.
+    let mut gpu_mem_peak: Option<f64> = None;
     for it in state.iter..cfg.iters {
         let loss = stage.loss(it)?;
         let lr = sched.lr(it);
         let step = apply_step(&loss.total, &vars, opt, cfg.clip, lr)?;
+        if let Some(m) = ops::device_memory_mb(spec.device) {
+            gpu_mem_peak = Some(gpu_mem_peak.map_or(m, |p| p.max(m)));
+        }
         state.iter = it + 1;
         let (value, gnorm) = match step {
             Step::Applied { loss, grad_norm } => {
@@ -163,6 +168,9 @@ pub fn train<S: Stage>(
                 "grad_norm": json_f64(gnorm), "sec_per_iter": secs});
             for (name, t) in &loss.parts {
                 rec[name] = json_f64(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?);
+            }
+            if let Some(m) = gpu_mem_peak {
+                rec["gpu_mem_mb"] = serde_json::json!(m.round());
             }
             log.write(&rec)?;
         }

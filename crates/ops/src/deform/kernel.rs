@@ -1,4 +1,4 @@
-//! CPU kernel of the deformable-attention core as a candle `CustomOp3` with a hand-written
+//! CPU kernel (and, with the `cuda` feature, the CUDA launch) of the deformable-attention core as a candle `CustomOp3` with a hand-written
 //! backward: the gather formulation materialises every tap (Lq·heads·L·P·4 rows of dh values,
 //! ~230 MB per pixel-decoder layer at 480²) and is ~30× slower on CPU.
 
@@ -286,6 +286,19 @@ impl CustomOp3 for MsDeformCore {
         Ok((out, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_forward((s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn bwd(
         &self,
         value: &Tensor,
@@ -294,6 +307,11 @@ impl CustomOp3 for MsDeformCore {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if value.device().is_cuda() {
+            let (gv, gl, ga) = self.cuda_backward(value, loc, attn, grad)?;
+            return Ok((Some(gv), Some(gl), Some(ga)));
+        }
         fn run<T: WithDType>(
             op: &MsDeformCore,
             value: &Tensor,
