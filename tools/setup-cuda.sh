@@ -67,6 +67,10 @@ export CUDA_ROOT="$cuda"
 export PATH="$cuda/bin:\$PATH"
 export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-90}"
 export CARGO_TARGET_DIR="$dest/target"
+# A GPU binary is often built on one machine and run on another: the repository's
+# target-cpu=native would let it use instructions the GPU host lacks (seen: SIGILL on an H200
+# host). x86-64-v3 (AVX2, FMA) keeps the fast CPU paths; override with MMFORMER_CUDA_RUSTFLAGS.
+export RUSTFLAGS="\${MMFORMER_CUDA_RUSTFLAGS:--C target-cpu=x86-64-v3}"
 # run time: the toolkit's libraries; libcuda.so.1 comes from the driver
 export LD_LIBRARY_PATH="$cuda/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 EOF

@@ -14,24 +14,24 @@ mod cuda;
 /// gradients; the GPU check compares each with the CPU kernel and times both).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CudaBackward {
-    /// One warp per sampling point, lanes over channels: coalesced reads and atomics (default).
+    /// One warp per sampling point, lanes over channels: coalesced reads and atomics.
     Warp,
-    /// One thread per sampling point, channels in a loop.
+    /// One thread per sampling point, channels in a loop (default: the one checked on an H200).
     Thread,
 }
 
 static CUDA_BACKWARD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
 /// The CUDA backward in use: [`set_cuda_backward`]'s choice, else `MMFORMER_DEFORM_BWD`
-/// (`warp` or `thread`), else [`CudaBackward::Warp`].
+/// (`warp` or `thread`), else [`CudaBackward::Thread`].
 pub fn cuda_backward() -> CudaBackward {
     use std::sync::atomic::Ordering;
     match CUDA_BACKWARD.load(Ordering::Relaxed) {
         0 => CudaBackward::Warp,
         1 => CudaBackward::Thread,
         _ => match std::env::var("MMFORMER_DEFORM_BWD").as_deref() {
-            Ok("thread") => CudaBackward::Thread,
-            _ => CudaBackward::Warp,
+            Ok("warp") => CudaBackward::Warp,
+            _ => CudaBackward::Thread,
         },
     }
 }
