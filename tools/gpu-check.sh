@@ -14,11 +14,12 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${MMFORMER_GPU_WORK:-$root/runs/gpu-check}"
 mkdir -p "$out"
 
+cuda_dir="${MMFORMER_CUDA_DIR:-$root/target/cuda}"
 bin="${MMFORMER_GPU_BIN:-}"
 if [[ -z "$bin" && -x "$root/.gpu/xtask" ]]; then bin="$root/.gpu/xtask"; fi
 if [[ -z "$bin" ]]; then
   bash "$root/tools/setup-cuda.sh" || exit 1
-  bin="$root/target/cuda/target/release/xtask"
+  bin="$cuda_dir/target/release/xtask"
 fi
 
 fixtures="${MMFORMER_PARITY_DIR:-}"
@@ -33,7 +34,7 @@ site=""
 dirs=()
 for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
   found=""
-  for d in "$root/target/cuda/pkgs/nvidia/cu13/lib" $(for s in $site; do echo "$s"/nvidia/cu13/lib "$s"/nvidia/*/lib; done) \
+  for d in "$cuda_dir/pkgs/nvidia/cu13/lib" $(for s in $site; do echo "$s"/nvidia/cu13/lib "$s"/nvidia/*/lib; done) \
            /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
     if [[ -e "$d/$lib" ]]; then found="$d"; break; fi
   done
@@ -42,13 +43,14 @@ for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libc
   fi
   [[ -n "$found" && "$found" != "." ]] && dirs+=("$found") || echo "gpu-check: $lib not found" >&2
 done
-ld="$(printf '%s\n' "${dirs[@]}" | awk '!seen[$0]++' | paste -sd:)"
-export LD_LIBRARY_PATH="$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+ld=""
+if [[ ${#dirs[@]} -gt 0 ]]; then ld="$(printf '%s\n' "${dirs[@]}" | awk '!seen[$0]++' | paste -sd:)"; fi
+if [[ -n "$ld" ]]; then export LD_LIBRARY_PATH="$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
 export MMFORMER_ROOT="$root"
 if [[ -z "${MMFORMER_TORCH_VENV:-}" && -n "$python" ]] && "$python" -c 'import torch' 2>/dev/null; then
   # TorchServer runs <venv>/bin/python: a wrapper around the python3 that has torch.
   mkdir -p "$out/torch-venv/bin"
-  printf '#!/bin/sh\nexec %s "$@"\n' "$python" >"$out/torch-venv/bin/python"
+  printf '#!/bin/sh\nexec %q "$@"\n' "$python" >"$out/torch-venv/bin/python"
   chmod +x "$out/torch-venv/bin/python"
   export MMFORMER_TORCH_VENV="$out/torch-venv"
 fi

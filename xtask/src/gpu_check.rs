@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use mmformer::bench::{median, TorchServer};
 use candle_core::{DType, Device, Tensor, Var};
+use mmformer::bench::{median, TorchServer};
 use mmformer::stage1::Stage1Options;
 use mmformer::stage2::Stage2Options;
 use mmformer::{ops, Preset};
@@ -97,9 +97,15 @@ pub fn gpu_check(args: &GpuCheckArgs) -> Result<()> {
             continue;
         }
         let ts = Instant::now();
+        // The comparisons' tolerances are float32's: TF32 (--tf32) only where speed is measured.
+        let tf32 = ops::tf32();
+        if matches!(name, "ops" | "parity") {
+            ops::set_tf32(false);
+        }
         if let Err(e) = run(args, &dev, &mut s) {
             s.add("error", name, false, format!("{e:#}"));
         }
+        ops::set_tf32(tf32);
         println!("-- section {name}: {:.1} s", ts.elapsed().as_secs_f64());
     }
     let failed = s.lines.iter().filter(|l| !l.ok).count();
@@ -424,7 +430,7 @@ fn train_section(args: &GpuCheckArgs, dev: &Device, s: &mut Summary) -> Result<(
         s.add("train", format!("stage-1 iteration ({preset}, b{b1})"), true, format!(
             "{:.0} ms/iter; COCO 60k its -> {:.2} h, PASCAL 20k -> {:.2} h; device memory {}; {wall:.0} s in all",
             sec * 1e3, sec * 60_000.0 / 3600.0, sec * 20_000.0 / 3600.0,
-            mem.map_or("n/a".into(), |m| format!("{:.1} GB", m / 1024.0))
+            mem.map_or("n/a".into(), |m| format!("{:.1} GiB", m / 1024.0))
         ));
         if let Some(m) = mem {
             s.figure("stage1_gpu_mem_mb", json!(m));
@@ -488,7 +494,7 @@ fn train_section(args: &GpuCheckArgs, dev: &Device, s: &mut Summary) -> Result<(
         s.add("train", format!("stage-2 iteration ({preset}, b{b2})"), true, format!(
             "{:.0} ms/iter; COCO 20k its -> {:.2} h; device memory {}; {wall:.0} s in all",
             sec * 1e3, sec * 20_000.0 / 3600.0,
-            mem.map_or("n/a".into(), |m| format!("{:.1} GB", m / 1024.0))
+            mem.map_or("n/a".into(), |m| format!("{:.1} GiB", m / 1024.0))
         ));
     }
     Ok(())
@@ -573,13 +579,14 @@ fn bench_section(args: &GpuCheckArgs, dev: &Device, s: &mut Summary) -> Result<(
         let side = size / 4;
         let x = Var::from_tensor(&uniform(4, &[8, 256, side, side], -1.0, 1.0)?.to_device(dev)?)?;
         let w = Var::from_tensor(&uniform(5, &[256, 256, 3, 3], -0.05, 0.05)?.to_device(dev)?)?;
+        let was = ops::conv::conv_by_matmul();
         let run = |matmul: bool| -> Result<f64> {
-            std::env::set_var("MMFORMER_CONV_MATMUL", if matmul { "1" } else { "0" });
+            ops::conv::set_conv_by_matmul(matmul);
             let r = time_ms(dev, reps, || {
                 ops::conv::conv2d_trainable(x.as_tensor(), w.as_tensor(), None, [1; 4])?.sum_all()?.backward()?;
                 Ok(())
             });
-            std::env::remove_var("MMFORMER_CONV_MATMUL");
+            ops::conv::set_conv_by_matmul(was);
             r
         };
         let matmul = run(true)?;
@@ -664,7 +671,7 @@ fn bench_section(args: &GpuCheckArgs, dev: &Device, s: &mut Summary) -> Result<(
         s.add("bench", format!("POS train phases (ms){tag}"), true, phases.join(", "));
         s.figure(&format!("pos_train_b8{}_ms", tag.trim()), json!({"ours": ours, "torch": t, "gpu_mem_mb": mem}));
         s.add("bench", format!("POS train iter paper {size}² b8{tag}"), true, format!(
-            "{}; device memory {}", ratio_line(ours, t), mem.map_or("n/a".into(), |m| format!("{:.1} GB", m / 1024.0))
+            "{}; device memory {}", ratio_line(ours, t), mem.map_or("n/a".into(), |m| format!("{:.1} GiB", m / 1024.0))
         ));
     }
     ops::set_tf32(was);

@@ -8,19 +8,22 @@
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::Scope;
 
-/// Batches `make(it)`, `make(it + 1)`, … computed up to `depth` ahead of the consumer.
+/// Batches `make(it)`, `make(it + 1)`, … up to `end` (exclusive), computed up to `depth` ahead
+/// of the consumer.
 pub struct Prefetcher<'scope, 'env, T: Send + 'env> {
     scope: &'scope Scope<'scope, 'env>,
     make: &'env (dyn Fn(u64) -> T + Sync),
     depth: usize,
+    end: u64,
     /// The iteration the running producer delivers next, and its channel.
     live: Option<(u64, Receiver<(u64, T)>)>,
 }
 
 impl<'scope, 'env, T: Send + 'env> Prefetcher<'scope, 'env, T> {
-    /// A prefetcher on threads of `scope`; nothing runs before the first [`Prefetcher::get`].
-    pub fn new(scope: &'scope Scope<'scope, 'env>, make: &'env (dyn Fn(u64) -> T + Sync), depth: usize) -> Self {
-        Self { scope, make, depth: depth.max(1), live: None }
+    /// A prefetcher on threads of `scope` for batches below `end` (the run's last iteration + 1);
+    /// nothing runs before the first [`Prefetcher::get`].
+    pub fn new(scope: &'scope Scope<'scope, 'env>, make: &'env (dyn Fn(u64) -> T + Sync), depth: usize, end: u64) -> Self {
+        Self { scope, make, depth: depth.max(1), end, live: None }
     }
 
     /// Batch `it`: taken from the queue when the producer is there, else computed after
@@ -38,9 +41,9 @@ impl<'scope, 'env, T: Send + 'env> Prefetcher<'scope, 'env, T> {
         // Dropping the old receiver stops the old producer after its current batch.
         self.live = None;
         let (tx, rx) = sync_channel(self.depth);
-        let make = self.make;
+        let (make, end) = (self.make, self.end.max(it + 1));
         self.scope.spawn(move || {
-            for i in it.. {
+            for i in it..end {
                 if tx.send((i, make(i))).is_err() {
                     break;
                 }
@@ -65,7 +68,7 @@ mod tests {
             it * 10
         };
         std::thread::scope(|s| {
-            let mut p = Prefetcher::new(s, &make, 2);
+            let mut p = Prefetcher::new(s, &make, 2, 1000);
             assert_eq!((0..5).map(|i| p.get(i)).collect::<Vec<_>>(), vec![0, 10, 20, 30, 40]);
             // A resume elsewhere (or a repeated iteration) restarts the producer there.
             assert_eq!(p.get(100), 1000);
@@ -74,5 +77,19 @@ mod tests {
         });
         // Made ahead at most `depth` + 1 per producer beyond what was asked.
         assert!(calls.load(Ordering::Relaxed) <= 8 + 3 * 3, "{} batches made", calls.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn nothing_is_made_past_the_end() {
+        let calls = AtomicU64::new(0);
+        let make = |it: u64| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            it
+        };
+        std::thread::scope(|s| {
+            let mut p = Prefetcher::new(s, &make, 4, 3);
+            assert_eq!((0..3).map(|i| p.get(i)).collect::<Vec<_>>(), vec![0, 1, 2]);
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
     }
 }

@@ -187,7 +187,7 @@ pub fn train_pos(opts: &Stage1Options, device: &Device, progress: &dyn Progress)
     let batch = opts.batch as u64;
     let make = |it: u64| (0..batch).into_par_iter().map(|j| sampler.episode(it * batch + j)).collect::<data::Result<Vec<_>>>();
     let state = std::thread::scope(|scope| {
-        let batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH);
+        let batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH, opts.iters);
         let mut stage = PosStage { opts, device, ds: &ds, batches, backbone, model, criterion, val };
         train::train(&mut stage, &spec, &vm, &mut opt, &opts.loop_config(), progress)
     })?;

@@ -320,7 +320,7 @@ pub fn train_mm(opts: &Stage2Options, device: &Device, progress: &dyn Progress) 
     // Episode n depends only on (seed, n): a resumed run sees what the uninterrupted one would.
     let make = |it: u64| (0..batch).into_par_iter().map(|j| train.episode(it * batch + j)).collect::<data::Result<Vec<_>>>();
     let (state, frozen) = std::thread::scope(|scope| -> Result<_> {
-        let batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH);
+        let batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH, opts.iters);
         let mut stage = MmStage { opts, device, manifest, batches, val_reader, val, novel, mm, vm: &vm, cfg: cfg.clone(), weights, frozen, last: None };
         let state = train::train(&mut stage, &spec, &vm, &mut opt, &opts.loop_config(), progress)?;
         Ok((state, stage.frozen))

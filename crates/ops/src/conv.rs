@@ -549,7 +549,7 @@ pub fn conv2d_trainable(
             Some(b) => x.apply_op3(&w, &b.contiguous()?, train::ConvBiasOp { padding }),
         };
     }
-    if !x.device().is_cpu() && std::env::var("MMFORMER_CONV_MATMUL").as_deref() != Ok("0") {
+    if !x.device().is_cpu() && conv_by_matmul() {
         return conv2d_by_matmul(x, weight, bias, padding);
     }
     let [pt, pb, pl, pr] = padding;
@@ -563,6 +563,23 @@ pub fn conv2d_trainable(
         None => Ok(y),
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
     }
+}
+
+static CONV_BY_MATMUL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Whether [`conv2d_trainable`] runs as [`conv2d_by_matmul`] off the CPU (default; `false` uses
+/// candle's conv2d): [`set_conv_by_matmul`]'s choice, else `MMFORMER_CONV_MATMUL=0` turns it off.
+pub fn conv_by_matmul() -> bool {
+    match CONV_BY_MATMUL.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => std::env::var("MMFORMER_CONV_MATMUL").as_deref() != Ok("0"),
+    }
+}
+
+/// Chooses how trainable convolutions run off the CPU, for the whole process.
+pub fn set_conv_by_matmul(on: bool) {
+    CONV_BY_MATMUL.store(u8::from(on), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// [`conv2d_trainable`] as kh·kw matrix products, one per kernel tap, over shifted views of the

@@ -130,6 +130,10 @@ pub fn ms_deform_attn_core(
     attention_weights: &Tensor,
 ) -> Result<Tensor> {
     let dims = check_core_inputs(value, spatial_shapes, sampling_locations, attention_weights)?;
+    if dims.b * dims.lq == 0 {
+        // Nothing to sample (e.g. zero points): no kernel launch, which CUDA would refuse.
+        return Tensor::zeros((dims.b, dims.lq, dims.heads * dims.dh), value.dtype(), value.device());
+    }
     if !has_kernel(value.device()) {
         return ms_deform_attn_core_composed(
             value,

@@ -3,7 +3,10 @@
 // Layouts (all contiguous): value (B, S, M, D), loc (B, Lq, M, L, P, 2) holding normalised
 // (x, y), attn (B, Lq, M, L, P), out/grad (B, Lq, M, D). levels[3l..3l+3] = (h, w, first row).
 // Sampling is grid_sample's (align_corners=False, zero padding): pixel = loc * size - 0.5.
-// A NaN location poisons the output (as on the CPU) instead of indexing out of bounds.
+// A NaN location makes its whole tap NaN (output and location/weight gradients) instead of
+// indexing out of bounds; the CPU kernel, which drops out-of-range corners one axis at a time,
+// gives NaN only when the other coordinate has an in-range corner. The value gradient is summed
+// with atomics, so GPU gradients are not bit-for-bit reproducible from run to run.
 
 template <typename T>
 struct Taps {
