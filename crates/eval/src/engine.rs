@@ -1163,6 +1163,7 @@ impl<'a> Engine<'a> {
         self.stats.episodes_matched += batch.len();
         self.stats.match_seconds += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
+        let proposals = out.proposals()?;
         let mut results = Vec::with_capacity(batch.len());
         for (b, e) in batch.iter().enumerate() {
             let entry = entries[&e.query].clone();
@@ -1173,7 +1174,7 @@ impl<'a> Engine<'a> {
                 value,
                 &out.out.narrow(0, b, 1)?,
                 &out.cosine.get(b)?,
-                &out.proposals.get(b)?,
+                &proposals.get(b)?,
                 keep_masks,
             )?;
             results.push(r);

@@ -131,12 +131,21 @@ pub struct MmOutput {
     pub query_prototypes: Tensor,
     /// (B, 1, 3·hidden) support prototype, averaged over shots.
     pub support_prototype: Tensor,
-    /// (B, N, H, W) sigmoid proposals upsampled to the input size (bilinear,
-    /// align_corners=False); the stage-2 IoU targets are computed on these.
-    pub proposals: Tensor,
+    /// (B, N, h, w) sigmoid proposals at the POS's resolution (stride 4); see
+    /// [`Self::proposals`] for them at the input size.
+    pub proposal_probs: Tensor,
+    /// The input size (H, W) of `out`.
+    pub input_hw: (usize, usize),
 }
 
 impl MmOutput {
+    /// (B, N, H, W) the sigmoid proposals upsampled to the input size (bilinear,
+    /// align_corners=False), as the official code does before its matching; the stage-2 IoU
+    /// targets are computed on these. Computed on each call: inference does not need them.
+    pub fn proposals(&self) -> Result<Tensor> {
+        ops::resize::resize_bilinear(&self.proposal_probs, self.input_hw, false)
+    }
+
     /// (B, 2, H, W) the official `few_shot_result` `[1 − out, out]`.
     pub fn two_channel(&self) -> Result<Tensor> {
         Tensor::cat(&[&self.out.affine(-1.0, 1.0)?, &self.out], 1)
@@ -316,7 +325,8 @@ impl MaskMatching {
             coefficients: head.coefficients,
             query_prototypes,
             support_prototype,
-            proposals: head.proposals,
+            proposal_probs: proposals,
+            input_hw,
         })
     }
 
@@ -355,13 +365,16 @@ impl MaskMatching {
             }
             None => (None, one_hot_argmax(&cosine)?),
         };
-        let (h, w) = input_hw;
-        let up = ops::resize::resize_bilinear(proposals, input_hw, false)?;
-        let out = coefficients
+        // The official `Σ_q c_q · upsample(M_q)` taken as `upsample(Σ_q c_q · M_q)`: bilinear
+        // resizing is linear with the same weights for every channel, so the two are equal
+        // (to float rounding), and the N-channel upsampling to the input size is avoided.
+        let (_, _, ph, pw) = proposals.dims4()?;
+        let low = coefficients
             .unsqueeze(1)?
-            .matmul(&up.reshape((b, n, h * w))?)?
-            .reshape((b, 1, h, w))?;
-        Ok(MatchOutput { cosine, fc1_out, coefficients, out, proposals: up })
+            .matmul(&proposals.reshape((b, n, ph * pw))?)?
+            .reshape((b, 1, ph, pw))?;
+        let out = ops::resize::resize_bilinear(&low, input_hw, false)?;
+        Ok(MatchOutput { cosine, fc1_out, coefficients, out })
     }
 
     /// Batch size of a level triple, checking ranks, channels and (if given) the batch.
@@ -468,8 +481,6 @@ pub struct MatchOutput {
     pub coefficients: Tensor,
     /// (B, 1, H, W)
     pub out: Tensor,
-    /// (B, N, H, W) proposals upsampled to the output size.
-    pub proposals: Tensor,
 }
 
 /// (B, N) one-hot of the row argmax: the heuristic baseline keeps the best-matching proposal.

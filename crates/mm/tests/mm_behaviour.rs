@@ -94,7 +94,7 @@ fn shot_average_is_the_mean_of_per_shot_prototypes() {
     }
     assert_eq!(out.query_prototypes.dims(), &[1, 6, 48]);
     assert_eq!(out.support_prototype.dims(), &[1, 1, 48]);
-    assert_eq!(out.proposals.dims(), &[1, 6, QH, QW]);
+    assert_eq!(out.proposals().unwrap().dims(), &[1, 6, QH, QW]);
 }
 
 #[test]
@@ -142,7 +142,7 @@ fn heuristic_matching_keeps_the_highest_cosine_proposal() {
         let c = out.coefficients.get(b).unwrap().to_vec1::<f32>().unwrap();
         let expected: Vec<f32> = (0..cfg.num_queries).map(|i| if i == q as usize { 1.0 } else { 0.0 }).collect();
         assert_eq!(c, expected);
-        let chosen = out.proposals.get(b).unwrap().get(q as usize).unwrap();
+        let chosen = out.proposals().unwrap().get(b).unwrap().get(q as usize).unwrap();
         assert_close("out = best proposal", &out.out.get(b).unwrap().get(0).unwrap(), &chosen, 0.0, 1e-6);
     }
 }
@@ -240,5 +240,25 @@ fn an_all_zero_proposal_keeps_everything_finite() {
     for (name, v) in vm.data().lock().unwrap().iter() {
         let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
         assert!(finite(g), "gradient of {name} is not finite");
+    }
+}
+
+/// `out` is computed as `upsample(Σ_q c_q·M_q)`; the official order, `Σ_q c_q·upsample(M_q)`,
+/// gives the same map (bilinear resizing is linear), here at a non-integer scale too.
+#[test]
+fn output_equals_the_official_sum_of_upsampled_proposals() {
+    let m = model(&common::small_config());
+    let cfg = m.config();
+    let query = common::features("q", cfg, 2, QH, QW);
+    let supports = [common::features("s", cfg, 2, SH, SW)];
+    let labels = [common::label(2, SH, SW)];
+    let logits = common::proposal_logits("p", cfg, 2, QH, QW);
+    for hw in [(QH, QW), (QH * 4 + 3, QW * 4 - 1)] {
+        let out = m.forward(&query, &supports, &labels, &logits, hw).unwrap();
+        let up = out.proposals().unwrap();
+        let (b, n, h, w) = up.dims4().unwrap();
+        assert_eq!((h, w), hw);
+        let official = out.coefficients.unsqueeze(1).unwrap().matmul(&up.reshape((b, n, h * w)).unwrap()).unwrap().reshape((b, 1, h, w)).unwrap();
+        assert_close("out", &out.out, &official, 1e-5, 1e-6);
     }
 }

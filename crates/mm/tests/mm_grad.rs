@@ -19,7 +19,7 @@ fn mm_stage2_loss_reaches_every_variable() {
     let support = common::features("s", &cfg, b, sh, sw);
     let logits = common::proposal_logits("p", &cfg, b, qh, qw);
     let out = model.forward(&query, &[support], &[common::label(b, sh, sw)], &logits, (qh, qw)).unwrap();
-    let loss = stage2_loss(&out.two_channel().unwrap(), &common::label(b, qh, qw), &out.cosine, &out.proposals, Stage2Weights::default()).unwrap();
+    let loss = stage2_loss(&out.two_channel().unwrap(), &common::label(b, qh, qw), &out.cosine, &out.proposals().unwrap(), Stage2Weights::default()).unwrap();
     let total = loss.total.to_scalar::<f32>().unwrap();
     assert!(total.is_finite() && total > 0.0, "loss {total}");
     let grads = loss.total.backward().unwrap();

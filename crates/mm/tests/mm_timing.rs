@@ -27,7 +27,7 @@ fn mm_timing_480_resnet50() {
         let t = Instant::now();
         let out = model.forward(&query, &supports, &labels, &logits, (h, w)).unwrap();
         let fwd = t.elapsed();
-        let loss = stage2_loss(&out.two_channel().unwrap(), &label, &out.cosine, &out.proposals, Stage2Weights::default()).unwrap();
+        let loss = stage2_loss(&out.two_channel().unwrap(), &label, &out.cosine, &out.proposals().unwrap(), Stage2Weights::default()).unwrap();
         let t = Instant::now();
         let _ = loss.total.backward().unwrap();
         println!("{shots}-shot 480x480: forward {fwd:.2?}, loss backward {:.2?}", t.elapsed());

@@ -790,7 +790,7 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
         let t = Instant::now();
         let mm_out = b.forward(&mm)?;
         let t_fwd = t.elapsed().as_secs_f64();
-        let loss = stage2_loss(&mm_out.two_channel()?, &b.query_label, &mm_out.cosine, &mm_out.proposals, Stage2Weights::default())?;
+        let loss = stage2_loss(&mm_out.two_channel()?, &b.query_label, &mm_out.cosine, &mm_out.proposals()?, Stage2Weights::default())?;
         let _ = loss.total.to_scalar::<f32>()?;
         let t_loss = t.elapsed().as_secs_f64();
         let mut grads = loss.total.backward()?;

@@ -189,10 +189,11 @@ pub fn evaluate_on_shards(mm: &MaskMatching, val: &ShardReader, episodes: &TestE
         let out = batch.forward(mm)?;
         let fg = out.foreground()?.to_dtype(DType::U8)?;
         let best_cos = out.cosine.argmax(1)?.to_vec1::<u32>()?;
+        let proposals = out.proposals()?;
         for (b, e) in eps.iter().enumerate() {
             let label = &e.query_label;
             ours.add(e.class_id as u32, &fg.get(b)?.flatten_all()?.to_vec1::<u8>()?, label)?;
-            let probs = out.proposals.get(b)?;
+            let probs = proposals.get(b)?;
             base.add(e.class_id as u32, &binary(&probs.get(best_cos[b] as usize)?)?, label)?;
             let (_, m) = oracle_mask(&probs, label)?;
             oracle.add(e.class_id as u32, &m, label)?;
@@ -228,7 +229,7 @@ impl train::Stage for MmStage<'_, '_, '_> {
         let eps = self.batches.get(it)?;
         let b = EpisodeBatch::new(&eps, self.device)?;
         let out = b.forward(&self.mm)?;
-        let loss = stage2_loss(&out.two_channel()?, &b.query_label, &out.cosine, &out.proposals, self.weights)?;
+        let loss = stage2_loss(&out.two_channel()?, &b.query_label, &out.cosine, &out.proposals()?, self.weights)?;
         let mut parts = vec![("dice".to_string(), loss.dice.clone())];
         if let Some(c) = &loss.co {
             parts.push(("co".to_string(), c.loss.clone()));
