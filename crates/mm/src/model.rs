@@ -7,7 +7,7 @@ use candle_nn::{Init, Linear, Module, VarBuilder};
 
 use crate::config::MmConfig;
 use crate::cross_align::CrossAt;
-use crate::prototype::{cosine_similarity, query_prototypes, support_prototype};
+use crate::prototype::{cosine_similarity, support_prototype, ProposalMasks};
 use crate::self_align::self_align;
 
 /// Backbone features of one image at the three matching levels, low to high resolution:
@@ -171,6 +171,8 @@ enum Proposals<'a> {
 struct QuerySide {
     feats: Vec<Tensor>,
     pos: Vec<Tensor>,
+    /// The proposals resized to each level, for the query prototypes of every shot.
+    masks: Vec<ProposalMasks>,
 }
 
 /// The mask-matching module: `conv_{0,1,2}`, `crossat_{0,1,2}`, `fc1`, `fc2` (official names,
@@ -295,11 +297,11 @@ impl MaskMatching {
             Proposals::Probabilities(t) => t.to_dtype(dtype)?,
         };
 
-        let query = self.query_side(query_feats, &mut trace)?;
+        let query = self.query_side(query_feats, &proposals, &mut trace)?;
         let mut sum: Option<(Tensor, Tensor)> = None;
         for (s, (feats, label)) in support_feats.iter().zip(support_labels).enumerate() {
             self.check_levels(feats, &format!("support shot {s}"), Some(b))?;
-            let (qp, sp) = self.shot_prototypes(s, &query, feats, label, &proposals, &mut trace)?;
+            let (qp, sp) = self.shot_prototypes(s, &query, feats, label, &mut trace)?;
             sum = Some(match sum {
                 None => (qp, sp),
                 Some((aq, asup)) => ((aq + qp)?, (asup + sp)?),
@@ -402,13 +404,14 @@ impl MaskMatching {
         Ok(b0.expect("three levels"))
     }
 
-    fn query_side(&self, feats: &LevelFeatures, trace: &mut Option<&mut Trace>) -> Result<QuerySide> {
-        let mut out = QuerySide { feats: Vec::with_capacity(3), pos: Vec::with_capacity(3) };
+    fn query_side(&self, feats: &LevelFeatures, proposals: &Tensor, trace: &mut Option<&mut Trace>) -> Result<QuerySide> {
+        let mut out = QuerySide { feats: Vec::with_capacity(3), pos: Vec::with_capacity(3), masks: Vec::with_capacity(3) };
         for (i, f) in feats.iter().enumerate() {
             let x = self.reduce(f, i, trace, "query")?;
             let (b, _, h, w) = x.dims4()?;
             let pos = self.position(b, h, w, &x)?;
             Trace::record(trace, || format!("query.pos.l{i}"), &pos);
+            out.masks.push(ProposalMasks::new(proposals, (h, w))?);
             out.feats.push(x);
             out.pos.push(pos);
         }
@@ -437,7 +440,6 @@ impl MaskMatching {
         query: &QuerySide,
         feats: &LevelFeatures,
         label: &Tensor,
-        proposals: &Tensor,
         trace: &mut Option<&mut Trace>,
     ) -> Result<(Tensor, Tensor)> {
         let b = query.feats[0].dim(0)?;
@@ -450,7 +452,12 @@ impl MaskMatching {
             // addmask: features and positions times the label resized with align_corners=False.
             let m = ops::resize::resize_bilinear(&mask, (h, w), false)?;
             let x = x.broadcast_mul(&m)?;
-            let pos = self.position(b, h, w, &x)?.broadcast_mul(&m)?;
+            // The sine encoding depends only on the size: reuse the query's when they agree.
+            let pos = match query.pos[i].dims4()? {
+                (_, _, qh, qw) if (qh, qw) == (h, w) => query.pos[i].clone(),
+                _ => self.position(b, h, w, &x)?,
+            };
+            let pos = pos.broadcast_mul(&m)?;
             Trace::record(trace, || format!("shot{s}.support.masked.l{i}"), &x);
             Trace::record(trace, || format!("shot{s}.support.pos_masked.l{i}"), &pos);
             let (qa, sa) = match self.crossat.get(i) {
@@ -460,7 +467,7 @@ impl MaskMatching {
             Trace::record(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &qa);
             Trace::record(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &sa);
             sps.push(support_prototype(&sa, &mask)?);
-            qps.push(query_prototypes(&qa, proposals)?);
+            qps.push(query.masks[i].pool(&qa)?);
         }
         let qp = Tensor::cat(&qps, 2)?;
         let sp = Tensor::cat(&sps, 1)?.unsqueeze(1)?;

@@ -32,15 +32,44 @@ pub fn support_prototype(features: &Tensor, mask: &Tensor) -> Result<Tensor> {
 ///
 /// `features`: (B, C, h, w); `proposals`: (B, N, H', W') probabilities -> (B, N, C).
 pub fn query_prototypes(features: &Tensor, proposals: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = features.dims4()?;
-    let (pb, n, _, _) = proposals.dims4()?;
-    if pb != b {
-        bail!("query_prototypes: {pb} proposal sets for a batch of {b}");
+    let (_, _, h, w) = features.dims4()?;
+    ProposalMasks::new(proposals, (h, w))?.pool(features)
+}
+
+/// Soft proposals resized (bilinear, align_corners=True) to one feature size, with their areas:
+/// the part of [`query_prototypes`] that depends only on the proposals, so an episode resizes
+/// them once per level whatever its shot count.
+#[derive(Debug, Clone)]
+pub struct ProposalMasks {
+    /// (B, N, h·w)
+    masks: Tensor,
+    /// (B, N, 1), floored at [`MIN_PROPOSAL_AREA`]
+    area: Tensor,
+    hw: (usize, usize),
+}
+
+impl ProposalMasks {
+    /// `proposals`: (B, N, H', W') probabilities; `hw`: the feature size they are pooled at.
+    pub fn new(proposals: &Tensor, hw: (usize, usize)) -> Result<Self> {
+        let (b, n, _, _) = proposals.dims4()?;
+        let masks = ops::resize::resize_bilinear(proposals, hw, true)?.reshape((b, n, hw.0 * hw.1))?;
+        let area = masks.sum_keepdim(2)?.maximum(MIN_PROPOSAL_AREA)?;
+        Ok(Self { masks, area, hw })
     }
-    let m = ops::resize::resize_bilinear(proposals, (h, w), true)?.reshape((b, n, h * w))?;
-    let area = m.sum_keepdim(2)?.maximum(MIN_PROPOSAL_AREA)?; // (B, N, 1)
-    let pooled = m.matmul(&features.reshape((b, c, h * w))?.transpose(1, 2)?)?; // (B, N, C)
-    pooled.broadcast_div(&area)
+
+    /// `features`: (B, C, h, w) at this size -> (B, N, C) query prototypes.
+    pub fn pool(&self, features: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = features.dims4()?;
+        let mb = self.masks.dim(0)?;
+        if mb != b {
+            bail!("query_prototypes: {mb} proposal sets for a batch of {b}");
+        }
+        if (h, w) != self.hw {
+            bail!("query_prototypes: features of {h}x{w}, proposals resized to {}x{}", self.hw.0, self.hw.1);
+        }
+        let pooled = self.masks.matmul(&features.reshape((b, c, h * w))?.transpose(1, 2)?)?; // (B, N, C)
+        pooled.broadcast_div(&self.area)
+    }
 }
 
 /// `F.cosine_similarity(a, b, dim=-1, eps=1e-8)`: each side divided by max(‖·‖, eps).
