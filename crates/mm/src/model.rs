@@ -175,6 +175,26 @@ struct QuerySide {
     masks: Vec<ProposalMasks>,
 }
 
+impl QuerySide {
+    /// The query side repeated `k` times along the batch, for `k` stacked shots.
+    fn repeat(&self, k: usize) -> Result<Self> {
+        let rep = |ts: &[Tensor]| ts.iter().map(|t| t.repeat((k, 1, 1, 1))).collect::<Result<Vec<_>>>();
+        Ok(Self {
+            feats: rep(&self.feats)?,
+            pos: rep(&self.pos)?,
+            masks: self.masks.iter().map(|m| m.repeat(k)).collect::<Result<Vec<_>>>()?,
+        })
+    }
+}
+
+/// Whether the shots can run as one stacked batch: every level and label of one size across
+/// shots, each label of batch `b` (otherwise the per-shot path runs and names the bad shot).
+fn stackable(feats: &[LevelFeatures], labels: &[Tensor], b: usize) -> bool {
+    let same_levels = feats.iter().all(|f| (0..3).all(|i| f[i].dims() == feats[0][i].dims()));
+    let same_labels = labels.iter().all(|l| l.dims() == labels[0].dims() && l.dims().first() == Some(&b) && l.dtype() == labels[0].dtype());
+    same_levels && same_labels
+}
+
 /// The mask-matching module: `conv_{0,1,2}`, `crossat_{0,1,2}`, `fc1`, `fc2` (official names,
 /// top level of the state dict).
 #[derive(Debug, Clone)]
@@ -298,17 +318,34 @@ impl MaskMatching {
         };
 
         let query = self.query_side(query_feats, &proposals, &mut trace)?;
-        let mut sum: Option<(Tensor, Tensor)> = None;
-        for (s, (feats, label)) in support_feats.iter().zip(support_labels).enumerate() {
+        for (s, feats) in support_feats.iter().enumerate() {
             self.check_levels(feats, &format!("support shot {s}"), Some(b))?;
-            let (qp, sp) = self.shot_prototypes(s, &query, feats, label, &mut trace)?;
-            sum = Some(match sum {
-                None => (qp, sp),
-                Some((aq, asup)) => ((aq + qp)?, (asup + sp)?),
-            });
         }
-        let (qsum, ssum) = sum.expect("at least one shot was checked above");
-        let k = support_feats.len() as f64;
+        let shots = support_feats.len();
+        let (qsum, ssum) = if trace.is_none() && shots > 1 && stackable(support_feats, support_labels, b) {
+            // All shots in one pass, stacked along the batch (shot-major) against the query side
+            // repeated: the same per-element math with K times larger matrix products.
+            let level = |i: usize| Tensor::cat(&support_feats.iter().map(|f| &f[i]).collect::<Vec<_>>(), 0);
+            let feats: LevelFeatures = [level(0)?, level(1)?, level(2)?];
+            let labels = Tensor::cat(support_labels, 0)?;
+            let (qp, sp) = self.shot_prototypes(0, &query.repeat(shots)?, &feats, &labels, &mut trace)?;
+            let per_shot = |t: Tensor| -> Result<Tensor> {
+                let (_, r, d) = t.dims3()?;
+                t.reshape((shots, b, r, d))?.sum(0)
+            };
+            (per_shot(qp)?, per_shot(sp)?)
+        } else {
+            let mut sum: Option<(Tensor, Tensor)> = None;
+            for (s, (feats, label)) in support_feats.iter().zip(support_labels).enumerate() {
+                let (qp, sp) = self.shot_prototypes(s, &query, feats, label, &mut trace)?;
+                sum = Some(match sum {
+                    None => (qp, sp),
+                    Some((aq, asup)) => ((aq + qp)?, (asup + sp)?),
+                });
+            }
+            sum.expect("at least one shot was checked above")
+        };
+        let k = shots as f64;
         let query_prototypes = (qsum / k)?;
         let support_prototype = (ssum / k)?;
         Trace::record(&mut trace, || "query_prototypes".into(), &query_prototypes);

@@ -57,6 +57,11 @@ impl ProposalMasks {
         Ok(Self { masks, area, hw })
     }
 
+    /// The masks repeated `k` times along the batch (batch element `s·B + b` is element `b`).
+    pub fn repeat(&self, k: usize) -> Result<Self> {
+        Ok(Self { masks: self.masks.repeat((k, 1, 1))?, area: self.area.repeat((k, 1, 1))?, hw: self.hw })
+    }
+
     /// `features`: (B, C, h, w) at this size -> (B, N, C) query prototypes.
     pub fn pool(&self, features: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = features.dims4()?;

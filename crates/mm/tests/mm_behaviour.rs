@@ -262,3 +262,27 @@ fn output_equals_the_official_sum_of_upsampled_proposals() {
         assert_close("out", &out.out, &official, 1e-5, 1e-6);
     }
 }
+
+/// Several shots run stacked along the batch (untraced forward) and one by one (traced
+/// forward): the same outputs.
+#[test]
+fn stacked_shots_equal_shots_one_by_one() {
+    let m = model(&common::small_config());
+    let cfg = m.config();
+    let query = common::features("q", cfg, 2, QH, QW);
+    let supports = [common::features("s", cfg, 2, SH, SW), common::features("t", cfg, 2, SH, SW), common::features("u", cfg, 2, SH, SW)];
+    let labels = [common::label(2, SH, SW), common::label(2, SH, SW).affine(0.0, 1.0).unwrap(), common::label(2, SH, SW)];
+    let logits = common::proposal_logits("p", cfg, 2, QH, QW);
+    let stacked = m.forward(&query, &supports, &labels, &logits, (QH, QW)).unwrap();
+    let mut trace = Trace::new();
+    let looped = m.forward_traced(&query, &supports, &labels, &logits, (QH, QW), &mut trace).unwrap();
+    for (name, a, b) in [
+        ("query_prototypes", &stacked.query_prototypes, &looped.query_prototypes),
+        ("support_prototype", &stacked.support_prototype, &looped.support_prototype),
+        ("cosine", &stacked.cosine, &looped.cosine),
+        ("out", &stacked.out, &looped.out),
+    ] {
+        assert_eq!(a.dims(), b.dims(), "{name}");
+        assert_close(name, a, b, 1e-5, 1e-6);
+    }
+}
