@@ -229,8 +229,8 @@ pub fn time_episode(
     mark();
     let f = model.backbone.forward(query)?;
     mark();
-    let pos = model.pos.forward(&pos_features(&f))?;
-    let pass = QueryPass { features: mm_features(&f), proposal_logits: pos.pred_masks };
+    let proposal_logits = model.pos.forward_proposals(&pos_features(&f))?;
+    let pass = QueryPass { features: mm_features(&f), proposal_logits };
     mark();
     let feats = supports.iter().map(|x| model.support(x)).collect::<Result<Vec<_>>>()?;
     mark();
@@ -686,8 +686,7 @@ pub fn bench_pos(out: &mut dyn Write, paper_size: usize, threads: usize, reps: u
     let model = MmFormer::synthetic(Preset::Paper, 0, device)?;
     let feats = pos_bench_features(Preset::Paper, paper_size, 1, device)?;
     let mut ours = || -> Result<()> {
-        let out = model.pos.forward(&feats)?;
-        out.pred_masks.sum_all()?.to_scalar::<f32>()?;
+        model.pos.forward_proposals(&feats)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     };
     let req = format!("pos_forward_paper {paper_size} 1 1");
@@ -818,9 +817,9 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
         let queries: Vec<_> = views.iter().step_by(per).collect();
         let supports: Vec<_> = views.iter().skip(1).step_by(per).collect();
         let fq = backbone.forward(&eval::images_to_tensor(&queries, device)?)?;
-        let p = pos.forward(&pos_features(&fq))?;
+        let p = pos.forward_proposals(&pos_features(&fq))?;
         let fs = backbone.forward(&eval::images_to_tensor(&supports, device)?)?;
-        let _keep: (Tensor, [Tensor; 3], [Tensor; 3]) = (p.pred_masks, mm_features(&fq), mm_features(&fs));
+        let _keep: (Tensor, [Tensor; 3], [Tensor; 3]) = (p, mm_features(&fq), mm_features(&fs));
         let live = t.elapsed().as_secs_f64() + step;
         if rep > 0 {
             t_read.push(read * 1e3);

@@ -410,7 +410,7 @@ fn forward_records(
 ) -> Result<Vec<ProposalRecord>> {
     let x = images_to_tensor(&views.iter().map(|v| &v.0).collect::<Vec<_>>(), device)?;
     let f = backbone.forward(&x)?;
-    let probs = candle_nn::ops::sigmoid(&pos.forward(&pos_features(&f))?.pred_masks)?;
+    let probs = candle_nn::ops::sigmoid(&pos.forward_proposals(&pos_features(&f))?)?;
     let feats = mm_features(&f);
     let flat = |t: &Tensor, b: usize| -> Result<(Vec<usize>, Vec<f32>)> {
         let t = t.get(b)?;

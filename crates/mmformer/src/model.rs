@@ -204,8 +204,8 @@ impl MmFormer {
     /// Backbone + POS on a normalised (B, 3, H, W) query batch.
     pub fn query(&self, x: &Tensor) -> Result<QueryPass> {
         let f = self.backbone.forward(x)?;
-        let out = self.pos.forward(&pos_features(&f))?;
-        Ok(QueryPass { features: mm_features(&f), proposal_logits: out.pred_masks })
+        let proposal_logits = self.pos.forward_proposals(&pos_features(&f))?;
+        Ok(QueryPass { features: mm_features(&f), proposal_logits })
     }
 
     /// Backbone features `[res5, res4, res3]` of a normalised support batch (no POS).

@@ -86,6 +86,15 @@ impl Pos {
         self.run(features, None)
     }
 
+    /// Inference: the proposals only, (B, N, H/4, W/4) mask logits equal to
+    /// [`Self::forward`]'s `pred_masks` (to float rounding in the intermediate attention masks;
+    /// see [`MultiScaleMaskedTransformerDecoder::forward_final`]), without the deep-supervision
+    /// predictions at full size.
+    pub fn forward_proposals(&self, features: &[Tensor]) -> Result<Tensor> {
+        let pd = self.pixel_decoder.forward(features)?;
+        self.predictor.forward_final(&pd.multi_scale, &pd.mask_features)
+    }
+
     /// Test hook for parity with a stored reference run: like [`Self::forward`], but decoder
     /// layer i uses `attn_masks[i]` ((B, N, h·w) integer, 1 = not attended, before the
     /// fully-masked-row fix, e.g. the fixture's `decoder.attn_mask.i`) instead of the mask

@@ -176,6 +176,25 @@ impl MultiScaleMaskedTransformerDecoder {
         mask_features: &Tensor,
         inject_attn_masks: Option<&[Tensor]>,
     ) -> Result<DecoderOutput> {
+        self.run(multi_scale, mask_features, inject_attn_masks, true)
+    }
+
+    /// Inference: only the final prediction, (B, N, H, W) mask logits. The earlier predictions
+    /// serve only the attention masks, so they are computed at each layer's level size:
+    /// `embed · resize(mask_features)` equals the official `resize(embed · mask_features)`
+    /// (bilinear resizing is linear) to float rounding, without the full-size products.
+    pub fn forward_final(&self, multi_scale: &[Tensor], mask_features: &Tensor) -> Result<Tensor> {
+        let mut out = self.run(multi_scale, mask_features, None, false)?;
+        out.predictions.pop().ok_or_else(|| candle_core::Error::Msg("decoder: no prediction".into()))
+    }
+
+    fn run(
+        &self,
+        multi_scale: &[Tensor],
+        mask_features: &Tensor,
+        inject_attn_masks: Option<&[Tensor]>,
+        all_predictions: bool,
+    ) -> Result<DecoderOutput> {
         let d = self.hidden_dim;
         let n = self.num_queries;
         if multi_scale.len() != NUM_LEVELS {
@@ -214,12 +233,36 @@ impl MultiScaleMaskedTransformerDecoder {
         let mut predictions = Vec::with_capacity(self.num_layers() + 1);
         let mut mask_embeds = Vec::with_capacity(self.num_layers() + 1);
         let mut attn_masks = Vec::with_capacity(self.num_layers());
-        let (mut normed, mut embed, mut logits) = self.prediction_head(&output, &mf, (mh, mw))?;
+        // Inference: the mask features resized to each level once, for the attention masks.
+        let level_mf = if all_predictions {
+            Vec::new()
+        } else {
+            sizes
+                .iter()
+                .map(|&(h, w)| resize_bilinear(mask_features, (h, w), false)?.reshape((b, d, h * w)))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let head = |output: &Tensor, layer: usize| -> Result<(Tensor, Tensor, Tensor)> {
+            if all_predictions || layer == self.num_layers() {
+                self.prediction_head(output, &mf, (mh, mw))
+            } else {
+                let (h, w) = sizes[layer % NUM_LEVELS];
+                self.prediction_head(output, &level_mf[layer % NUM_LEVELS], (h, w))
+            }
+        };
+        let (mut normed, mut embed, mut logits) = head(&output, 0)?;
         for i in 0..self.num_layers() {
             let level = i % NUM_LEVELS;
-            let own = attention_mask(&logits, sizes[level])?;
-            predictions.push(logits);
-            mask_embeds.push(embed);
+            let own = if all_predictions {
+                attention_mask(&logits, sizes[level])?
+            } else {
+                let (b, n, h, w) = logits.dims4()?;
+                logits.lt(0.0)?.reshape((b, n, h * w))?
+            };
+            if all_predictions {
+                predictions.push(logits);
+                mask_embeds.push(embed);
+            }
             let mask = match inject_attn_masks {
                 Some(masks) => masks[i].to_dtype(DType::U8)?,
                 None => own.clone(),
@@ -235,7 +278,7 @@ impl MultiScaleMaskedTransformerDecoder {
             )?;
             output = self.self_attention_layers[i].forward(&output, &query_embed)?;
             output = self.ffn_layers[i].forward(&output)?;
-            (normed, embed, logits) = self.prediction_head(&output, &mf, (mh, mw))?;
+            (normed, embed, logits) = head(&output, i + 1)?;
         }
         predictions.push(logits);
         mask_embeds.push(embed);

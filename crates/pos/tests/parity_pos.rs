@@ -137,3 +137,17 @@ fn parity_injection_changes_the_result() {
     let (d0, _) = parity::max_abs_diff(&a.aux[0], &b.aux[0]).unwrap();
     assert_eq!(d0, 0.0);
 }
+
+/// The inference forward (intermediate predictions at level size only) gives the full
+/// forward's proposals.
+#[test]
+fn inference_forward_gives_the_full_forwards_proposals() {
+    let (pos, _, features) = build();
+    let full = pos.forward(&features).unwrap().pred_masks;
+    let fast = pos.forward_proposals(&features).unwrap();
+    assert_eq!(full.dims(), fast.dims());
+    let diff = (&full - &fast).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = full.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    eprintln!("inference vs full forward: max|diff| {diff:.2e}, max|ref| {scale:.2e}");
+    assert!(diff <= 1e-4 * scale, "inference proposals differ from the full forward's by {diff} (max {scale})");
+}
