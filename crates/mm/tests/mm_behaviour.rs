@@ -263,8 +263,8 @@ fn output_equals_the_official_sum_of_upsampled_proposals() {
     }
 }
 
-/// Several shots run stacked along the batch (untraced forward) and one by one (traced
-/// forward): the same outputs.
+/// Several shots run stacked along the batch (untraced forward, small maps) and one by one
+/// (traced forward): the same outputs.
 #[test]
 fn stacked_shots_equal_shots_one_by_one() {
     let m = model(&common::small_config());
