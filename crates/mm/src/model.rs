@@ -189,7 +189,7 @@ impl QuerySide {
 
 /// Finest-level tokens (batch × positions) up to which shots are stacked into one pass. Past it
 /// the stacked activations outgrow the caches and the allocator's reuse, and stacking stops
-/// paying (measured: the cpu preset's 5-shot MM at 256², 1024 tokens a shot, 149 → 103 ms
+/// paying (measured: the cpu preset's 5-shot MM at 256², 1024 tokens a shot, 149 → 103–118 ms
 /// stacked; the paper preset's at 480², 3600 a shot, no faster in groups of 2 or 5).
 const STACK_TOKENS: usize = 6144;
 
