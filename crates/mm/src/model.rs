@@ -334,46 +334,32 @@ impl MaskMatching {
             self.check_levels(feats, &format!("support shot {s}"), Some(b))?;
         }
         let shots = support_feats.len();
-        let group = shot_group(support_feats, b);
-        let (qsum, ssum) = if trace.is_none() && group > 1 && stackable(support_feats, support_labels, b) {
-            // Shots in groups, each stacked along the batch (shot-major) against the query side
-            // repeated: the same per-element math with larger matrix products.
-            let mut sum: Option<(Tensor, Tensor)> = None;
-            for (g, (feats, labels)) in support_feats.chunks(group).zip(support_labels.chunks(group)).enumerate() {
-                let k = feats.len();
-                let level = |i: usize| Tensor::cat(&feats.iter().map(|f| &f[i]).collect::<Vec<_>>(), 0);
-                let stacked: LevelFeatures = [level(0)?, level(1)?, level(2)?];
-                let labels = Tensor::cat(labels, 0)?;
-                let repeated;
-                let q = if k > 1 {
-                    repeated = query.repeat(k)?;
-                    &repeated
-                } else {
-                    &query
-                };
-                let (qp, sp) = self.shot_prototypes(g * group, q, &stacked, &labels, &mut trace)?;
-                let per_shot = |t: Tensor| -> Result<Tensor> {
-                    let (_, r, d) = t.dims3()?;
-                    t.reshape((k, b, r, d))?.sum(0)
-                };
-                let (qp, sp) = (per_shot(qp)?, per_shot(sp)?);
-                sum = Some(match sum {
-                    None => (qp, sp),
-                    Some((aq, asup)) => ((aq + qp)?, (asup + sp)?),
-                });
-            }
-            sum.expect("at least one shot was checked above")
-        } else {
-            let mut sum: Option<(Tensor, Tensor)> = None;
-            for (s, (feats, label)) in support_feats.iter().zip(support_labels).enumerate() {
-                let (qp, sp) = self.shot_prototypes(s, &query, feats, label, &mut trace)?;
-                sum = Some(match sum {
-                    None => (qp, sp),
-                    Some((aq, asup)) => ((aq + qp)?, (asup + sp)?),
-                });
-            }
-            sum.expect("at least one shot was checked above")
-        };
+        // Shots in groups, each stacked along the batch (shot-major) against the query side
+        // repeated: the same per-element math with larger matrix products. Traced runs record
+        // per-shot tensors and go one by one.
+        let group = if trace.is_none() && stackable(support_feats, support_labels, b) { shot_group(support_feats, b) } else { 1 };
+        let mut sum: Option<(Tensor, Tensor)> = None;
+        for (g, (feats, labels)) in support_feats.chunks(group).zip(support_labels.chunks(group)).enumerate() {
+            let (qp, sp) = match feats.len() {
+                1 => self.shot_prototypes(g * group, &query, &feats[0], &labels[0], &mut trace)?,
+                k => {
+                    let level = |i: usize| Tensor::cat(&feats.iter().map(|f| &f[i]).collect::<Vec<_>>(), 0);
+                    let stacked: LevelFeatures = [level(0)?, level(1)?, level(2)?];
+                    let labels = Tensor::cat(labels, 0)?;
+                    let (qp, sp) = self.shot_prototypes(g * group, &query.repeat(k)?, &stacked, &labels, &mut trace)?;
+                    let per_shot = |t: Tensor| -> Result<Tensor> {
+                        let (_, r, d) = t.dims3()?;
+                        t.reshape((k, b, r, d))?.sum(0)
+                    };
+                    (per_shot(qp)?, per_shot(sp)?)
+                }
+            };
+            sum = Some(match sum {
+                None => (qp, sp),
+                Some((aq, asup)) => ((aq + qp)?, (asup + sp)?),
+            });
+        }
+        let (qsum, ssum) = sum.expect("at least one shot was checked above");
         let k = shots as f64;
         let query_prototypes = (qsum / k)?;
         let support_prototype = (ssum / k)?;

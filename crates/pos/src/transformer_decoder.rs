@@ -253,12 +253,8 @@ impl MultiScaleMaskedTransformerDecoder {
         let (mut normed, mut embed, mut logits) = head(&output, 0)?;
         for i in 0..self.num_layers() {
             let level = i % NUM_LEVELS;
-            let own = if all_predictions {
-                attention_mask(&logits, sizes[level])?
-            } else {
-                let (b, n, h, w) = logits.dims4()?;
-                logits.lt(0.0)?.reshape((b, n, h * w))?
-            };
+            // Inference logits are already at the level size, where the resize is a no-op.
+            let own = attention_mask(&logits, sizes[level])?;
             if all_predictions {
                 predictions.push(logits);
                 mask_embeds.push(embed);
