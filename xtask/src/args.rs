@@ -408,8 +408,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Shard folder for `stage2` (one training step from shards vs live backbone + POS).
-    #[arg(long, default_value = "runs/shards")]
+    #[arg(long, default_value = "runs/shards", conflicts_with = "preset")]
     pub shards: PathBuf,
+    /// For `stage2`: time at this preset on shards made for the purpose (a small synthetic
+    /// dataset, seeded weights; made once under target/bench-shards-<preset>) instead of --shards.
+    #[arg(long)]
+    pub preset: Option<Preset>,
     /// Episodes per step for `stage2`.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch: u64,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use mmformer::cache::{cache_proposals, CacheOptions, Splits};
+use mmformer::cache::{cache_proposals, CacheOptions};
 use mmformer::eval::{evaluate, EvalOptions, EvalReport, FoldSel};
 use mmformer::stage1::{train_pos, Stage1Options};
 use mmformer::stage2::{train_mm, Stage2Options};
@@ -165,21 +165,9 @@ pub fn demo(args: &DemoArgs) -> Result<serde_json::Value> {
     step("cache proposals", &mut timings, || {
         cache_proposals(
             &CacheOptions {
-            data: args.data.clone(),
-            fold: 0,
-            preset,
-            backbone_weights: None,
-            pos_checkpoint: pos_dir.join("checkpoints/best"),
-            out: shards.clone(),
-            split: Splits::Both,
-            views: args.views,
-            seed: args.seed,
-            feature_dtype: "f16".into(),
-            mask_dtype: "u8".into(),
-            records_per_shard: 64,
-            shard: None,
-            batch: 8,
-            dry_run: false,
+                views: args.views,
+                seed: args.seed,
+                ..CacheOptions::one_view(args.data.clone(), preset, None, pos_dir.join("checkpoints/best"), shards.clone())
             },
             &device,
             &Bars::new(true),

@@ -440,23 +440,7 @@ fn train_section(args: &GpuCheckArgs, dev: &Device, s: &mut Summary) -> Result<(
     let shards = out.join("shards");
     let _ = std::fs::remove_dir_all(&shards);
     let t = Instant::now();
-    let cache = mmformer::cache::CacheOptions {
-        data: data.clone(),
-        fold: 0,
-        preset,
-        backbone_weights: weights.clone(),
-        pos_checkpoint: pos_out.join("checkpoints/best"),
-        out: shards.clone(),
-        split: mmformer::cache::Splits::Both,
-        views: 1,
-        seed: 0,
-        feature_dtype: "f16".into(),
-        mask_dtype: "u8".into(),
-        records_per_shard: 64,
-        shard: None,
-        batch: 8,
-        dry_run: false,
-    };
+    let cache = mmformer::cache::CacheOptions::one_view(data.clone(), preset, weights.clone(), pos_out.join("checkpoints/best"), shards.clone());
     mmformer::cache::cache_proposals(&cache, dev, &progress)?;
     let images = cfg.num_train + cfg.num_val;
     let cache_s = t.elapsed().as_secs_f64();

@@ -91,7 +91,13 @@ enum Cmd {
 /// Errors end the program with one line (the whole chain of causes) and a non-zero status.
 fn main() -> std::process::ExitCode {
     match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => {
+            // Also in every log.jsonl line (`peak_rss_mb`); here for the commands without a log.
+            if let Some(mb) = mmformer::train::peak_rss_mb() {
+                eprintln!("peak memory: {mb} MiB resident");
+            }
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             std::process::ExitCode::FAILURE
@@ -122,6 +128,7 @@ fn run() -> Result<()> {
     // cores our rayon kernels already use, that costs more than it gains (eval measured 2.3x
     // faster with one candle thread). Must run before candle starts the pool.
     mmformer::ops::init_cpu_threads();
+    mmformer::ops::keep_freed_memory();
     let cli = Cli::parse_from(config_file::expand(std::env::args_os().collect())?);
     match cli.cmd {
         Cmd::FetchAssets { dest, cache } => {
@@ -298,7 +305,17 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         match w.as_str() {
             "backbone" => rows.extend(bench::bench_backbone(out, &mut torch, args.size, reps, &device)?),
             "episode" => rows.extend(bench::bench_episode(out, args.size, threads, reps, &device)?),
-            "stage2" => rows.extend(bench::bench_stage2(out, &args.shards, args.batch as usize, reps, &device)?),
+            "stage2" => {
+                let shards = match args.preset {
+                    Some(p) => {
+                        let dir = assets::workspace_root().join(format!("target/bench-shards-{p}"));
+                        eprintln!("stage2: shards at the {p} preset in {} (made once)", dir.display());
+                        bench::bench_shards(p, &dir, &device)?
+                    }
+                    None => args.shards.clone(),
+                };
+                rows.extend(bench::bench_stage2(out, &shards, args.batch as usize, reps, &device)?)
+            }
             "pos" => rows.extend(bench::bench_pos(out, args.size, threads, reps, &device)?),
             other => bail!("unknown benchmark `{other}` (known: backbone, pos, episode, stage2)"),
         }

@@ -8,6 +8,7 @@ fn main() -> mmformer::Result<()> {
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("numbers: shots reps size")).collect();
     let (k, reps, size) = (args.first().copied().unwrap_or(1), args.get(1).copied().unwrap_or(5), args.get(2).copied().unwrap_or(480));
     ops::init_cpu_threads();
+    ops::keep_freed_memory();
     let dev = Device::Cpu;
     let model = MmFormer::synthetic(Preset::Paper, 0, &dev)?;
     let query = Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev)?;

@@ -751,6 +751,93 @@ pub fn bench_pos(out: &mut dyn Write, paper_size: usize, threads: usize, reps: u
 
 // ---- bench stage2 -------------------------------------------------------------------------
 
+/// Synthetic images in the shard folder [`bench_shards`] makes: enough for distinct episodes over
+/// a few timed steps, few enough to cache in about a minute at the paper preset on 2 cores.
+const BENCH_SHARD_IMAGES: usize = 24;
+
+/// A shard folder at `preset` for `bench stage2 --preset`, made under `dir` when absent (and
+/// reused after): a small synthetic dataset, seeded stand-in backbone weights (ResNet-50 at the
+/// paper preset: there are no real ones here), a POS after one training step, and
+/// `cache-proposals` of the training split. The timing does not depend on the weights' values.
+pub fn bench_shards(preset: Preset, dir: &Path, device: &Device) -> Result<PathBuf> {
+    let shards = dir.join("shards");
+    if StageTwoData::open(&shards).is_ok_and(|d| d.manifest.preset == preset && d.train.is_some()) {
+        return Ok(shards);
+    }
+    let data = dir.join("synthetic");
+    let cfg = data::synthetic::SyntheticConfig { num_train: BENCH_SHARD_IMAGES, num_val: 40, seed: 0, ..Default::default() };
+    data::synthetic::generate(&cfg, &data, None).with_context(|| format!("{}: cannot write the synthetic dataset", data.display()))?;
+    let weights = match preset {
+        Preset::Paper => {
+            let path = dir.join("resnet50-seeded.safetensors");
+            let (_, w) = backbone::ResNet50::synthetic_with_weights(0, &Device::Cpu)?;
+            candle_core::safetensors::save(&w, &path)?;
+            Some(path)
+        }
+        Preset::Cpu => None,
+    };
+    let pos_out = dir.join("pos");
+    let _ = std::fs::remove_dir_all(&pos_out);
+    let stage1 = crate::stage1::Stage1Options {
+        data: data.clone(),
+        fold: 0,
+        preset,
+        backbone_weights: weights.clone(),
+        batch: 2,
+        iters: 1,
+        lr: 1e-4,
+        weight_decay: 0.05,
+        clip: 0.01,
+        seed: 0,
+        out: pos_out.clone(),
+        eval_every: 1,
+        eval_episodes: 2,
+        log_every: 1,
+    };
+    crate::stage1::train_pos(&stage1, device, &train::Silent)?;
+    let _ = std::fs::remove_dir_all(&shards);
+    let cache = crate::cache::CacheOptions {
+        split: crate::cache::Splits::Train,
+        ..crate::cache::CacheOptions::one_view(data, preset, weights, pos_out.join("checkpoints/best"), shards.clone())
+    };
+    crate::cache::cache_proposals(&cache, device, &train::Silent)?;
+    Ok(shards)
+}
+
+
+/// The phases of one stage-2 training step, in ms.
+#[derive(Clone, Copy, Debug)]
+pub struct Stage2StepTimes {
+    pub forward_ms: f64,
+    pub loss_ms: f64,
+    pub backward_ms: f64,
+    /// Gradient clipping and the AdamW step.
+    pub step_ms: f64,
+}
+
+impl Stage2StepTimes {
+    pub fn total_ms(&self) -> f64 {
+        self.forward_ms + self.loss_ms + self.backward_ms + self.step_ms
+    }
+}
+
+/// One stage-2 training step on a batch (forward, loss, backward, clip at the official 0.01,
+/// AdamW), timed phase by phase.
+pub fn timed_stage2_step(mm: &MaskMatching, opt: &mut AdamW, vars: &[train::NamedVar], b: &EpisodeBatch) -> Result<Stage2StepTimes> {
+    let t = Instant::now();
+    let out = b.forward(mm)?;
+    let t_fwd = t.elapsed().as_secs_f64();
+    let loss = stage2_loss(&out.two_channel()?, &b.query_label, &out.cosine, &out.proposals()?, Stage2Weights::default())?;
+    let _ = loss.total.to_scalar::<f32>()?;
+    let t_loss = t.elapsed().as_secs_f64();
+    let mut grads = loss.total.backward()?;
+    let t_bwd = t.elapsed().as_secs_f64();
+    train::clip_grad_norm(&mut grads, vars, 0.01)?;
+    opt.step(&grads, 1e-4)?;
+    let t_step = t.elapsed().as_secs_f64();
+    Ok(Stage2StepTimes { forward_ms: t_fwd * 1e3, loss_ms: (t_loss - t_fwd) * 1e3, backward_ms: (t_bwd - t_loss) * 1e3, step_ms: (t_step - t_bwd) * 1e3 })
+}
+
 /// One stage-2 training step read from the shards, against the same step with the backbone and
 /// POS run live on the same episodes (what stage 2 would cost without the stage boundary).
 /// Medians over interleaved repetitions. Writes the table and returns the rows (no PyTorch column: both sides are ours).
@@ -786,19 +873,10 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
         let eps = (0..batch as u64).map(|j| train.episode(n0 + j)).collect::<data::Result<Vec<_>>>()?;
         let b = EpisodeBatch::new(&eps, device)?;
         let read = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let mm_out = b.forward(&mm)?;
-        let t_fwd = t.elapsed().as_secs_f64();
-        let loss = stage2_loss(&mm_out.two_channel()?, &b.query_label, &mm_out.cosine, &mm_out.proposals()?, Stage2Weights::default())?;
-        let _ = loss.total.to_scalar::<f32>()?;
-        let t_loss = t.elapsed().as_secs_f64();
-        let mut grads = loss.total.backward()?;
-        let t_bwd = t.elapsed().as_secs_f64();
-        train::clip_grad_norm(&mut grads, &vars, 0.01)?;
-        opt.step(&grads, 1e-4)?;
-        let step = t.elapsed().as_secs_f64();
+        let phases = timed_stage2_step(&mm, &mut opt, &vars, &b)?;
+        let step = phases.total_ms() / 1e3;
         if std::env::var_os("MMFORMER_BENCH_VERBOSE").is_some() {
-            writeln!(out, "forward {:.1} ms, loss {:.1} ms, backward {:.1} ms, clip+step {:.1} ms", t_fwd * 1e3, (t_loss - t_fwd) * 1e3, (t_bwd - t_loss) * 1e3, (step - t_bwd) * 1e3)?;
+            writeln!(out, "forward {:.1} ms, loss {:.1} ms, backward {:.1} ms, clip+step {:.1} ms", phases.forward_ms, phases.loss_ms, phases.backward_ms, phases.step_ms)?;
         }
         // Live: decode + augment the same views, backbone on query and support, POS on the query.
         let t = Instant::now();

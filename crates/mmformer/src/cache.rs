@@ -144,6 +144,30 @@ pub struct CacheOptions {
     pub dry_run: bool,
 }
 
+impl CacheOptions {
+    /// One view per image of both splits, f16 features, u8 masks, 64 records per shard, batch 8,
+    /// seed 0: the quick settings of the checks and benches that make their own shards.
+    pub fn one_view(data: PathBuf, preset: Preset, backbone_weights: Option<PathBuf>, pos_checkpoint: PathBuf, out: PathBuf) -> Self {
+        Self {
+            data,
+            fold: 0,
+            preset,
+            backbone_weights,
+            pos_checkpoint,
+            out,
+            split: Splits::Both,
+            views: 1,
+            seed: 0,
+            feature_dtype: "f16".into(),
+            mask_dtype: "u8".into(),
+            records_per_shard: 64,
+            shard: None,
+            batch: 8,
+            dry_run: false,
+        }
+    }
+}
+
 /// What made a shard folder (written as `manifest.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CacheManifest {
