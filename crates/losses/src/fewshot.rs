@@ -83,6 +83,40 @@ pub fn soft_iou(probs: &Tensor, label: &Tensor) -> Result<Tensor> {
     inter / (union + IOU_EPS)?
 }
 
+/// [`soft_iou`] of the probability maps bilinearly upsampled (align_corners=False) to the
+/// label's size, as the official code upsamples its proposals before the IoU, computed without
+/// the upsampled maps: every sum in the soft IoU is linear in them, so `Σ up(P)·t` is
+/// `Σ P · upᵀ(t)` with the label brought down once ([`ops::resize::resize_bilinear_adjoint`]),
+/// and `Σ up(P)` is `Σ P · upᵀ(1)`. Equal to the upsample-then-[`soft_iou`] path up to float
+/// rounding; at the paper size it skips a (B, 100, 480, 480) tensor per step.
+///
+/// `probs`: (B, N, h, w) in [0, 1]; `label`: (B, H, W) -> (B, N).
+pub fn soft_iou_upsampled(probs: &Tensor, label: &Tensor) -> Result<Tensor> {
+    let (b, n, h, w) = match probs.dims() {
+        &[b, n, h, w] => (b, n, h, w),
+        _ => bail!("soft_iou_upsampled: probabilities must be (B, N, h, w), got {:?}", probs.shape()),
+    };
+    let (lb, lh, lw) = match label.dims() {
+        &[lb, lh, lw] => (lb, lh, lw),
+        _ => bail!("soft_iou_upsampled: label must be (B, H, W), got {:?}", label.shape()),
+    };
+    if lb != b {
+        bail!("soft_iou_upsampled: label batch {lb} differs from the probabilities' {b}");
+    }
+    if (lh, lw) == (h, w) {
+        return soft_iou(probs, label);
+    }
+    let t = clean_label(label, probs.dtype(), "soft_iou_upsampled")?.reshape((b, 1, lh, lw))?;
+    let t_low = ops::resize::resize_bilinear_adjoint(&t, (h, w), false)?.reshape((b, h * w, 1))?;
+    let ones = Tensor::ones((1, 1, lh, lw), probs.dtype(), probs.device())?;
+    let ones_low = ops::resize::resize_bilinear_adjoint(&ones, (h, w), false)?.reshape((1, h * w, 1))?;
+    let p = probs.reshape((b, n, h * w))?;
+    let inter = p.matmul(&t_low)?.squeeze(2)?; // (B, N)
+    let sum_p = p.broadcast_matmul(&ones_low)?.squeeze(2)?;
+    let union = ((sum_p + t.flatten_from(1)?.sum(1)?.unsqueeze(1)?.broadcast_as((b, n))?)? - &inter)?;
+    inter / (union + IOU_EPS)?
+}
+
 /// The L_co term and what it was built from.
 #[derive(Debug, Clone)]
 pub struct CoLoss {
@@ -154,7 +188,8 @@ pub struct Stage2Loss {
 /// The stage-2 objective: `λ1 · WeightedDice([1 − out, out], label) + λ2 · L_co(cosine, IoU)`.
 ///
 /// `pred2`: (B, 2, H, W) `[1 − out, out]`; `label`: (B, H, W) 0/1/255; `cosine`: (B, N);
-/// `proposals`: (B, N, H, W) sigmoid proposals upsampled to the label size.
+/// `proposals`: (B, N, h, w) sigmoid proposals, at the label size or below (then upsampled
+/// bilinearly for the IoU, as the official code does; see [`soft_iou_upsampled`]).
 pub fn stage2_loss(
     pred2: &Tensor,
     label: &Tensor,
@@ -166,7 +201,7 @@ pub fn stage2_loss(
     let mut total = dice.affine(weights.dice, 0.0)?;
     let (mut co, mut ious) = (None, None);
     if let Some(w) = weights.co {
-        let iou = soft_iou(&proposals.detach(), label)?;
+        let iou = soft_iou_upsampled(&proposals.detach(), label)?;
         let c = co_loss(cosine, &iou)?;
         total = (total + c.loss.affine(w, 0.0)?)?;
         co = Some(c);

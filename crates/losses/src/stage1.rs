@@ -4,7 +4,7 @@
 use candle_core::{bail, DType, Result, Tensor};
 use rand_chacha::rand_core::RngCore;
 
-use crate::fewshot::{soft_iou, weighted_dice_loss};
+use crate::fewshot::{soft_iou_upsampled, weighted_dice_loss};
 use crate::mask::{dice_loss, sigmoid_bce_loss};
 use crate::matcher::{HungarianMatcher, ImageMatch};
 use crate::points::{sample_maps, uncertain_point_coords, PointSource, RngPoints};
@@ -315,15 +315,10 @@ impl Stage1Criterion {
     pub fn oracle_loss(&self, pred: &Tensor, query_label: &Tensor, hw: (usize, usize)) -> Result<OracleLoss> {
         let (b, q, h, w) = pred.dims4()?;
         let label = binary_label_ignore_as_background(query_label, pred.dtype(), pred.device())?;
-        // The IoUs only pick an index (no gradient), so they are computed per image on detached
-        // probabilities: one image's Q upsampled masks in memory at a time, not B·Q.
+        // The IoUs only pick an index (no gradient): detached probabilities, and no upsampled
+        // (B, Q, H, W) masks in memory (`soft_iou_upsampled`).
         let probs = candle_nn::ops::sigmoid(&pred.detach())?;
-        let mut ious = Vec::with_capacity(b);
-        for i in 0..b {
-            let up = ops::resize::resize_bilinear(&probs.narrow(0, i, 1)?, hw, false)?;
-            ious.push(soft_iou(&up, &label.narrow(0, i, 1)?)?);
-        }
-        let ious = Tensor::cat(&ious, 0)?;
+        let ious = soft_iou_upsampled(&probs, &label.reshape((b, hw.0, hw.1))?)?;
         if ious.dims() != [b, q] {
             bail!("oracle loss: soft IoU gave shape {:?}, expected ({b}, {q})", ious.shape());
         }

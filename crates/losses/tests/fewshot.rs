@@ -66,6 +66,34 @@ mod fewshot {
         assert!(e.contains("size"), "{e}");
     }
 
+    /// The low-resolution IoU equals upsampling first, at an integer and a non-integer scale,
+    /// with ignore pixels in the label.
+    #[test]
+    fn soft_iou_upsampled_equals_upsampling_first() {
+        let dev = Device::Cpu;
+        for ((h, w), (lh, lw)) in [((16, 16), (64, 64)), ((9, 13), (37, 50))] {
+            let n = 2 * 5 * h * w;
+            let probs = ((Tensor::arange(0u32, n as u32, &dev).unwrap().to_dtype(candle_core::DType::F32).unwrap() * 0.37)
+                .unwrap()
+                .sin()
+                .unwrap()
+                + 1.0)
+                .unwrap()
+                .affine(0.5, 0.0)
+                .unwrap()
+                .reshape((2, 5, h, w))
+                .unwrap();
+            let lab: Vec<f32> = (0..2 * lh * lw).map(|i| match (i * 7919) % 11 { 0 => 255.0, k if k < 5 => 1.0, _ => 0.0 }).collect();
+            let label = Tensor::from_vec(lab, (2, lh, lw), &dev).unwrap();
+            let up = ops::resize::resize_bilinear(&probs, (lh, lw), false).unwrap();
+            let want = soft_iou(&up, &label).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = losses::fewshot::soft_iou_upsampled(&probs, &label).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3), "{h}x{w} -> {lh}x{lw}: {got:?} vs {want:?}");
+            }
+        }
+    }
+
     #[test]
     fn co_loss_is_zero_when_the_best_proposal_has_the_top_cosine() {
         let cosine = t(&[0.1, 0.5, 0.3], &[1, 3]);

@@ -827,7 +827,7 @@ pub fn timed_stage2_step(mm: &MaskMatching, opt: &mut AdamW, vars: &[train::Name
     let t = Instant::now();
     let out = b.forward(mm)?;
     let t_fwd = t.elapsed().as_secs_f64();
-    let loss = stage2_loss(&out.two_channel()?, &b.query_label, &out.cosine, &out.proposals()?, Stage2Weights::default())?;
+    let loss = stage2_loss(&out.two_channel()?, &b.query_label, &out.cosine, &out.proposal_probs, Stage2Weights::default())?;
     let _ = loss.total.to_scalar::<f32>()?;
     let t_loss = t.elapsed().as_secs_f64();
     let mut grads = loss.total.backward()?;

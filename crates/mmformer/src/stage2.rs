@@ -229,7 +229,7 @@ impl train::Stage for MmStage<'_, '_, '_> {
         let eps = self.batches.get(it)?;
         let b = EpisodeBatch::new(&eps, self.device)?;
         let out = b.forward(&self.mm)?;
-        let loss = stage2_loss(&out.two_channel()?, &b.query_label, &out.cosine, &out.proposals()?, self.weights)?;
+        let loss = stage2_loss(&out.two_channel()?, &b.query_label, &out.cosine, &out.proposal_probs, self.weights)?;
         let mut parts = vec![("dice".to_string(), loss.dice.clone())];
         if let Some(c) = &loss.co {
             parts.push(("co".to_string(), c.loss.clone()));

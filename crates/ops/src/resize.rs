@@ -100,6 +100,34 @@ pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) 
     y.reshape((b, c, oh, ow))
 }
 
+/// The adjoint (transpose) of [`resize_bilinear`] from `in_hw` to `y`'s size: `Whᵀ · Y · Ww`,
+/// so that `Σ resize_bilinear(x) ⊙ y = Σ x ⊙ resize_bilinear_adjoint(y)` for every `x`.
+///
+/// What a sum over upsampled maps needs (e.g. the overlap of upsampled soft masks with a
+/// full-size label) without materialising the upsampled maps: the label is brought down once.
+///
+/// `y`: (B, C, oh, ow) -> (B, C, h, w) with `(h, w) = in_hw`.
+pub fn resize_bilinear_adjoint(y: &Tensor, in_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
+    ensure_float(y, "resize_bilinear_adjoint")?;
+    let (b, c, oh, ow) = dims4(y, "resize_bilinear_adjoint")?;
+    let (h, w) = in_hw;
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        bail!("resize_bilinear_adjoint: cannot map {oh}x{ow} back to {h}x{w} (zero-sized)");
+    }
+    let (dev, dt) = (y.device(), y.dtype());
+    // Columns first (Y · Ww on the large side), then rows (Whᵀ · ·).
+    let mut x = y.reshape((b * c * oh, ow))?;
+    if ow != w {
+        x = x.matmul(&interp_tensor(w, ow, align_corners, dt, dev)?)?;
+    }
+    let mut x = x.reshape((b * c, oh, w))?;
+    if oh != h {
+        let wh_t = interp_tensor(h, oh, align_corners, dt, dev)?.t()?.contiguous()?;
+        x = wh_t.broadcast_left(b * c)?.matmul(&x)?;
+    }
+    x.reshape((b, c, h, w))
+}
+
 /// torch `floor(dst * scale)` source indices for `F.interpolate(mode="nearest")`, with the
 /// scale and product in f32 as torch computes them.
 fn nearest_indices(n_in: usize, n_out: usize) -> Vec<u32> {

@@ -143,3 +143,22 @@ fn nearest_uses_torch_floor_mapping() {
     );
     assert!(resize_nearest(&lab, (0, 4)).is_err());
 }
+
+/// `<resize(x), y> = <x, adjoint(y)>` for up- and downsampling, both corner modes, an axis left
+/// unchanged, and f64 to leave rounding out of it.
+#[test]
+fn the_adjoint_satisfies_the_dot_product_identity() {
+    let dev = Device::Cpu;
+    let wave = |n: usize, f: f64, shape: (usize, usize, usize, usize)| -> Tensor {
+        (Tensor::arange(0u32, n as u32, &dev).unwrap().to_dtype(DType::F64).unwrap() * f).unwrap().sin().unwrap().reshape(shape).unwrap()
+    };
+    for (hw, out, ac) in [((7, 9), (30, 41), false), ((7, 9), (30, 41), true), ((32, 20), (9, 13), false), ((5, 6), (5, 17), false), ((16, 16), (64, 64), false)] {
+        let x = wave(2 * 3 * hw.0 * hw.1, 0.71, (2, 3, hw.0, hw.1));
+        let y = wave(2 * 3 * out.0 * out.1, 1.37, (2, 3, out.0, out.1));
+        let lhs = (ops::resize::resize_bilinear(&x, out, ac).unwrap() * &y).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let adj = ops::resize::resize_bilinear_adjoint(&y, hw, ac).unwrap();
+        assert_eq!(adj.dims(), &[2, 3, hw.0, hw.1]);
+        let rhs = (&x * adj).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!((lhs - rhs).abs() <= 1e-9 * lhs.abs().max(1.0), "{hw:?} -> {out:?} ac={ac}: {lhs} vs {rhs}");
+    }
+}
