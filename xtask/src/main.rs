@@ -128,7 +128,10 @@ fn run() -> Result<()> {
     // cores our rayon kernels already use, that costs more than it gains (eval measured 2.3x
     // faster with one candle thread). Must run before candle starts the pool.
     mmformer::ops::init_cpu_threads();
-    mmformer::ops::keep_freed_memory();
+    // Opt-out for memory-constrained runs: freed memory then goes back to the kernel at once.
+    if std::env::var_os("MMFORMER_RETURN_FREED_MEMORY").is_none() {
+        mmformer::ops::keep_freed_memory();
+    }
     let cli = Cli::parse_from(config_file::expand(std::env::args_os().collect())?);
     match cli.cmd {
         Cmd::FetchAssets { dest, cache } => {

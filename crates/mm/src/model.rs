@@ -140,8 +140,9 @@ pub struct MmOutput {
 
 impl MmOutput {
     /// (B, N, H, W) the sigmoid proposals upsampled to the input size (bilinear,
-    /// align_corners=False), as the official code does before its matching; the stage-2 IoU
-    /// targets are computed on these. Computed on each call: inference does not need them.
+    /// align_corners=False), as the official code does before its matching (evaluation's
+    /// baseline and oracle). Computed on each call: inference does not need them, and the
+    /// stage-2 loss takes [`Self::proposal_probs`] (`losses::fewshot::soft_iou_upsampled`).
     pub fn proposals(&self) -> Result<Tensor> {
         ops::resize::resize_bilinear(&self.proposal_probs, self.input_hw, false)
     }

@@ -129,6 +129,16 @@ pub fn train<S: Stage>(
         let loss = stage.loss(it)?;
         let lr = sched.lr(it);
         let step = apply_step(&loss.total, &vars, opt, cfg.clip, lr)?;
+        // The loss tensors hold the whole forward graph: keep only the logged numbers, so the
+        // activations are freed before the log and the evaluation below (at the paper preset
+        // the stage-1 run's peak came from evaluating with the last step's graph still alive).
+        let logged = (it + 1) % cfg.log_every == 0 || it + 1 == cfg.iters;
+        let parts = if logged {
+            loss.parts.iter().map(|(name, t)| Ok((name.clone(), t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?))).collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        drop(loss);
         if let Some(m) = ops::device_memory_mb(spec.device) {
             gpu_mem_peak = Some(gpu_mem_peak.map_or(m, |p| p.max(m)));
         }
@@ -161,13 +171,13 @@ pub fn train<S: Stage>(
             }
         };
         progress.advance(state.iter, &format!("loss {value:.3} lr {lr:.2e}"));
-        if state.iter % cfg.log_every == 0 || state.iter == cfg.iters {
+        if logged {
             let secs = window.elapsed().as_secs_f64() / cfg.log_every as f64;
             window = Instant::now();
             let mut rec = serde_json::json!({"event": "train", "iter": state.iter, "loss": json_f64(value), "lr": lr,
                 "grad_norm": json_f64(gnorm), "sec_per_iter": secs});
-            for (name, t) in &loss.parts {
-                rec[name] = json_f64(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?);
+            for (name, v) in &parts {
+                rec[name] = json_f64(*v);
             }
             if let Some(m) = gpu_mem_peak {
                 rec["gpu_mem_mb"] = serde_json::json!(m.round());
