@@ -246,3 +246,28 @@ fn the_no_decay_set_is_the_official_grouping() {
         assert!(!mmformer::train::default_no_decay(n), "{n} must decay");
     }
 }
+
+/// `bench stage2 --preset` makes its shards once: stage-2 data of that preset with one view per
+/// usable training image (some of the 24 hold only held-out classes), then the same folder, untouched, on the next call; a folder left without its
+/// manifest (a killed first call) is made again.
+#[test]
+fn bench_shards_are_made_once_and_reused() {
+    if lite0_or_skip("bench_shards_are_made_once_and_reused").is_none() {
+        return;
+    }
+    let s = Scratch::new();
+    let dir = s.path("bench");
+    let shards = mmformer::bench::bench_shards(Preset::Cpu, &dir, &Device::Cpu).unwrap();
+    let d = StageTwoData::open(&shards).unwrap();
+    assert_eq!(d.manifest.preset, Preset::Cpu);
+    let n = d.train.as_ref().expect("train shards").len();
+    assert!((12..=24).contains(&n), "{n} training views of 24 images");
+    assert!(d.val.is_none(), "only the training split is cached");
+    let manifest = shards.join(MANIFEST);
+    let stamp = std::fs::metadata(&manifest).unwrap().modified().unwrap();
+    assert_eq!(mmformer::bench::bench_shards(Preset::Cpu, &dir, &Device::Cpu).unwrap(), shards);
+    assert_eq!(std::fs::metadata(&manifest).unwrap().modified().unwrap(), stamp, "the shards were made again");
+    std::fs::remove_file(&manifest).unwrap();
+    mmformer::bench::bench_shards(Preset::Cpu, &dir, &Device::Cpu).unwrap();
+    assert_eq!(StageTwoData::open(&shards).unwrap().train.unwrap().len(), n);
+}

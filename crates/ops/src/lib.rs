@@ -61,12 +61,14 @@ pub(crate) mod util;
 /// By default glibc serves blocks above 32 MiB (less before its threshold adapts) with a fresh
 /// `mmap` and unmaps them on free, so every forward pass paid page faults and kernel page
 /// clearing for its large activations: evaluating 300 stage-2 episodes at the cpu preset spent
-/// 7.0 s of 20 s CPU time in the kernel (`eval-shards`, 14.2 s wall), 2.0 s with the heap kept
-/// (9.5 s wall), at the same peak resident memory. Call it once at the start of `main`.
+/// 7.0 s of 20 s CPU time in the kernel (`eval-shards`, 14.2 s wall), 0.9 s with the heap kept
+/// (8.5 s wall), at the same peak resident memory; a paper-preset stage-1 iteration went from 45
+/// to 27 s for 3% more peak memory (the kept heap fragments a little). Call it once at the start
+/// of `main`, before other threads allocate.
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: mallopt only changes allocator parameters; called before threads allocate.
+        // SAFETY: mallopt only changes allocator parameters.
         unsafe {
             // glibc may cap the threshold (at 32 MiB on some builds): fall back to the cap.
             let mmap = libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1 || libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1;
