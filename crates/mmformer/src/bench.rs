@@ -804,7 +804,6 @@ pub fn bench_shards(preset: Preset, dir: &Path, device: &Device) -> Result<PathB
     Ok(shards)
 }
 
-
 /// The phases of one stage-2 training step, in ms.
 #[derive(Clone, Copy, Debug)]
 pub struct Stage2StepTimes {
