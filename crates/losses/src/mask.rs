@@ -4,7 +4,8 @@
 //! Inputs are logits and {0, 1} (or bilinearly sampled, fractional) targets at the same points.
 //! All functions are differentiable w.r.t. the logits.
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
+use rayon::prelude::*;
 
 fn dims2(t: &Tensor, what: &str) -> Result<(usize, usize)> {
     match t.dims() {
@@ -96,4 +97,52 @@ pub fn pairwise_dice_cost(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let numerator = (probs.matmul(&targets.t()?)? * 2.0)?;
     let denominator = probs.sum_keepdim(1)?.broadcast_add(&targets.sum_keepdim(1)?.t()?)?;
     ((numerator + 1.0)? / (denominator + 1.0)?)?.affine(-1.0, 1.0)
+}
+
+/// [`pairwise_bce_cost`] and [`pairwise_dice_cost`] together, `(bce, dice)`, each (Q, M), for
+/// the matcher, which needs no gradient. On CPU (f32) one parallel pass over the logits gives
+/// every row's Σ softplus, its sigmoids and their sum, with the same per-element formulas, instead
+/// of ten single-threaded element-wise passes over (Q, P); the two products with the targets
+/// stay matrix products. Elsewhere it is the two functions.
+pub fn pairwise_costs(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (q, p) = dims2(logits, "pairwise_costs")?;
+    let (_, pt) = dims2(targets, "pairwise_costs targets")?;
+    if p != pt {
+        bail!("pairwise_costs: {p} prediction points vs {pt} target points");
+    }
+    if p == 0 {
+        bail!("pairwise_costs: no points");
+    }
+    if !logits.device().is_cpu() || logits.dtype() != DType::F32 {
+        return Ok((pairwise_bce_cost(logits, targets)?, pairwise_dice_cost(logits, targets)?));
+    }
+    let x: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?;
+    let mut probs = vec![0f32; q * p];
+    let mut softplus_sum = vec![0f32; q];
+    let mut prob_sum = vec![0f32; q];
+    probs
+        .par_chunks_mut(p)
+        .zip(x.par_chunks(p))
+        .zip(softplus_sum.par_iter_mut().zip(prob_sum.par_iter_mut()))
+        .for_each(|((pr, xr), (ss, ps))| {
+            let (mut a, mut b) = (0f32, 0f32);
+            for (o, &v) in pr.iter_mut().zip(xr) {
+                // relu(x) + log(1 + e^−|x|) and sigmoid(x), as the composed ops compute them.
+                a += v.max(0.0) + ((-v.abs()).exp() + 1.0).ln();
+                let sg = ((-v).exp() + 1.0).recip();
+                *o = sg;
+                b += sg;
+            }
+            *ss = a;
+            *ps = b;
+        });
+    let dev = logits.device();
+    let targets = targets.to_dtype(DType::F32)?;
+    let t_t = targets.t()?;
+    let bce = (Tensor::from_vec(softplus_sum, (q, 1), dev)?.broadcast_sub(&logits.detach().matmul(&t_t)?)? / p as f64)?;
+    let probs = Tensor::from_vec(probs, (q, p), dev)?;
+    let numerator = (probs.matmul(&t_t)? * 2.0)?;
+    let denominator = Tensor::from_vec(prob_sum, (q, 1), dev)?.broadcast_add(&targets.sum_keepdim(1)?.t()?)?;
+    let dice = ((numerator + 1.0)? / (denominator + 1.0)?)?.affine(-1.0, 1.0)?;
+    Ok((bce, dice))
 }

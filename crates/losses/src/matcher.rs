@@ -3,7 +3,7 @@
 use candle_core::{bail, DType, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::mask::{pairwise_bce_cost, pairwise_dice_cost};
+use crate::mask::pairwise_costs;
 use crate::points::{sample_maps_shared, PointDraw, PointSource};
 
 /// Optimal assignment of a (rows, cols) cost matrix (scipy `linear_sum_assignment`, minimise):
@@ -73,8 +73,7 @@ impl HungarianMatcher {
         let tgt = tgt.detach().to_dtype(DType::F32)?;
         let out = sample_maps_shared(&pred, points)?; // (Q, P)
         let tgt = sample_maps_shared(&tgt, points)?; // (M, P)
-        let bce = pairwise_bce_cost(&out, &tgt)?;
-        let dice = pairwise_dice_cost(&out, &tgt)?;
+        let (bce, dice) = pairwise_costs(&out, &tgt)?;
         (bce * self.cost_mask)? + (dice * self.cost_dice)?
     }
 
