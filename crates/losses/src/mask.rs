@@ -56,6 +56,19 @@ pub fn dice_loss(logits: &Tensor, targets: &Tensor, num_masks: f64) -> Result<Te
     ratio.affine(-1.0, 1.0)?.sum_all()? / num_masks
 }
 
+/// (Q, P) of an all-pairs cost's (Q, P) predictions and (M, P) targets, P ≥ 1.
+fn pairwise_dims(logits: &Tensor, targets: &Tensor, what: &str) -> Result<(usize, usize)> {
+    let (q, p) = dims2(logits, what)?;
+    let (_, pt) = dims2(targets, &format!("{what} targets"))?;
+    if p != pt {
+        bail!("{what}: {p} prediction points vs {pt} target points");
+    }
+    if p == 0 {
+        bail!("{what}: no points");
+    }
+    Ok((q, p))
+}
+
 fn check_num_masks(num_masks: f64) -> Result<()> {
     if num_masks.is_finite() && num_masks > 0.0 {
         Ok(())
@@ -69,14 +82,7 @@ fn check_num_masks(num_masks: f64) -> Result<()> {
 /// softplus(−x) = softplus(x) − x this is (Σ_p softplus(x) − x·tᵀ) / P, which needs one
 /// elementwise pass and one matmul instead of two of each.
 pub fn pairwise_bce_cost(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (_, p) = dims2(logits, "pairwise_bce_cost")?;
-    let (_, pt) = dims2(targets, "pairwise_bce_cost targets")?;
-    if p != pt {
-        bail!("pairwise_bce_cost: {p} prediction points vs {pt} target points");
-    }
-    if p == 0 {
-        bail!("pairwise_bce_cost: no points");
-    }
+    let (_, p) = pairwise_dims(logits, targets, "pairwise_bce_cost")?;
     let targets = targets.to_dtype(logits.dtype())?;
     // BCE against 0 at every point, summed over points: (Q, 1).
     let neg_sum = (logits.relu()? + log1p_exp_neg_abs(logits)?)?.sum_keepdim(1)?;
@@ -105,14 +111,7 @@ pub fn pairwise_dice_cost(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// of ten single-threaded element-wise passes over (Q, P); the two products with the targets
 /// stay matrix products. Elsewhere it is the two functions.
 pub fn pairwise_costs(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (q, p) = dims2(logits, "pairwise_costs")?;
-    let (_, pt) = dims2(targets, "pairwise_costs targets")?;
-    if p != pt {
-        bail!("pairwise_costs: {p} prediction points vs {pt} target points");
-    }
-    if p == 0 {
-        bail!("pairwise_costs: no points");
-    }
+    let (q, p) = pairwise_dims(logits, targets, "pairwise_costs")?;
     if !logits.device().is_cpu() || logits.dtype() != DType::F32 {
         return Ok((pairwise_bce_cost(logits, targets)?, pairwise_dice_cost(logits, targets)?));
     }
