@@ -146,7 +146,8 @@ pub struct CacheOptions {
 
 impl CacheOptions {
     /// One view per image of both splits, f16 features, u8 masks, 64 records per shard, batch 8,
-    /// seed 0: the quick settings of the checks and benches that make their own shards.
+    /// seed 0, fold 0: what the demo, the GPU check and the stage-2 bench start from (each
+    /// overriding what it needs).
     pub fn one_view(data: PathBuf, preset: Preset, backbone_weights: Option<PathBuf>, pos_checkpoint: PathBuf, out: PathBuf) -> Self {
         Self {
             data,
