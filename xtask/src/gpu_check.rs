@@ -385,8 +385,7 @@ fn train_section(args: &GpuCheckArgs, dev: &Device, s: &mut Summary) -> Result<(
         Preset::Paper => {
             let path = out.join("resnet50-synthetic.safetensors");
             if !path.exists() {
-                let (_, w) = mmformer::backbone::ResNet50::synthetic_with_weights(0, &Device::Cpu)?;
-                candle_core::safetensors::save(&w, &path)?;
+                mmformer::backbone::ResNet50::save_synthetic(0, &path)?;
             }
             Some(path)
         }

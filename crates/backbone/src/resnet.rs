@@ -201,6 +201,16 @@ impl ResNet50 {
         Ok((model, record.tensors()))
     }
 
+    /// Writes [`Self::synthetic`]'s weights to `path` under this model's weight-file names
+    /// (safetensors, through a temporary file and a rename): a stand-in ResNet-50 file for the
+    /// checks and benches, where real weights cannot be had.
+    pub fn save_synthetic(seed: u64, path: &Path) -> Result<()> {
+        let (_, tensors) = Self::synthetic_with_weights(seed, &Device::Cpu)?;
+        let tmp = path.with_extension("safetensors.tmp");
+        crate::weights::write_safetensors(&tensors, &tmp)?;
+        std::fs::rename(&tmp, path).map_err(|source| BackboneError::Io { file: path.to_path_buf(), source })
+    }
+
     pub fn config(&self) -> &ResNetConfig {
         &self.cfg
     }

@@ -577,3 +577,21 @@ fn synthetic_models_give_finite_features() {
         }
     }
 }
+
+/// `ResNet50::save_synthetic` writes a file that loads as the same model (the same res5 on an
+/// input), leaves no temporary file behind, and names the file when it cannot write.
+#[test]
+fn the_synthetic_resnet_file_loads_as_the_synthetic_model() {
+    use backbone::Backbone;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resnet50-seeded.safetensors");
+    ResNet50::save_synthetic(3, &path).unwrap();
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("resnet50-seeded.safetensors")]);
+    let x = (Tensor::arange(0f32, (3 * 64 * 64) as f32, &Device::Cpu).unwrap() * 0.01).unwrap().sin().unwrap().reshape((1, 3, 64, 64)).unwrap();
+    let loaded = ResNet50::from_file(&path, &Device::Cpu).unwrap().forward(&x).unwrap();
+    let drawn = ResNet50::synthetic(3, &Device::Cpu).unwrap().forward(&x).unwrap();
+    assert_exact("res5", &loaded.res5, &drawn.res5);
+    let e = ResNet50::save_synthetic(3, &dir.path().join("missing/sub/r50.safetensors")).unwrap_err().to_string();
+    assert!(e.contains("missing/sub/r50"), "{e}");
+}

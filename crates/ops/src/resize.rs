@@ -68,18 +68,25 @@ fn interp_tensor(n_in: usize, n_out: usize, align_corners: bool, dt: DType, dev:
     Ok(t)
 }
 
+/// (B, C, H, W) of a float map to be resized between its size and `other_hw`, both non-empty.
+fn bilinear_dims(x: &Tensor, other_hw: (usize, usize), what: &str) -> Result<(usize, usize, usize, usize)> {
+    ensure_float(x, what)?;
+    let (b, c, h, w) = dims4(x, what)?;
+    let (oh, ow) = other_hw;
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        bail!("{what}: cannot resize between {h}x{w} and {oh}x{ow} (zero-sized)");
+    }
+    Ok((b, c, h, w))
+}
+
 /// Bilinear resize, torch `F.interpolate(x, size=out_hw, mode="bilinear",
 /// align_corners=align_corners)` (antialias off).
 ///
 /// `x`: (B, C, H, W) -> (B, C, oh, ow). Computed as `Wh · X · Wwᵀ` with the two 1-D
 /// interpolation matrices, so it runs as two gemms and its gradient is two more.
 pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
-    ensure_float(x, "resize_bilinear")?;
-    let (b, c, h, w) = dims4(x, "resize_bilinear")?;
+    let (b, c, h, w) = bilinear_dims(x, out_hw, "resize_bilinear")?;
     let (oh, ow) = out_hw;
-    if h == 0 || w == 0 || oh == 0 || ow == 0 {
-        bail!("resize_bilinear: cannot resize {h}x{w} to {oh}x{ow} (zero-sized)");
-    }
     if (oh, ow) == (h, w) {
         return Ok(x.clone());
     }
@@ -108,12 +115,8 @@ pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) 
 ///
 /// `y`: (B, C, oh, ow) -> (B, C, h, w) with `(h, w) = in_hw`.
 pub fn resize_bilinear_adjoint(y: &Tensor, in_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
-    ensure_float(y, "resize_bilinear_adjoint")?;
-    let (b, c, oh, ow) = dims4(y, "resize_bilinear_adjoint")?;
+    let (b, c, oh, ow) = bilinear_dims(y, in_hw, "resize_bilinear_adjoint")?;
     let (h, w) = in_hw;
-    if h == 0 || w == 0 || oh == 0 || ow == 0 {
-        bail!("resize_bilinear_adjoint: cannot map {oh}x{ow} back to {h}x{w} (zero-sized)");
-    }
     let (dev, dt) = (y.device(), y.dtype());
     // Columns first (Y · Ww on the large side), then rows (Whᵀ · ·).
     let mut x = y.reshape((b * c * oh, ow))?;

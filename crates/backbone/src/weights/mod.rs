@@ -35,6 +35,14 @@ pub enum FileNaming {
     Torchvision,
 }
 
+/// Writes `named` as a safetensors file, errors naming `path`.
+pub(crate) fn write_safetensors(named: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(named, path).map_err(|e| match e {
+        candle_core::Error::Io(source) => BackboneError::Io { file: path.to_path_buf(), source },
+        e => BackboneError::Corrupt { file: path.to_path_buf(), detail: format!("cannot write: {e}") },
+    })
+}
+
 /// The tensors of one weight file by name, with the file they came from.
 #[derive(Clone, Debug)]
 pub struct StateDict {
@@ -180,16 +188,7 @@ impl StateDict {
             .iter()
             .map(|(k, v)| (format!("{prefix}{k}"), v.clone()))
             .collect();
-        candle_core::safetensors::save(&named, path).map_err(|e| match e {
-            candle_core::Error::Io(source) => BackboneError::Io {
-                file: path.to_path_buf(),
-                source,
-            },
-            e => BackboneError::Corrupt {
-                file: path.to_path_buf(),
-                detail: format!("cannot write: {e}"),
-            },
-        })
+        write_safetensors(&named, path)
     }
 
     /// One tensor, checked against the shape the model expects, as f32.
