@@ -5,7 +5,10 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
+use crate::fastmath::fused_kernels_enabled;
 use crate::util::ensure_float;
+
+mod kernel;
 
 fn dims4(x: &Tensor, what: &str) -> Result<(usize, usize, usize, usize)> {
     match x.dims() {
@@ -14,13 +17,13 @@ fn dims4(x: &Tensor, what: &str) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
-/// The (out, in) matrix of torch's 1-D linear interpolation (`upsample_bilinear2d` along one
-/// axis, no antialiasing, no explicit scale factor), in row-major order. `single` computes the
-/// source positions in f32 as torch does for f32 tensors (its "opmath" type), so the weights
-/// round the same way.
-fn interp_matrix(n_in: usize, n_out: usize, align_corners: bool, single: bool) -> Vec<f64> {
+/// The two taps of each output of torch's 1-D linear interpolation (`upsample_bilinear2d`
+/// along one axis, no antialiasing, no explicit scale factor): `(i0, w0, i1, w1)` per output,
+/// `i1 = i0` with `w1 = 0` where both fall on the last input. `single` computes the source
+/// positions in f32 as torch does for f32 tensors (its "opmath" type), so the weights round
+/// the same way.
+fn interp_taps(n_in: usize, n_out: usize, align_corners: bool, single: bool) -> Vec<(usize, f64, usize, f64)> {
     let round = |v: f64| if single { v as f32 as f64 } else { v };
-    let mut m = vec![0f64; n_out * n_in];
     let scale = round(if align_corners {
         if n_out > 1 {
             (n_in - 1) as f64 / (n_out - 1) as f64
@@ -30,18 +33,31 @@ fn interp_matrix(n_in: usize, n_out: usize, align_corners: bool, single: bool) -
     } else {
         n_in as f64 / n_out as f64
     });
-    for o in 0..n_out {
-        let src = if align_corners {
-            round(scale * o as f64)
-        } else {
-            // Each f32 operation of `scale * (o + 0.5) - 0.5` rounded like torch's.
-            round(round(scale * (o as f64 + 0.5)) - 0.5).max(0.0)
-        };
-        let i0 = (src.floor() as usize).min(n_in - 1);
-        let lambda = round(src - i0 as f64).clamp(0.0, 1.0);
-        let i1 = if i0 < n_in - 1 { i0 + 1 } else { i0 };
-        m[o * n_in + i0] += round(1.0 - lambda);
-        m[o * n_in + i1] += lambda;
+    (0..n_out)
+        .map(|o| {
+            let src = if align_corners {
+                round(scale * o as f64)
+            } else {
+                // Each f32 operation of `scale * (o + 0.5) - 0.5` rounded like torch's.
+                round(round(scale * (o as f64 + 0.5)) - 0.5).max(0.0)
+            };
+            let i0 = (src.floor() as usize).min(n_in - 1);
+            let lambda = round(src - i0 as f64).clamp(0.0, 1.0);
+            if i0 < n_in - 1 {
+                (i0, round(1.0 - lambda), i0 + 1, lambda)
+            } else {
+                (i0, round(1.0 - lambda) + lambda, i0, 0.0)
+            }
+        })
+        .collect()
+}
+
+/// The (out, in) matrix of [`interp_taps`], in row-major order.
+fn interp_matrix(n_in: usize, n_out: usize, align_corners: bool, single: bool) -> Vec<f64> {
+    let mut m = vec![0f64; n_out * n_in];
+    for (o, (i0, w0, i1, w1)) in interp_taps(n_in, n_out, align_corners, single).into_iter().enumerate() {
+        m[o * n_in + i0] += w0;
+        m[o * n_in + i1] += w1;
     }
     m
 }
@@ -85,6 +101,20 @@ fn bilinear_dims(x: &Tensor, other_hw: (usize, usize), what: &str) -> Result<(us
 /// `x`: (B, C, H, W) -> (B, C, oh, ow). Computed as `Wh · X · Wwᵀ` with the two 1-D
 /// interpolation matrices, so it runs as two gemms and its gradient is two more.
 pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
+    let (_, _, h, w) = bilinear_dims(x, out_hw, "resize_bilinear")?;
+    if out_hw == (h, w) {
+        return Ok(x.clone());
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && fused_kernels_enabled() {
+        let op = kernel::Bilinear::new((h, w), out_hw, align_corners, x.dtype() == DType::F32, false);
+        return x.contiguous()?.apply_op1(op);
+    }
+    resize_bilinear_matmul(x, out_hw, align_corners)
+}
+
+/// [`resize_bilinear`] as two gemms with the dense interpolation matrices, on any device: the
+/// path off the CPU, and the CPU kernel's cross-check.
+pub fn resize_bilinear_matmul(x: &Tensor, out_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
     let (b, c, h, w) = bilinear_dims(x, out_hw, "resize_bilinear")?;
     let (oh, ow) = out_hw;
     if (oh, ow) == (h, w) {
@@ -115,6 +145,19 @@ pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) 
 ///
 /// `y`: (B, C, oh, ow) -> (B, C, h, w) with `(h, w) = in_hw`.
 pub fn resize_bilinear_adjoint(y: &Tensor, in_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
+    let (_, _, oh, ow) = bilinear_dims(y, in_hw, "resize_bilinear_adjoint")?;
+    if (oh, ow) == in_hw {
+        return Ok(y.clone());
+    }
+    if y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64) && fused_kernels_enabled() {
+        let op = kernel::Bilinear::new(in_hw, (oh, ow), align_corners, y.dtype() == DType::F32, true);
+        return y.contiguous()?.apply_op1(op);
+    }
+    resize_bilinear_adjoint_matmul(y, in_hw, align_corners)
+}
+
+/// [`resize_bilinear_adjoint`] as two gemms, on any device (see [`resize_bilinear_matmul`]).
+pub fn resize_bilinear_adjoint_matmul(y: &Tensor, in_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
     let (b, c, oh, ow) = bilinear_dims(y, in_hw, "resize_bilinear_adjoint")?;
     let (h, w) = in_hw;
     let (dev, dt) = (y.device(), y.dtype());

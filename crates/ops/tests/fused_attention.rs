@@ -188,6 +188,7 @@ fn fused_matches_composed_f32() {
         (4, 4, 32, 256, 225),
         (1, 4, 64, 225, 225),
         (2, 3, 5, 77, 31),
+        (1, 8, 32, 100, 512), // the POS decoder's shape: keys a multiple of 16, read unpacked
     ];
     for (i, &(b, h, dh, lq, lk)) in sizes.iter().enumerate() {
         for kind in KINDS {

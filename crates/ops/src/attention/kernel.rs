@@ -81,11 +81,12 @@ impl Sdpa {
     /// `s` (n × Lk) = softmax(scale · Q[rows] K[head]ᵀ + mask) for `n` query rows at `q`.
     ///
     /// # Safety
-    /// `q` must point at the first of `n` rows of stride E, `k` at the head's first key.
+    /// `q` must point at the first of `n` rows of stride E, `kt` at the head's (dh × Lk) block
+    /// of [`heads_transposed`] keys.
     unsafe fn probs<T: Real>(
         &self,
         q: *const T,
-        k: *const T,
+        kt: *const T,
         s: &mut [T],
         n: usize,
         mask: Option<MaskRef<'_, T>>,
@@ -101,9 +102,9 @@ impl Sdpa {
             q,
             e,
             1,
-            k,
+            kt,
+            lk,
             1,
-            e,
             T::from_f64(self.scale),
         );
         for (i, row) in s.chunks_exact_mut(lk).take(n).enumerate() {
@@ -134,6 +135,7 @@ impl Sdpa {
         if lk == 0 || out.is_empty() {
             return out;
         }
+        let kt = heads_transposed(k, self.b, lk, self.heads, dh);
         out.par_chunks_mut(lq * e).enumerate().for_each(|(bi, ob)| {
             ob.par_chunks_mut(r * e).enumerate().for_each(|(blk, o)| {
                 let (r0, n) = (blk * r, o.len() / e);
@@ -141,8 +143,8 @@ impl Sdpa {
                 for h in 0..self.heads {
                     unsafe {
                         let qp = q.as_ptr().add((bi * lq + r0) * e + h * dh);
-                        let kp = k.as_ptr().add(bi * lk * e + h * dh);
-                        self.probs(qp, kp, &mut s, n, self.mask_rows(mask, bi, h, r0, n));
+                        let ktp = kt.as_ptr().add((bi * self.heads + h) * dh * lk);
+                        self.probs(qp, ktp, &mut s, n, self.mask_rows(mask, bi, h, r0, n));
                         let vp = v.as_ptr().add(bi * lk * e + h * dh);
                         gemm(
                             n,
@@ -195,6 +197,7 @@ impl Sdpa {
         let chunk_rows = blk_per_chunk * r;
         let part_len = 2 * lk * e;
         let mut parts = vec![zero; b * chunks * part_len];
+        let (kt, vt) = (heads_transposed(k, b, lk, self.heads, dh), heads_transposed(v, b, lk, self.heads, dh));
         dq.par_chunks_mut(lq * e)
             .zip(parts.par_chunks_mut(chunks * part_len))
             .enumerate()
@@ -213,12 +216,13 @@ impl Sdpa {
                             for h in 0..self.heads {
                                 let hq = row0 + h * dh;
                                 let hk = bi * lk * e + h * dh;
+                                let ht = (bi * self.heads + h) * dh * lk;
                                 unsafe {
                                     let qp = q.as_ptr().add(hq);
                                     let gop = go.as_ptr().add(hq);
                                     self.probs(
                                         qp,
-                                        k.as_ptr().add(hk),
+                                        kt.as_ptr().add(ht),
                                         &mut s,
                                         n,
                                         self.mask_rows(mask, bi, h, r0, n),
@@ -234,9 +238,9 @@ impl Sdpa {
                                         gop,
                                         e,
                                         1,
-                                        v.as_ptr().add(hk),
+                                        vt.as_ptr().add(ht),
+                                        lk,
                                         1,
-                                        e,
                                         T::from_f64(1.0),
                                     );
                                 }
@@ -321,6 +325,29 @@ impl Sdpa {
             });
         (dq, dk, dv)
     }
+}
+
+/// (B, L, heads·dh) head-interleaved rows -> (B, heads, dh, L): each head's keys (or values) as
+/// a contiguous transposed block. A logits product `Q Kᵀ` with row-major output is run by
+/// `gemm` as `K Qᵀ`, whose left operand it would otherwise repack on every call, i.e. once per
+/// block of query rows and head (with 100 queries against 3600 keys the repacking cost more
+/// than the products); from this layout it reads the keys in place.
+fn heads_transposed<T: Real>(x: &[T], b: usize, l: usize, heads: usize, dh: usize) -> Vec<T> {
+    let e = heads * dh;
+    let mut t = vec![T::from_f64(0.0); b * l * e];
+    if t.is_empty() {
+        return t;
+    }
+    t.par_chunks_mut(dh * l).enumerate().for_each(|(bh, block)| {
+        let (bi, h) = (bh / heads, bh % heads);
+        let rows = &x[bi * l * e..(bi + 1) * l * e];
+        for (j, row) in rows.chunks_exact(e).enumerate() {
+            for (d, &val) in row[h * dh..(h + 1) * dh].iter().enumerate() {
+                block[d * l + j] = val;
+            }
+        }
+    });
+    t
 }
 
 impl CustomOp3 for Sdpa {
