@@ -1,7 +1,7 @@
 //! Multi-scale deformable attention (Deformable-DETR), as used by Mask2Former's pixel decoder.
 
 use candle_core::{bail, DType, Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 
 use crate::nn::softmax;
 use crate::util::{bilinear_taps, ensure_float};
@@ -228,6 +228,31 @@ pub fn ms_deform_attn_core_composed(
         .reshape((b, lq, heads * dh))
 }
 
+/// `reference_points + offsets / offset_normalizer`, the normaliser being (w_l, h_l) per level:
+/// `reference_points` (B, Lq, L, 2), `offsets` (B, Lq, heads, L, P, 2) in pixels of each level
+/// -> normalised sampling locations (B, Lq, heads, L, P, 2). One pass on CPU.
+pub fn sampling_locations(reference_points: &Tensor, offsets: &Tensor, spatial_shapes: &[(usize, usize)]) -> Result<Tensor> {
+    let (b, lq, heads, l, points) = match *offsets.dims() {
+        [b, lq, m, l, p, 2] if l == spatial_shapes.len() => (b, lq, m, l, p),
+        _ => bail!(
+            "sampling_locations: offsets must be (B, Lq, heads, L={}, P, 2), got {:?}",
+            spatial_shapes.len(),
+            offsets.shape()
+        ),
+    };
+    if reference_points.dims() != [b, lq, l, 2] {
+        bail!("sampling_locations: reference points must be (B={b}, Lq={lq}, L={l}, 2), got {:?}", reference_points.shape());
+    }
+    let dt = offsets.dtype();
+    if offsets.device().is_cpu() && matches!(dt, DType::F32 | DType::F64) && crate::fastmath::fused_kernels_enabled() {
+        let op = kernel::SamplingLocations { heads, points, norms: spatial_shapes.iter().map(|&(h, w)| (w, h)).collect() };
+        return reference_points.to_dtype(dt)?.contiguous()?.apply_op2(&offsets.contiguous()?, op);
+    }
+    let norm: Vec<f32> = spatial_shapes.iter().flat_map(|&(h, w)| [w as f32, h as f32]).collect();
+    let norm = Tensor::from_vec(norm, (1, 1, 1, l, 1, 2), offsets.device())?.to_dtype(dt)?;
+    reference_points.to_dtype(dt)?.reshape((b, lq, 1, l, 1, 2))?.broadcast_add(&offsets.broadcast_div(&norm)?)
+}
+
 /// Deformable-DETR's initial `sampling_offsets.bias`: head m's offsets point along the angle
 /// 2πm/heads (scaled so the larger coordinate is 1), the i-th point `i + 1` times as far,
 /// identical for every level. Shape (heads·levels·points·2,), f32.
@@ -255,6 +280,11 @@ pub fn sampling_offsets_bias_init(
         }
     }
     Tensor::from_vec(v, n_heads * n_levels * n_points * 2, device)
+}
+
+/// `layer` through the fused linear kernel ([`crate::nn::linear`]).
+fn linear(x: &Tensor, layer: &Linear) -> Result<Tensor> {
+    crate::nn::linear(x, layer.weight(), layer.bias())
 }
 
 /// Xavier-uniform init hint for a (fan_out, fan_in) weight.
@@ -357,34 +387,12 @@ impl MSDeformAttn {
             );
         }
         let (m, l, p) = (self.n_heads, self.n_levels, self.n_points);
-        let value = self
-            .value_proj
-            .forward(input_flatten)?
-            .reshape((b, s, m, c / m))?;
-        let offsets = self
-            .sampling_offsets
-            .forward(query)?
-            .reshape((b, lq, m, l, p, 2))?;
-        let attn = softmax(
-            &self
-                .attention_weights
-                .forward(query)?
-                .reshape((b, lq, m, l * p))?,
-            3,
-        )?
-        .reshape((b, lq, m, l, p))?;
-        // offset_normalizer = (w_l, h_l) per level.
-        let norm: Vec<f32> = spatial_shapes
-            .iter()
-            .flat_map(|&(h, w)| [w as f32, h as f32])
-            .collect();
-        let norm =
-            Tensor::from_vec(norm, (1, 1, 1, l, 1, 2), query.device())?.to_dtype(query.dtype())?;
-        let locations = reference_points
-            .to_dtype(query.dtype())?
-            .reshape((b, lq, 1, l, 1, 2))?
-            .broadcast_add(&offsets.broadcast_div(&norm)?)?;
+        let value = linear(input_flatten, &self.value_proj)?.reshape((b, s, m, c / m))?;
+        let offsets = linear(query, &self.sampling_offsets)?.reshape((b, lq, m, l, p, 2))?;
+        let attn = softmax(&linear(query, &self.attention_weights)?.reshape((b, lq, m, l * p))?, 3)?
+            .reshape((b, lq, m, l, p))?;
+        let locations = sampling_locations(&reference_points.to_dtype(query.dtype())?, &offsets, spatial_shapes)?;
         let out = ms_deform_attn_core(&value, spatial_shapes, &locations, &attn)?;
-        self.output_proj.forward(&out)
+        linear(&out, &self.output_proj)
     }
 }

@@ -186,3 +186,58 @@ fn sampling_offsets_bias_follows_deformable_detr() {
     // Point p is p + 1 times as far.
     assert!((at(1, 0, 3, 1) - 4.0).abs() < 1e-5);
 }
+
+/// The one-pass sampling locations against the broadcast composition they replaced, values and
+/// both gradients, f32 and f64.
+#[test]
+fn sampling_locations_match_the_broadcast_composition() {
+    use candle_core::Var;
+    let mut rng = Rng::new(23);
+    let shapes = [(3usize, 4usize), (2, 2), (5, 3)];
+    let (b, lq, m, l, p) = (2, 7, 3, 3, 2);
+    for dt in [DType::F32, DType::F64] {
+        let refs = Var::from_tensor(&rng.tensor(&[b, lq, l, 2], 0.0, 1.0, dt)).unwrap();
+        let off = Var::from_tensor(&rng.tensor(&[b, lq, m, l, p, 2], -3.0, 3.0, dt)).unwrap();
+        let proj = rng.tensor(&[b, lq, m, l, p, 2], -1.0, 1.0, dt);
+        let norm: Vec<f32> = shapes.iter().flat_map(|&(h, w)| [w as f32, h as f32]).collect();
+        let norm = Tensor::from_vec(norm, (1, 1, 1, l, 1, 2), &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+        let want = refs
+            .as_tensor()
+            .reshape((b, lq, 1, l, 1, 2))
+            .unwrap()
+            .broadcast_add(&off.as_tensor().broadcast_div(&norm).unwrap())
+            .unwrap();
+        let got = ops::deform::sampling_locations(refs.as_tensor(), off.as_tensor(), &shapes).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert_close(&got, &want, 1e-12, &format!("{dt:?} values"));
+        let grads = |y: &Tensor| (y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gg, gw) = (grads(&got), grads(&want));
+        assert_close(gg.get(&refs).unwrap(), gw.get(&refs).unwrap(), 1e-5, &format!("{dt:?} d reference points"));
+        assert_close(gg.get(&off).unwrap(), gw.get(&off).unwrap(), 1e-6, &format!("{dt:?} d offsets"));
+    }
+    let bad = Tensor::zeros((b, lq, m, 2, p, 2), DType::F32, &Device::Cpu).unwrap();
+    let refs = Tensor::zeros((b, lq, l, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(ops::deform::sampling_locations(&refs, &bad, &shapes).is_err());
+}
+
+/// A NaN sampling location makes that query's output NaN in the kernel, as in the composed
+/// path: never a silent zero.
+#[test]
+fn a_nan_location_poisons_its_query() {
+    let mut rng = Rng::new(5);
+    let shapes = [(3usize, 4usize), (2, 2)];
+    let (b, m, d, lq, p) = (1, 2, 4, 3, 2);
+    let value = rng.tensor(&[b, 16, m, d], -1.0, 1.0, DType::F32);
+    let mut loc: Vec<f32> = common::to_vec(&rng.tensor(&[b, lq, m, 2, p, 2], 0.0, 1.0, DType::F32)).iter().map(|&v| v as f32).collect();
+    loc[0] = f32::NAN; // query 0, head 0, level 0, point 0, x
+    let loc = Tensor::from_vec(loc, (b, lq, m, 2, p, 2), &Device::Cpu).unwrap();
+    let attn = rng.tensor(&[b, lq, m, 2, p], 0.1, 1.0, DType::F32);
+    for (what, out) in [
+        ("kernel", ms_deform_attn_core(&value, &shapes, &loc, &attn).unwrap()),
+        ("composed", ms_deform_attn_core_composed(&value, &shapes, &loc, &attn).unwrap()),
+    ] {
+        let v = common::to_vec(&out);
+        assert!(v[..d].iter().all(|x| x.is_nan()), "{what}: head 0 of query 0 must be NaN, got {:?}", &v[..d]);
+        assert!(v[m * d..].iter().all(|x| x.is_finite()), "{what}: other queries stay finite");
+    }
+}

@@ -71,6 +71,48 @@ fn corners<T: WithDType>(
     n
 }
 
+/// [`corners`] without the weights' derivatives, for the forward: the same rows and weights
+/// (`w = wy · wx`, same rounding), with the bounds tested once per axis.
+#[inline]
+fn corner_weights<T: WithDType>(lx: T, ly: T, level: (usize, usize, usize), out: &mut [Corner<T>; 4]) -> usize {
+    let (h, w, start) = level;
+    let half = T::from_f64(0.5);
+    let one = T::from_f64(1.0);
+    let x = lx * T::from_f64(w as f64) - half;
+    let y = ly * T::from_f64(h as f64) - half;
+    let (x0, y0) = (x.to_f64().floor(), y.to_f64().floor());
+    if x0.is_nan() || y0.is_nan() {
+        // A NaN location poisons the output (as in `corners`), never a silent zero.
+        out[0] = Corner { row: start, w: T::from_f64(f64::NAN), dx: one, dy: one };
+        return 1;
+    }
+    // Entirely outside: nothing to read.
+    if !(x0 >= -1.0 && x0 <= (w - 1) as f64 && y0 >= -1.0 && y0 <= (h - 1) as f64) {
+        return 0;
+    }
+    let fx = x - T::from_f64(x0);
+    let fy = y - T::from_f64(y0);
+    let (xi, yi) = (x0 as isize, y0 as isize);
+    let xs = [(xi, one - fx), (xi + 1, fx)];
+    let ys = [(yi, one - fy), (yi + 1, fy)];
+    let zero = T::from_f64(0.0);
+    let mut n = 0;
+    for &(yy, wy) in &ys {
+        if yy < 0 || yy >= h as isize {
+            continue;
+        }
+        let row = start + yy as usize * w;
+        for &(xx, wx) in &xs {
+            if xx < 0 || xx >= w as isize {
+                continue;
+            }
+            out[n] = Corner { row: row + xx as usize, w: wy * wx, dx: zero, dy: zero };
+            n += 1;
+        }
+    }
+    n
+}
+
 fn dot<T: WithDType>(a: &[T], b: &[T]) -> T {
     let mut s = T::from_f64(0.0);
     for (x, y) in a.iter().zip(b) {
@@ -120,7 +162,7 @@ impl MsDeformCore {
                         for lp in 0..nlp {
                             let i = (bq * m + head) * nlp + lp;
                             let a = attn[i];
-                            let n = corners(
+                            let n = corner_weights(
                                 loc[2 * i],
                                 loc[2 * i + 1],
                                 self.levels[lp / self.points],
@@ -338,5 +380,104 @@ impl CustomOp3 for MsDeformCore {
             dt => bail!("ms_deform_attn_core kernel: unsupported dtype {dt:?}"),
         };
         Ok((Some(gv), Some(gl), Some(ga)))
+    }
+}
+
+/// `reference_points + offsets / (w_l, h_l)` with the reference point of each (query, level)
+/// broadcast over heads and points: (B, Lq, L, 2), (B, Lq, M, L, P, 2) -> (B, Lq, M, L, P, 2).
+/// candle's broadcast ops take their slow per-element indexing for these interleaved broadcast
+/// axes (4 ms a layer at 480²); this is one pass.
+#[derive(Debug, Clone)]
+pub(super) struct SamplingLocations {
+    pub heads: usize,
+    pub points: usize,
+    /// (w_l, h_l) per level.
+    pub norms: Vec<(usize, usize)>,
+}
+
+impl SamplingLocations {
+    /// Elements per query of the offsets, and of the reference points.
+    fn per_query(&self) -> (usize, usize) {
+        let l = self.norms.len();
+        (self.heads * l * self.points * 2, l * 2)
+    }
+
+    fn forward<T: WithDType>(&self, refs: &[T], off: &[T]) -> Vec<T> {
+        let (po, pr) = self.per_query();
+        let norm: Vec<[T; 2]> = self.norms.iter().map(|&(w, h)| [T::from_f64(w as f64), T::from_f64(h as f64)]).collect();
+        let mut out = vec![T::from_f64(0.0); off.len()];
+        out.par_chunks_mut(po)
+            .zip(off.par_chunks(po))
+            .zip(refs.par_chunks(pr))
+            .for_each(|((o, d), r)| {
+                let rows = o.chunks_exact_mut(2).zip(d.chunks_exact(2));
+                for (i, (o, d)) in rows.enumerate() {
+                    let l = (i / self.points) % norm.len();
+                    o[0] = r[2 * l] + d[0] / norm[l][0];
+                    o[1] = r[2 * l + 1] + d[1] / norm[l][1];
+                }
+            });
+        out
+    }
+
+    /// (d reference points, d offsets) from the output gradient.
+    fn backward<T: WithDType>(&self, grad: &[T]) -> (Vec<T>, Vec<T>) {
+        let (po, pr) = self.per_query();
+        let norm: Vec<[T; 2]> = self.norms.iter().map(|&(w, h)| [T::from_f64(w as f64), T::from_f64(h as f64)]).collect();
+        let zero = T::from_f64(0.0);
+        let mut d_off = vec![zero; grad.len()];
+        let mut d_ref = vec![zero; grad.len() / po * pr];
+        d_off
+            .par_chunks_mut(po)
+            .zip(d_ref.par_chunks_mut(pr))
+            .zip(grad.par_chunks(po))
+            .for_each(|((d, r), g)| {
+                for (i, (d, g)) in d.chunks_exact_mut(2).zip(g.chunks_exact(2)).enumerate() {
+                    let l = (i / self.points) % norm.len();
+                    d[0] = g[0] / norm[l][0];
+                    d[1] = g[1] / norm[l][1];
+                    r[2 * l] += g[0];
+                    r[2 * l + 1] += g[1];
+                }
+            });
+        (d_ref, d_off)
+    }
+}
+
+impl candle_core::CustomOp2 for SamplingLocations {
+    fn name(&self) -> &'static str {
+        "ms-deform-sampling-locations"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (po, pr) = self.per_query();
+        let (refs, off) = (l1.shape().elem_count(), l2.shape().elem_count());
+        if po == 0 || refs % pr != 0 || off % po != 0 || refs / pr != off / po {
+            bail!("sampling locations kernel: {} reference values do not match {} offsets", refs, off);
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(r), CpuStorage::F32(o)) => {
+                CpuStorage::F32(self.forward(slice(r, l1, "reference points")?, slice(o, l2, "offsets")?))
+            }
+            (CpuStorage::F64(r), CpuStorage::F64(o)) => {
+                CpuStorage::F64(self.forward(slice(r, l1, "reference points")?, slice(o, l2, "offsets")?))
+            }
+            _ => bail!("sampling locations kernel: both inputs must be f32 or both f64"),
+        };
+        Ok((out, l2.shape().clone()))
+    }
+
+    fn bwd(&self, refs: &Tensor, off: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn run<T: WithDType>(op: &SamplingLocations, refs: &Tensor, off: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+            let (dr, doff) = op.backward(&host_vec::<T>(grad)?);
+            let dev = grad.device();
+            Ok((Tensor::from_vec(dr, refs.shape(), dev)?, Tensor::from_vec(doff, off.shape(), dev)?))
+        }
+        let (dr, doff) = match grad.dtype() {
+            candle_core::DType::F32 => run::<f32>(self, refs, off, grad)?,
+            candle_core::DType::F64 => run::<f64>(self, refs, off, grad)?,
+            dt => bail!("sampling locations kernel: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dr), Some(doff)))
     }
 }
