@@ -5,6 +5,8 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::fastmath::{dot, Real};
+
 /// Problem sizes; `levels[l] = (h, w, first value row)`.
 #[derive(Debug, Clone)]
 pub(super) struct MsDeformCore {
@@ -113,14 +115,6 @@ fn corner_weights<T: WithDType>(lx: T, ly: T, level: (usize, usize, usize), out:
     n
 }
 
-fn dot<T: WithDType>(a: &[T], b: &[T]) -> T {
-    let mut s = T::from_f64(0.0);
-    for (x, y) in a.iter().zip(b) {
-        s += *x * *y;
-    }
-    s
-}
-
 fn axpy<T: WithDType>(alpha: T, x: &[T], y: &mut [T]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * *xi;
@@ -180,7 +174,7 @@ impl MsDeformCore {
     }
 
     /// Gradients w.r.t. value (B, S, heads, dh), locations and attention weights.
-    fn backward<T: WithDType>(
+    fn backward<T: Real>(
         &self,
         value: &[T],
         loc: &[T],
@@ -253,7 +247,8 @@ impl MsDeformCore {
                     for lp in 0..nlp {
                         let i = (bq * m + head) * nlp + lp;
                         let a = attn[i];
-                        let n = corners(
+                        // Only rows and weights here: the derivatives were used above.
+                        let n = corner_weights(
                             loc[2 * i],
                             loc[2 * i + 1],
                             self.levels[lp / self.points],
@@ -354,7 +349,7 @@ impl CustomOp3 for MsDeformCore {
             let (gv, gl, ga) = self.cuda_backward(value, loc, attn, grad)?;
             return Ok((Some(gv), Some(gl), Some(ga)));
         }
-        fn run<T: WithDType>(
+        fn run<T: Real>(
             op: &MsDeformCore,
             value: &Tensor,
             loc: &Tensor,
