@@ -14,7 +14,7 @@ use std::sync::Arc;
 use candle_core::{bail, CpuStorage, DType, Result, Tensor};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 
-use crate::fastmath::fused_kernels_enabled;
+use crate::fastmath::fusable;
 use crate::nn::{linear, softmax_composed};
 use crate::util::ensure_float;
 
@@ -57,7 +57,7 @@ pub fn scaled_dot_product_attention(
 ) -> Result<Tensor> {
     let (b, lq, lk, e) = check_sdpa(q, k, v, num_heads)?;
     let dt = q.dtype();
-    if !q.device().is_cpu() || !matches!(dt, DType::F32 | DType::F64) || !fused_kernels_enabled() {
+    if !fusable(q) {
         return scaled_dot_product_attention_composed(q, k, v, num_heads, attn_mask);
     }
     let dh = e / num_heads;

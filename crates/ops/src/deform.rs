@@ -244,7 +244,7 @@ pub fn sampling_locations(reference_points: &Tensor, offsets: &Tensor, spatial_s
         bail!("sampling_locations: reference points must be (B={b}, Lq={lq}, L={l}, 2), got {:?}", reference_points.shape());
     }
     let dt = offsets.dtype();
-    if offsets.device().is_cpu() && matches!(dt, DType::F32 | DType::F64) && crate::fastmath::fused_kernels_enabled() {
+    if crate::fastmath::fusable(offsets) {
         let op = kernel::SamplingLocations { heads, points, norms: spatial_shapes.iter().map(|&(h, w)| (w, h)).collect() };
         return reference_points.to_dtype(dt)?.contiguous()?.apply_op2(&offsets.contiguous()?, op);
     }
@@ -391,7 +391,7 @@ impl MSDeformAttn {
         let offsets = linear(query, &self.sampling_offsets)?.reshape((b, lq, m, l, p, 2))?;
         let attn = softmax(&linear(query, &self.attention_weights)?.reshape((b, lq, m, l * p))?, 3)?
             .reshape((b, lq, m, l, p))?;
-        let locations = sampling_locations(&reference_points.to_dtype(query.dtype())?, &offsets, spatial_shapes)?;
+        let locations = sampling_locations(reference_points, &offsets, spatial_shapes)?;
         let out = ms_deform_attn_core(&value, spatial_shapes, &locations, &attn)?;
         linear(&out, &self.output_proj)
     }

@@ -23,6 +23,11 @@ pub fn fused_kernels_enabled() -> bool {
     }
 }
 
+/// Whether `x` can take a fused CPU kernel: an f32 / f64 CPU tensor, with the kernels enabled.
+pub(crate) fn fusable(x: &candle_core::Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) && fused_kernels_enabled()
+}
+
 /// Turns the fused CPU kernels on or off for the whole process (see [`fused_kernels_enabled`]).
 pub fn set_fused_kernels(on: bool) {
     FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);

@@ -1,18 +1,13 @@
 //! Normalisation layers, softmax and the Mask2Former MLP, built from gradient-carrying candle
 //! primitives (candle's fused softmax / layer-norm kernels have no backward).
 
-use candle_core::{bail, DType, Result, Tensor, D};
+use candle_core::{bail, Result, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 
-use crate::fastmath::fused_kernels_enabled;
+use crate::fastmath::fusable;
 use crate::util::ensure_float;
 
 mod fused;
-
-/// Whether `x` can take a fused CPU kernel.
-fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && fused_kernels_enabled()
-}
 
 /// Numerically stable softmax over `dim`; gradients flow to `x`.
 ///

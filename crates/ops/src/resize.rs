@@ -5,7 +5,7 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::fastmath::fused_kernels_enabled;
+use crate::fastmath::fusable;
 use crate::util::ensure_float;
 
 mod kernel;
@@ -98,14 +98,15 @@ fn bilinear_dims(x: &Tensor, other_hw: (usize, usize), what: &str) -> Result<(us
 /// Bilinear resize, torch `F.interpolate(x, size=out_hw, mode="bilinear",
 /// align_corners=align_corners)` (antialias off).
 ///
-/// `x`: (B, C, H, W) -> (B, C, oh, ow). Computed as `Wh · X · Wwᵀ` with the two 1-D
-/// interpolation matrices, so it runs as two gemms and its gradient is two more.
+/// `x`: (B, C, H, W) -> (B, C, oh, ow), i.e. `Wh · X · Wwᵀ` with the two 1-D interpolation
+/// matrices. On CPU (f32 / f64) a kernel reads each output's two taps per axis, its backward
+/// being [`resize_bilinear_adjoint`]; elsewhere [`resize_bilinear_matmul`].
 pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
     let (_, _, h, w) = bilinear_dims(x, out_hw, "resize_bilinear")?;
     if out_hw == (h, w) {
         return Ok(x.clone());
     }
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && fused_kernels_enabled() {
+    if fusable(x) {
         let op = kernel::Bilinear::new((h, w), out_hw, align_corners, x.dtype() == DType::F32, false);
         return x.contiguous()?.apply_op1(op);
     }
@@ -149,7 +150,7 @@ pub fn resize_bilinear_adjoint(y: &Tensor, in_hw: (usize, usize), align_corners:
     if (oh, ow) == in_hw {
         return Ok(y.clone());
     }
-    if y.device().is_cpu() && matches!(y.dtype(), DType::F32 | DType::F64) && fused_kernels_enabled() {
+    if fusable(y) {
         let op = kernel::Bilinear::new(in_hw, (oh, ow), align_corners, y.dtype() == DType::F32, true);
         return y.contiguous()?.apply_op1(op);
     }

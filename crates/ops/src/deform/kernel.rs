@@ -30,9 +30,12 @@ struct Corner<T> {
 }
 
 /// grid_sample (align_corners=False, zero padding) corners of location (lx, ly) in [0, 1] on a
-/// level, pixel = loc·size − 0.5. Out-of-bounds corners are dropped (they read zeros).
+/// level, pixel = loc·size − 0.5. Out-of-bounds corners are dropped (they read zeros); a NaN
+/// location gives one NaN-weighted corner, so it poisons the output instead of reading nothing.
+/// `DERIVATIVES`: also the weights' derivatives w.r.t. the location (the backward's first
+/// pass); without them (forward, the backward's value pass) `dx`, `dy` are zero.
 #[inline]
-fn corners<T: WithDType>(
+fn corners<T: WithDType, const DERIVATIVES: bool>(
     lx: T,
     ly: T,
     level: (usize, usize, usize),
@@ -41,51 +44,14 @@ fn corners<T: WithDType>(
     let (h, w, start) = level;
     let half = T::from_f64(0.5);
     let one = T::from_f64(1.0);
+    let zero = T::from_f64(0.0);
     let minus_one = T::from_f64(-1.0);
-    let x = lx * T::from_f64(w as f64) - half;
-    let y = ly * T::from_f64(h as f64) - half;
-    let x0 = x.to_f64().floor();
-    let y0 = y.to_f64().floor();
-    let fx = x - T::from_f64(x0);
-    let fy = y - T::from_f64(y0);
-    // (index, weight, d weight / d pixel coordinate) along each axis.
-    let xs = [(x0, one - fx, minus_one), (x0 + 1.0, fx, one)];
-    let ys = [(y0, one - fy, minus_one), (y0 + 1.0, fy, one)];
-    let (sw, sh) = (T::from_f64(w as f64), T::from_f64(h as f64));
-    let mut n = 0;
-    for &(yi, wy, dwy) in &ys {
-        if yi < 0.0 || yi > (h - 1) as f64 {
-            continue;
-        }
-        for &(xi, wx, dwx) in &xs {
-            if xi < 0.0 || xi > (w - 1) as f64 {
-                continue;
-            }
-            out[n] = Corner {
-                row: start + yi as usize * w + xi as usize,
-                w: wy * wx,
-                dx: wy * dwx * sw,
-                dy: wx * dwy * sh,
-            };
-            n += 1;
-        }
-    }
-    n
-}
-
-/// [`corners`] without the weights' derivatives, for the forward: the same rows and weights
-/// (`w = wy · wx`, same rounding), with the bounds tested once per axis.
-#[inline]
-fn corner_weights<T: WithDType>(lx: T, ly: T, level: (usize, usize, usize), out: &mut [Corner<T>; 4]) -> usize {
-    let (h, w, start) = level;
-    let half = T::from_f64(0.5);
-    let one = T::from_f64(1.0);
     let x = lx * T::from_f64(w as f64) - half;
     let y = ly * T::from_f64(h as f64) - half;
     let (x0, y0) = (x.to_f64().floor(), y.to_f64().floor());
     if x0.is_nan() || y0.is_nan() {
-        // A NaN location poisons the output (as in `corners`), never a silent zero.
-        out[0] = Corner { row: start, w: T::from_f64(f64::NAN), dx: one, dy: one };
+        let nan = T::from_f64(f64::NAN);
+        out[0] = Corner { row: start, w: nan, dx: nan, dy: nan };
         return 1;
     }
     // Entirely outside: nothing to read.
@@ -95,20 +61,22 @@ fn corner_weights<T: WithDType>(lx: T, ly: T, level: (usize, usize, usize), out:
     let fx = x - T::from_f64(x0);
     let fy = y - T::from_f64(y0);
     let (xi, yi) = (x0 as isize, y0 as isize);
-    let xs = [(xi, one - fx), (xi + 1, fx)];
-    let ys = [(yi, one - fy), (yi + 1, fy)];
-    let zero = T::from_f64(0.0);
+    // (index, weight, d weight / d pixel coordinate) along each axis.
+    let xs = [(xi, one - fx, minus_one), (xi + 1, fx, one)];
+    let ys = [(yi, one - fy, minus_one), (yi + 1, fy, one)];
+    let (sw, sh) = (T::from_f64(w as f64), T::from_f64(h as f64));
     let mut n = 0;
-    for &(yy, wy) in &ys {
+    for &(yy, wy, dwy) in &ys {
         if yy < 0 || yy >= h as isize {
             continue;
         }
         let row = start + yy as usize * w;
-        for &(xx, wx) in &xs {
+        for &(xx, wx, dwx) in &xs {
             if xx < 0 || xx >= w as isize {
                 continue;
             }
-            out[n] = Corner { row: row + xx as usize, w: wy * wx, dx: zero, dy: zero };
+            let (dx, dy) = if DERIVATIVES { (wy * dwx * sw, wx * dwy * sh) } else { (zero, zero) };
+            out[n] = Corner { row: row + xx as usize, w: wy * wx, dx, dy };
             n += 1;
         }
     }
@@ -156,7 +124,7 @@ impl MsDeformCore {
                         for lp in 0..nlp {
                             let i = (bq * m + head) * nlp + lp;
                             let a = attn[i];
-                            let n = corner_weights(
+                            let n = corners::<T, false>(
                                 loc[2 * i],
                                 loc[2 * i + 1],
                                 self.levels[lp / self.points],
@@ -212,7 +180,7 @@ impl MsDeformCore {
                         for lp in 0..nlp {
                             let i = (bq * m + head) * nlp + lp;
                             let a = attn[i];
-                            let n = corners(
+                            let n = corners::<T, true>(
                                 loc[2 * i],
                                 loc[2 * i + 1],
                                 self.levels[lp / self.points],
@@ -248,7 +216,7 @@ impl MsDeformCore {
                         let i = (bq * m + head) * nlp + lp;
                         let a = attn[i];
                         // Only rows and weights here: the derivatives were used above.
-                        let n = corner_weights(
+                        let n = corners::<T, false>(
                             loc[2 * i],
                             loc[2 * i + 1],
                             self.levels[lp / self.points],
@@ -397,9 +365,14 @@ impl SamplingLocations {
         (self.heads * l * self.points * 2, l * 2)
     }
 
+    /// (w_l, h_l) per level in `T`.
+    fn norms<T: WithDType>(&self) -> Vec<[T; 2]> {
+        self.norms.iter().map(|&(w, h)| [T::from_f64(w as f64), T::from_f64(h as f64)]).collect()
+    }
+
     fn forward<T: WithDType>(&self, refs: &[T], off: &[T]) -> Vec<T> {
         let (po, pr) = self.per_query();
-        let norm: Vec<[T; 2]> = self.norms.iter().map(|&(w, h)| [T::from_f64(w as f64), T::from_f64(h as f64)]).collect();
+        let norm = self.norms::<T>();
         let mut out = vec![T::from_f64(0.0); off.len()];
         out.par_chunks_mut(po)
             .zip(off.par_chunks(po))
@@ -418,7 +391,7 @@ impl SamplingLocations {
     /// (d reference points, d offsets) from the output gradient.
     fn backward<T: WithDType>(&self, grad: &[T]) -> (Vec<T>, Vec<T>) {
         let (po, pr) = self.per_query();
-        let norm: Vec<[T; 2]> = self.norms.iter().map(|&(w, h)| [T::from_f64(w as f64), T::from_f64(h as f64)]).collect();
+        let norm = self.norms::<T>();
         let zero = T::from_f64(0.0);
         let mut d_off = vec![zero; grad.len()];
         let mut d_ref = vec![zero; grad.len() / po * pr];
