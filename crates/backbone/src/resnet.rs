@@ -205,6 +205,8 @@ impl ResNet50 {
     /// (safetensors, through a temporary file and a rename): a stand-in ResNet-50 file for the
     /// checks and benches, where real weights cannot be had.
     pub fn save_synthetic(seed: u64, path: &Path) -> Result<()> {
+        // Drawn on the host: the values only go to a file, and the same seed gives the same
+        // file whatever device will load it.
         let (_, tensors) = Self::synthetic_with_weights(seed, &Device::Cpu)?;
         let tmp = path.with_extension("safetensors.tmp");
         crate::weights::write_safetensors(&tensors, &tmp)?;
