@@ -40,7 +40,6 @@ const LANES: usize = 16;
 pub(crate) trait Real: WithDType + Copy + Send + Sync + 'static {
     const NEG_INF: Self;
     const NAN: Self;
-    fn max_of(self, other: Self) -> Self;
     fn sqrt_of(self) -> Self;
     /// `xs[i] = exp(xs[i] - shift)` in place; returns the sum of the new values.
     fn exp_shift_sum(xs: &mut [Self], shift: Self) -> Self;
@@ -82,14 +81,6 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 impl Real for f32 {
     const NEG_INF: Self = f32::NEG_INFINITY;
     const NAN: Self = f32::NAN;
-    #[inline(always)]
-    fn max_of(self, other: Self) -> Self {
-        if other > self {
-            other
-        } else {
-            self
-        }
-    }
     fn sqrt_of(self) -> Self {
         self.sqrt()
     }
@@ -124,14 +115,6 @@ impl Real for f32 {
 impl Real for f64 {
     const NEG_INF: Self = f64::NEG_INFINITY;
     const NAN: Self = f64::NAN;
-    #[inline(always)]
-    fn max_of(self, other: Self) -> Self {
-        if other > self {
-            other
-        } else {
-            self
-        }
-    }
     fn sqrt_of(self) -> Self {
         self.sqrt()
     }
@@ -154,21 +137,33 @@ impl Real for f64 {
     }
 }
 
-/// Maximum of a non-empty slice (NaN-ignoring; `-inf` when every element is `-inf`).
+/// Maximum of a slice, or NaN if any element is NaN (`-inf` when empty or all `-inf`). One
+/// vectorised pass: a separate scan for NaN (`iter().any(..)`) cannot vectorise because it exits
+/// early, and it cost more than the max and the exponentials of the attention's softmax together.
 #[inline]
-pub(crate) fn max<T: Real>(xs: &[T]) -> T {
+pub(crate) fn max_or_nan<T: Real>(xs: &[T]) -> T {
+    // A NaN lane stays NaN: neither `x > NaN` nor `x != x` holds for a later non-NaN `x`.
+    #[allow(clippy::eq_op)]
+    #[inline(always)]
+    fn step<T: Real>(m: T, x: T) -> T {
+        if x > m || x != x {
+            x
+        } else {
+            m
+        }
+    }
     let mut acc = [T::NEG_INF; LANES];
     let mut chunks = xs.chunks_exact(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
-            acc[l] = acc[l].max_of(c[l]);
+            acc[l] = step(acc[l], c[l]);
         }
     }
     let mut m = T::NEG_INF;
     for &x in chunks.remainder() {
-        m = m.max_of(x);
+        m = step(m, x);
     }
-    acc.iter().fold(m, |m, &x| m.max_of(x))
+    acc.iter().fold(m, |m, &x| step(m, x))
 }
 
 /// Sum of a slice.
@@ -214,11 +209,11 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 /// key masked) becomes NaN, as in torch.
 #[inline]
 pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
-    let m = max(row);
-    // A NaN logit makes the whole row NaN, as the composed softmax does (`max` and the clamped
-    // `exp` would otherwise turn it into a silent probability of 0); so does an all -inf row.
+    let m = max_or_nan(row);
+    // A NaN logit makes the whole row NaN, as the composed softmax does (the clamped `exp` would
+    // otherwise turn it into a silent probability of 0); so does an all -inf row.
     #[allow(clippy::eq_op)]
-    if m == T::NEG_INF || row.iter().any(|&x| x != x) {
+    if m == T::NEG_INF || m != m {
         row.fill(T::NAN);
         return;
     }
@@ -324,5 +319,36 @@ pub(crate) fn storage_slice<'a, T: Real>(
             "{what}: all inputs must have the same dtype ({:?})",
             T::DTYPE
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_or_nan_finds_a_nan_in_any_lane() {
+        // 37 elements: two full chunks of LANES plus a remainder of 5.
+        let base: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let want = base.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(max_or_nan(&base), want);
+        for at in [0, 7, 15, 16, 31, 32, 36] {
+            let mut xs = base.clone();
+            xs[at] = f32::NAN;
+            assert!(max_or_nan(&xs).is_nan(), "NaN at {at} missed");
+            let mut row = xs.clone();
+            softmax_row(&mut row);
+            assert!(row.iter().all(|x| x.is_nan()), "softmax with a NaN at {at}: {row:?}");
+        }
+        assert_eq!(max_or_nan::<f64>(&[]), f64::NEG_INFINITY);
+        let mut masked = vec![f64::NEG_INFINITY; 20];
+        assert_eq!(max_or_nan(&masked), f64::NEG_INFINITY);
+        softmax_row(&mut masked);
+        assert!(masked.iter().all(|x| x.is_nan()), "an all -inf row becomes NaN");
+        let mut row = base.clone();
+        row[3] = f32::NEG_INFINITY;
+        softmax_row(&mut row);
+        assert_eq!(row[3], 0.0);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
 }
