@@ -79,6 +79,9 @@ pub fn scaled_dot_product_attention(
             Some((Arc::new(storage), per_head))
         }
     };
+    // Keep the probabilities for the backward only where there will be one.
+    let graded = q.track_op() || k.track_op() || v.track_op();
+    let keep = graded && kernel::Sdpa::wants_saved_probs(b, lq, lk, num_heads, dt.size_in_bytes());
     let op = kernel::Sdpa {
         b,
         lq,
@@ -87,6 +90,7 @@ pub fn scaled_dot_product_attention(
         dh,
         scale: 1.0 / (dh as f64).sqrt(),
         mask,
+        saved_probs: keep.then(Default::default),
     };
     q.contiguous()?.apply_op3(
         &k.to_dtype(dt)?.contiguous()?,

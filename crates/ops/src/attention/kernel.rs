@@ -7,11 +7,13 @@
 //! pool; the (rows × Lk) logits of one block stay in cache.
 //!
 //! Forward, per block and head: `S = scale·Q Kᵀ + mask`, `P = softmax(S)` row-wise,
-//! `O = P V`. The probabilities are not stored: the backward recomputes them block by block
-//! (one more `Q Kᵀ`), then `dP = dO Vᵀ`, `dS = scale·P ⊙ (dP − rowsum(dO ⊙ O))`,
-//! `dQ = dS K`, `dK += dSᵀ Q`, `dV += Pᵀ dO`, with per-task dK/dV partial sums reduced at the end.
+//! `O = P V`. When a gradient will be asked for (and the probabilities fit in
+//! [`SAVED_PROBS_MAX_BYTES`]) the forward keeps `P`; otherwise the backward recomputes it block
+//! by block (one more `Q Kᵀ` and all the exponentials, about a fifth of the backward). Then
+//! `dP = dO Vᵀ`, `dS = scale·P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS K`, `dK += dSᵀ Q`,
+//! `dV += Pᵀ dO`, with per-task dK/dV partial sums reduced at the end.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -37,7 +39,15 @@ pub(crate) struct Sdpa {
     /// additive in the inputs' dtype; and whether it has one slice per head (B·heads) rather
     /// than one per batch item.
     pub mask: Option<(Arc<CpuStorage>, bool)>,
+    /// Where the forward keeps the probabilities for the backward, (B, Lq, heads, Lk) in the
+    /// inputs' dtype; `None` when no gradient is needed or they would not fit.
+    pub saved_probs: Option<Arc<OnceLock<CpuStorage>>>,
 }
+
+/// The most memory the forward keeps its probabilities in (per call); past it the backward
+/// recomputes them. The paper preset's largest training calls (stage 2 at batch 8: 8 × 4 heads ×
+/// 3600 × 225 in f32) take about 100 MiB.
+pub(crate) const SAVED_PROBS_MAX_BYTES: usize = 256 << 20;
 
 impl Sdpa {
     fn e(&self) -> usize {
@@ -78,26 +88,34 @@ impl Sdpa {
         })
     }
 
-    /// `s` (n × Lk) = softmax(scale · Q[rows] K[head]ᵀ + mask) for `n` query rows at `q`.
+    /// Whether the forward keeps the probabilities: when asked to and they fit.
+    pub(crate) fn wants_saved_probs(b: usize, lq: usize, lk: usize, heads: usize, elem: usize) -> bool {
+        b.saturating_mul(lq).saturating_mul(heads).saturating_mul(lk).saturating_mul(elem) <= SAVED_PROBS_MAX_BYTES
+    }
+
+    /// `s` (n rows of Lk, row stride `s_rs`) = softmax(scale · Q[rows] K[head]ᵀ + mask) for `n`
+    /// query rows at `q`.
     ///
     /// # Safety
     /// `q` must point at the first of `n` rows of stride E, `kt` at the head's (dh × Lk) block
-    /// of [`heads_transposed`] keys.
+    /// of [`heads_transposed`] keys; `s` must hold `(n − 1)·s_rs + Lk` elements, `s_rs ≥ Lk`.
     unsafe fn probs<T: Real>(
         &self,
         q: *const T,
         kt: *const T,
         s: &mut [T],
+        s_rs: usize,
         n: usize,
         mask: Option<MaskRef<'_, T>>,
     ) {
         let (lk, e) = (self.lk, self.e());
+        debug_assert!(n == 0 || s.len() >= (n - 1) * s_rs + lk);
         gemm(
             n,
             lk,
             self.dh,
             s.as_mut_ptr(),
-            lk,
+            s_rs,
             false,
             q,
             e,
@@ -107,7 +125,8 @@ impl Sdpa {
             1,
             T::from_f64(self.scale),
         );
-        for (i, row) in s.chunks_exact_mut(lk).take(n).enumerate() {
+        for i in 0..n {
+            let row = &mut s[i * s_rs..i * s_rs + lk];
             match mask {
                 None => {}
                 Some(MaskRef::Add(m)) => {
@@ -127,45 +146,73 @@ impl Sdpa {
         }
     }
 
-    pub(crate) fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-        let (lq, lk, e, dh) = (self.lq, self.lk, self.e(), self.dh);
+    /// The output, and the probabilities (B, Lq, heads, Lk) when `keep_probs`.
+    pub(crate) fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], keep_probs: bool) -> (Vec<T>, Option<Vec<T>>) {
+        let (lq, lk, e, dh, heads) = (self.lq, self.lk, self.e(), self.dh, self.heads);
+        let zero = T::from_f64(0.0);
         let mask = self.mask_ref::<T>();
         let r = self.row_block();
-        let mut out = vec![T::from_f64(0.0); self.b * lq * e];
+        let mut out = vec![zero; self.b * lq * e];
+        let mut saved = keep_probs.then(|| vec![zero; self.b * lq * heads * lk]);
         if lk == 0 || out.is_empty() {
-            return out;
+            return (out, saved);
         }
-        let kt = heads_transposed(k, self.b, lk, self.heads, dh);
-        out.par_chunks_mut(lq * e).enumerate().for_each(|(bi, ob)| {
-            ob.par_chunks_mut(r * e).enumerate().for_each(|(blk, o)| {
-                let (r0, n) = (blk * r, o.len() / e);
-                let mut s = vec![T::from_f64(0.0); n * lk];
-                for h in 0..self.heads {
-                    unsafe {
-                        let qp = q.as_ptr().add((bi * lq + r0) * e + h * dh);
-                        let ktp = kt.as_ptr().add((bi * self.heads + h) * dh * lk);
-                        self.probs(qp, ktp, &mut s, n, self.mask_rows(mask, bi, h, r0, n));
-                        let vp = v.as_ptr().add(bi * lk * e + h * dh);
-                        gemm(
-                            n,
-                            dh,
-                            lk,
-                            o.as_mut_ptr().add(h * dh),
-                            e,
-                            false,
-                            s.as_ptr(),
-                            lk,
-                            1,
-                            vp,
-                            e,
-                            1,
-                            T::from_f64(1.0),
-                        );
-                    }
+        let kt = heads_transposed(k, self.b, lk, heads, dh);
+        // One block of rows: probabilities per head into the block's slab of the kept ones
+        // (rows of heads·Lk) or into a scratch of one head (rows of Lk), then O = P V.
+        let block = |bi: usize, blk: usize, o: &mut [T], slab: Option<&mut [T]>| {
+            let (r0, n) = (blk * r, o.len() / e);
+            let mut scratch = Vec::new();
+            let (s, s_rs, head_step) = match slab {
+                Some(sl) => (sl, heads * lk, lk),
+                None => {
+                    scratch.resize(n * lk, zero);
+                    (&mut scratch[..], lk, 0)
                 }
-            });
-        });
-        out
+            };
+            for h in 0..heads {
+                let sh = &mut s[h * head_step..];
+                // SAFETY: q, kt, v and o are read/written within their (B, L, E) / (B, heads,
+                // dh, Lk) bounds; `sh` holds n rows of stride s_rs (checked in `probs`).
+                unsafe {
+                    let qp = q.as_ptr().add((bi * lq + r0) * e + h * dh);
+                    let ktp = kt.as_ptr().add((bi * heads + h) * dh * lk);
+                    self.probs(qp, ktp, sh, s_rs, n, self.mask_rows(mask, bi, h, r0, n));
+                    let vp = v.as_ptr().add(bi * lk * e + h * dh);
+                    gemm(
+                        n,
+                        dh,
+                        lk,
+                        o.as_mut_ptr().add(h * dh),
+                        e,
+                        false,
+                        sh.as_ptr(),
+                        s_rs,
+                        1,
+                        vp,
+                        e,
+                        1,
+                        T::from_f64(1.0),
+                    );
+                }
+            }
+        };
+        match saved.as_mut() {
+            Some(p) => out
+                .par_chunks_mut(lq * e)
+                .zip(p.par_chunks_mut(lq * heads * lk))
+                .enumerate()
+                .for_each(|(bi, (ob, pb))| {
+                    ob.par_chunks_mut(r * e)
+                        .zip(pb.par_chunks_mut(r * heads * lk))
+                        .enumerate()
+                        .for_each(|(blk, (o, sl))| block(bi, blk, o, Some(sl)));
+                }),
+            None => out.par_chunks_mut(lq * e).enumerate().for_each(|(bi, ob)| {
+                ob.par_chunks_mut(r * e).enumerate().for_each(|(blk, o)| block(bi, blk, o, None));
+            }),
+        }
+        (out, saved)
     }
 
     /// Gradients w.r.t. q, k, v given the output `o` and its gradient `go`.
@@ -176,6 +223,7 @@ impl Sdpa {
         v: &[T],
         o: &[T],
         go: &[T],
+        saved_probs: Option<&[T]>,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (b, lq, lk, e, dh) = (self.b, self.lq, self.lk, self.e(), self.dh);
         let zero = T::from_f64(0.0);
@@ -197,7 +245,9 @@ impl Sdpa {
         let chunk_rows = blk_per_chunk * r;
         let part_len = 2 * lk * e;
         let mut parts = vec![zero; b * chunks * part_len];
-        let (kt, vt) = (heads_transposed(k, b, lk, self.heads, dh), heads_transposed(v, b, lk, self.heads, dh));
+        // Transposed keys only to recompute the probabilities.
+        let kt = if saved_probs.is_none() { heads_transposed(k, b, lk, self.heads, dh) } else { Vec::new() };
+        let vt = heads_transposed(v, b, lk, self.heads, dh);
         dq.par_chunks_mut(lq * e)
             .zip(parts.par_chunks_mut(chunks * part_len))
             .enumerate()
@@ -207,7 +257,7 @@ impl Sdpa {
                     .enumerate()
                     .for_each(|(c, (dqc, part))| {
                         let (dkp, dvp) = part.split_at_mut(lk * e);
-                        let mut s = vec![zero; r * lk];
+                        let mut scratch = if saved_probs.is_some() { Vec::new() } else { vec![zero; r * lk] };
                         let mut dp = vec![zero; r * lk];
                         for (j, dqblk) in dqc.chunks_mut(r * e).enumerate() {
                             let r0 = c * chunk_rows + j * r;
@@ -217,16 +267,27 @@ impl Sdpa {
                                 let hq = row0 + h * dh;
                                 let hk = bi * lk * e + h * dh;
                                 let ht = (bi * self.heads + h) * dh * lk;
+                                // P of these rows and head: kept by the forward (rows of
+                                // heads·Lk), or recomputed into the scratch.
+                                let (s, s_rs): (&[T], usize) = match saved_probs {
+                                    Some(p) => (&p[((bi * lq + r0) * self.heads + h) * lk..], self.heads * lk),
+                                    None => {
+                                        // SAFETY: as in `forward`; the scratch holds r ≥ n rows.
+                                        unsafe {
+                                            self.probs(
+                                                q.as_ptr().add(hq),
+                                                kt.as_ptr().add(ht),
+                                                &mut scratch,
+                                                lk,
+                                                n,
+                                                self.mask_rows(mask, bi, h, r0, n),
+                                            );
+                                        }
+                                        (&scratch[..], lk)
+                                    }
+                                };
                                 unsafe {
-                                    let qp = q.as_ptr().add(hq);
                                     let gop = go.as_ptr().add(hq);
-                                    self.probs(
-                                        qp,
-                                        kt.as_ptr().add(ht),
-                                        &mut s,
-                                        n,
-                                        self.mask_rows(mask, bi, h, r0, n),
-                                    );
                                     // dP = dO Vᵀ
                                     gemm(
                                         n,
@@ -248,7 +309,7 @@ impl Sdpa {
                                 for i in 0..n {
                                     let at = hq + i * e;
                                     let d = dot(&go[at..at + dh], &o[at..at + dh]);
-                                    let prow = &s[i * lk..(i + 1) * lk];
+                                    let prow = &s[i * s_rs..i * s_rs + lk];
                                     for (g, &p) in dp[i * lk..(i + 1) * lk].iter_mut().zip(prow) {
                                         // 0·NaN stays NaN for fully masked rows, as in torch.
                                         *g = scale * p * (*g - d);
@@ -297,7 +358,7 @@ impl Sdpa {
                                         true,
                                         s.as_ptr(),
                                         1,
-                                        lk,
+                                        s_rs,
                                         go.as_ptr().add(hq),
                                         e,
                                         1,
@@ -381,7 +442,12 @@ impl CustomOp3 for Sdpa {
                     bail!("fused attention: an additive mask must have the inputs' dtype");
                 }
             }
-            Ok(T::into_storage(op.forward(q, k, v)))
+            let (out, probs) = op.forward(q, k, v, op.saved_probs.is_some());
+            if let (Some(cell), Some(p)) = (&op.saved_probs, probs) {
+                // A second forward of the same op node (it has none) would keep the first.
+                let _ = cell.set(T::into_storage(p));
+            }
+            Ok(T::into_storage(out))
         }
         let out = match s1 {
             CpuStorage::F32(_) => run::<f32>(self, s1, l1, s2, l2, s3, l3)?,
@@ -415,12 +481,14 @@ impl CustomOp3 for Sdpa {
                 v.storage_and_layout(),
             );
             let (go, gg) = (res.storage_and_layout(), grad.storage_and_layout());
+            let saved = op.saved_probs.as_ref().and_then(|c| c.get()).and_then(T::cpu_slice);
             let (dq, dk, dv) = op.backward(
                 guard_slice::<T>(&gq, "fused attention q")?,
                 guard_slice::<T>(&gk, "fused attention k")?,
                 guard_slice::<T>(&gv, "fused attention v")?,
                 guard_slice::<T>(&go, "fused attention output")?,
                 guard_slice::<T>(&gg, "fused attention grad")?,
+                saved,
             );
             drop((gq, gk, gv, go, gg));
             let dev = q.device();
@@ -436,5 +504,51 @@ impl CustomOp3 for Sdpa {
             dt => bail!("fused attention: unsupported dtype {dt:?}"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in (-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        (0..n).map(|i| ((i as f64 + 0.5) * 0.618_034 + seed as f64 * 0.377).sin()).collect()
+    }
+
+    /// The backward from kept probabilities equals the one that recomputes them, with and
+    /// without a mask (one fully masked row: NaN both ways), over several row blocks and chunks.
+    #[test]
+    fn kept_probabilities_give_the_recomputed_gradients() {
+        let (b, lq, lk, heads, dh) = (2usize, 37usize, 11usize, 3usize, 4usize);
+        let e = heads * dh;
+        let (q, k, v) = (values(b * lq * e, 1), values(b * lk * e, 2), values(b * lk * e, 3));
+        let go = values(b * lq * e, 4);
+        let forbid: Vec<u8> = (0..b * lq * lk).map(|i| (i % lk != 0 && i % 3 == 0) as u8 | (i / lk == 5) as u8).collect();
+        for mask in [None, Some((Arc::new(CpuStorage::U8(forbid)), false))] {
+            let op = Sdpa { b, lq, lk, heads, dh, scale: 0.5, mask, saved_probs: None };
+            let (out, kept) = op.forward(&q, &k, &v, true);
+            let (out2, none) = op.forward(&q, &k, &v, false);
+            assert!(none.is_none());
+            let kept = kept.expect("probabilities kept");
+            assert_eq!(kept.len(), b * lq * heads * lk);
+            let same = |x: &[f64], y: &[f64], what: &str| {
+                assert_eq!(x.len(), y.len());
+                for (i, (a, c)) in x.iter().zip(y).enumerate() {
+                    assert!((a - c).abs() <= 1e-12 || (a.is_nan() && c.is_nan()), "{what}[{i}]: {a} vs {c}");
+                }
+            };
+            same(&out, &out2, "out");
+            let with = op.backward(&q, &k, &v, &out, &go, Some(&kept));
+            let without = op.backward(&q, &k, &v, &out, &go, None);
+            same(&with.0, &without.0, "dq");
+            same(&with.1, &without.1, "dk");
+            same(&with.2, &without.2, "dv");
+            // Each kept row is a distribution (or NaN for the fully masked row).
+            for (r, row) in kept.chunks_exact(lk).enumerate() {
+                let s: f64 = row.iter().sum();
+                assert!((s - 1.0).abs() < 1e-12 || (op.mask.is_some() && s.is_nan()), "row {r} sums to {s}");
+            }
+        }
     }
 }
