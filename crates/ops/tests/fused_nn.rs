@@ -1,6 +1,7 @@
 //! The fused softmax and LayerNorm kernels against their composed versions: forward and every
 //! gradient, f32 and f64, sizes spanning one to many parallel tasks, odd widths, masked rows;
-//! the fused linear against `candle_nn::Linear` and by finite differences. (Softmax and
+//! the fused linear against `candle_nn::Linear` (both forward paths: row chunks, and the
+//! transposed weight split by columns for few rows) and by finite differences. (Softmax and
 //! LayerNorm finite-difference checks are in gradcheck.rs, which goes through the fused paths.)
 
 mod common;
@@ -170,6 +171,11 @@ fn fused_linear_matches_candle() {
             (vec![4, 1024, 128], 128),
             (vec![1, 3600, 256], 256),
             (vec![2, 3, 33, 17], 9),
+            // Few rows, large weights: the transposed, column-split forward (the POS decoder's
+            // FFN on 100 queries, and uneven column blocks).
+            (vec![2, 50, 256], 2048),
+            (vec![100, 2048], 256),
+            (vec![37, 1024], 520),
         ] {
             let d_in = *shape.last().unwrap();
             let x = Var::from_tensor(&rng.tensor(&shape, -1.0, 1.0, dtype)).unwrap();
