@@ -27,19 +27,19 @@ impl CrossAttentionLayer {
         })
     }
 
-    /// `tgt`, `query_pos`: (B, N, d); `memory`, `pos`: (B, S, d);
-    /// `memory_mask`: (B, N, S) u8, 1 = not attended -> (B, N, d)
+    /// `tgt`, `query_pos`: (B, N, d); `memory`, `memory_with_pos` (`memory + pos`, the keys,
+    /// shared by every layer on the level): (B, S, d); `memory_mask`: (B, N, S) u8,
+    /// 1 = not attended -> (B, N, d)
     fn forward(
         &self,
         tgt: &Tensor,
         memory: &Tensor,
         memory_mask: Option<&Tensor>,
-        pos: &Tensor,
+        memory_with_pos: &Tensor,
         query_pos: &Tensor,
     ) -> Result<Tensor> {
         let q = (tgt + query_pos)?;
-        let k = (memory + pos)?;
-        let attn = self.multihead_attn.forward(&q, &k, memory, memory_mask)?;
+        let attn = self.multihead_attn.forward(&q, memory_with_pos, memory, memory_mask)?;
         self.norm.forward(&(tgt + attn)?)
     }
 }
@@ -207,9 +207,10 @@ impl MultiScaleMaskedTransformerDecoder {
         let dt = mask_features.dtype();
         let dev = mask_features.device();
 
-        // Keys/values per level: src = feature + level_embed, pos = sine encoding.
+        // Values per level: src = feature + level_embed; keys: src + pos (sine encoding), added
+        // once per level rather than in each of its layers.
         let mut srcs = Vec::with_capacity(NUM_LEVELS);
-        let mut poss = Vec::with_capacity(NUM_LEVELS);
+        let mut keys = Vec::with_capacity(NUM_LEVELS);
         let mut sizes = Vec::with_capacity(NUM_LEVELS);
         for (i, x) in multi_scale.iter().enumerate() {
             let (h, w) = match x.dims() {
@@ -217,9 +218,11 @@ impl MultiScaleMaskedTransformerDecoder {
                 _ => bail!("decoder: level {i} must be (B={b}, {d}, h, w), got {:?}", x.shape()),
             };
             let pos = sine_position_encoding(b, h, w, d / 2, dev)?.to_dtype(dt)?;
-            poss.push(pos.flatten_from(2)?.transpose(1, 2)?.contiguous()?);
+            let pos = pos.flatten_from(2)?.transpose(1, 2)?;
             let src = x.flatten_from(2)?.transpose(1, 2)?;
-            srcs.push(src.broadcast_add(&self.level_embed.get(i)?.reshape((1, 1, d))?)?);
+            let src = src.broadcast_add(&self.level_embed.get(i)?.reshape((1, 1, d))?)?;
+            keys.push((&src + pos)?);
+            srcs.push(src);
             sizes.push((h, w));
         }
         if let Some(masks) = inject_attn_masks {
@@ -269,7 +272,7 @@ impl MultiScaleMaskedTransformerDecoder {
                 &output,
                 &srcs[level],
                 Some(&mask),
-                &poss[level],
+                &keys[level],
                 &query_embed,
             )?;
             output = self.self_attention_layers[i].forward(&output, &query_embed)?;
