@@ -84,6 +84,12 @@ fn tokens(x: &Tensor) -> Result<Tensor> {
     x.flatten_from(2)?.transpose(1, 2)?.contiguous()
 }
 
+/// (B, h·w, C) tokens -> (B, C, h, w).
+pub fn tokens_to_map(t: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+    let (b, _, c) = t.dims3()?;
+    t.transpose(1, 2)?.reshape((b, c, h, w))
+}
+
 /// `ops::resize::resize_bilinear` (align_corners=False) to `hw`, then tokens.
 fn kv_tokens(x: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
     tokens(&ops::resize::resize_bilinear(x, hw, false)?)
@@ -135,6 +141,21 @@ impl CrossAt {
         pos_query: &Tensor,
         pos_support: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        let (q, s) = self.forward_tokens(query, support, pos_query, pos_support)?;
+        let ((_, _, h, w), (_, _, sh, sw)) = (query.dims4()?, support.dims4()?);
+        Ok((tokens_to_map(&q, (h, w))?, tokens_to_map(&s, (sh, sw))?))
+    }
+
+    /// [`Self::forward`] with the aligned maps left as tokens, `(query (B, h·w, C), support
+    /// (B, sh·sw, C))`, row-major over positions: what the prototype pooling reads directly,
+    /// without transposing them back to (B, C, h, w) (and the gradients through it).
+    pub fn forward_tokens(
+        &self,
+        query: &Tensor,
+        support: &Tensor,
+        pos_query: &Tensor,
+        pos_support: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, c, h, w) = query.dims4()?;
         let (sb, sc, sh, sw) = support.dims4()?;
         if (sb, sc) != (b, c) {
@@ -160,7 +181,6 @@ impl CrossAt {
         let (s, ps) = (tokens(support)?, tokens(pos_support)?);
         let q_out = self.attend(&q, &pq, &s_kv, &ps_kv)?;
         let s_out = self.attend(&s, &ps, &q_kv, &pq_kv)?;
-        let back = |t: Tensor, hh: usize, ww: usize| t.transpose(1, 2)?.reshape((b, c, hh, ww));
-        Ok((back(q_out, h, w)?, back(s_out, sh, sw)?))
+        Ok((q_out, s_out))
     }
 }

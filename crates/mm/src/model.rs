@@ -6,8 +6,8 @@ use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 
 use crate::config::MmConfig;
-use crate::cross_align::CrossAt;
-use crate::prototype::{cosine_similarity, support_prototype, ProposalMasks};
+use crate::cross_align::{tokens_to_map, CrossAt};
+use crate::prototype::{cosine_similarity, support_prototype, support_prototype_tokens, ProposalMasks};
 use crate::self_align::self_align;
 
 /// Backbone features of one image at the three matching levels, low to high resolution:
@@ -513,14 +513,26 @@ impl MaskMatching {
             let pos = pos.broadcast_mul(&m)?;
             Trace::record(trace, || format!("shot{s}.support.masked.l{i}"), &x);
             Trace::record(trace, || format!("shot{s}.support.pos_masked.l{i}"), &pos);
-            let (qa, sa) = match self.crossat.get(i) {
-                Some(cat) => cat.forward(&query.feats[i], &x, &query.pos[i], &pos)?,
-                None => (query.feats[i].clone(), x),
-            };
-            Trace::record(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &qa);
-            Trace::record(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &sa);
-            sps.push(support_prototype(&sa, &mask)?);
-            qps.push(query.masks[i].pool(&qa)?);
+            match self.crossat.get(i) {
+                Some(cat) => {
+                    // Pooled straight from the aligned tokens; maps only for a trace.
+                    let (qa, sa) = cat.forward_tokens(&query.feats[i], &x, &query.pos[i], &pos)?;
+                    if trace.is_some() {
+                        let qh = query.feats[i].dims4()?;
+                        let qm = tokens_to_map(&qa, (qh.2, qh.3))?;
+                        Trace::record(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &qm);
+                        Trace::record(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &tokens_to_map(&sa, (h, w))?);
+                    }
+                    sps.push(support_prototype_tokens(&sa, (h, w), &mask)?);
+                    qps.push(query.masks[i].pool_tokens(&qa)?);
+                }
+                None => {
+                    Trace::record(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &query.feats[i]);
+                    Trace::record(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &x);
+                    sps.push(support_prototype(&x, &mask)?);
+                    qps.push(query.masks[i].pool(&query.feats[i])?);
+                }
+            }
         }
         let qp = Tensor::cat(&qps, 2)?;
         let sp = Tensor::cat(&sps, 1)?.unsqueeze(1)?;

@@ -24,6 +24,22 @@ pub fn support_prototype(features: &Tensor, mask: &Tensor) -> Result<Tensor> {
     pooled.broadcast_div(&(area + SUPPORT_AREA_EPS)?)
 }
 
+/// [`support_prototype`] on tokens: `tokens` (B, h·w, C) of an (h, w) map, `mask` (B, 1, H, W)
+/// float 0/1 -> (B, C). The same sums as on the map, without transposing it.
+pub fn support_prototype_tokens(tokens: &Tensor, (h, w): (usize, usize), mask: &Tensor) -> Result<Tensor> {
+    let (b, l, _) = tokens.dims3()?;
+    if l != h * w {
+        bail!("support_prototype: {l} tokens for a {h}x{w} map");
+    }
+    if mask.dims().len() != 4 || mask.dim(0)? != b || mask.dim(1)? != 1 {
+        bail!("support_prototype: mask must be (B={b}, 1, H, W), got {:?}", mask.shape());
+    }
+    let m = ops::resize::resize_bilinear(mask, (h, w), true)?.reshape((b, 1, h * w))?;
+    let area = m.sum(2)?; // (B, 1)
+    let pooled = m.matmul(tokens)?.squeeze(1)?; // (B, C)
+    pooled.broadcast_div(&(area + SUPPORT_AREA_EPS)?)
+}
+
 /// Query prototypes, one per proposal: `Σ(Q·m_q) / Σm_q` with the soft proposals resized
 /// bilinearly (align_corners=True) to the feature size. No epsilon, as in the official code,
 /// except that an area below [`MIN_PROPOSAL_AREA`] is raised to it: float sigmoid masks are never
@@ -74,6 +90,19 @@ impl ProposalMasks {
         }
         let pooled = self.masks.matmul(&features.reshape((b, c, h * w))?.transpose(1, 2)?)?; // (B, N, C)
         pooled.broadcast_div(&self.area)
+    }
+
+    /// [`Self::pool`] on tokens (B, h·w, C) of the map at this size -> (B, N, C).
+    pub fn pool_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = tokens.dims3()?;
+        let mb = self.masks.dim(0)?;
+        if mb != b {
+            bail!("query_prototypes: {mb} proposal sets for a batch of {b}");
+        }
+        if l != self.hw.0 * self.hw.1 {
+            bail!("query_prototypes: {l} tokens, proposals resized to {}x{}", self.hw.0, self.hw.1);
+        }
+        self.masks.matmul(tokens)?.broadcast_div(&self.area)
     }
 }
 

@@ -286,3 +286,33 @@ fn stacked_shots_equal_shots_one_by_one() {
         assert_close(name, a, b, 1e-5, 1e-6);
     }
 }
+
+/// The prototypes pooled from cross-alignment tokens equal those pooled from the maps, and a
+/// token count that does not match the map is refused with a message.
+#[test]
+fn pooling_tokens_equals_pooling_maps() {
+    use mm::cross_align::tokens_to_map;
+    use mm::prototype::{support_prototype, support_prototype_tokens, ProposalMasks};
+    let dev = Device::Cpu;
+    let (b, c, h, w, n) = (2usize, 5usize, 6usize, 7usize, 3usize);
+    let tokens = Tensor::rand(-1f64, 1f64, (b, h * w, c), &dev).unwrap();
+    let map = tokens_to_map(&tokens, (h, w)).unwrap();
+    assert_eq!(map.dims(), [b, c, h, w]);
+    // Token t = y·w + x holds the map's column (y, x).
+    let (t, y, x) = (3 * w + 4, 3, 4);
+    assert_close("token layout", &map.narrow(2, y, 1).unwrap().narrow(3, x, 1).unwrap().flatten_all().unwrap(), &tokens.narrow(1, t, 1).unwrap().flatten_all().unwrap(), 0.0, 0.0);
+    let proposals = Tensor::rand(0f64, 1f64, (b, n, 12, 14), &dev).unwrap();
+    let masks = ProposalMasks::new(&proposals, (h, w)).unwrap();
+    assert_close("query prototypes", &masks.pool_tokens(&tokens).unwrap(), &masks.pool(&map).unwrap(), 0.0, 1e-12);
+    let label = Tensor::rand(0f64, 1f64, (b, 1, 24, 28), &dev).unwrap().ge(0.5).unwrap().to_dtype(DType::F64).unwrap();
+    assert_close(
+        "support prototype",
+        &support_prototype_tokens(&tokens, (h, w), &label).unwrap(),
+        &support_prototype(&map, &label).unwrap(),
+        0.0,
+        1e-12,
+    );
+    let short = tokens.narrow(1, 0, h * w - 1).unwrap();
+    assert!(masks.pool_tokens(&short).unwrap_err().to_string().contains("tokens"));
+    assert!(support_prototype_tokens(&short, (h, w), &label).unwrap_err().to_string().contains("6x7"));
+}
