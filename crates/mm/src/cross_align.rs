@@ -29,7 +29,7 @@ impl CrossAttentionLayer {
     /// `x`, `pos_x`: (B, Lq, E); `mem`, `pos_mem`: (B, Lk, E) -> (B, Lq, E).
     pub fn forward(&self, x: &Tensor, mem: &Tensor, pos_x: &Tensor, pos_mem: &Tensor) -> Result<Tensor> {
         let attended = self.multihead_attn.forward(&(x + pos_x)?, &(mem + pos_mem)?, mem, None)?;
-        self.norm.forward(&(x + attended)?)
+        self.norm.forward_residual(x, &attended)
     }
 }
 
@@ -65,7 +65,7 @@ impl FfnLayer {
         // Fused linear(+ReLU) kernels: one backward pass for dx, dW and db each.
         let h = ops::nn::linear_relu(x, self.linear1.weight(), self.linear1.bias())?;
         let y = ops::nn::linear(&h, self.linear2.weight(), self.linear2.bias())?;
-        self.norm.forward(&(x + y)?)
+        self.norm.forward_residual(x, &y)
     }
 }
 

@@ -138,6 +138,27 @@ impl LayerNorm {
         self.forward_composed(x)
     }
 
+    /// `LN(x + residual)`, the post-norm residual block's sum and norm: on CPU one fused op
+    /// (the sum is never stored, and gets no gradient node of its own), elsewhere
+    /// `forward(x + residual)`. `x` and `residual` must have the same shape.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if x.dims() != residual.dims() {
+            bail!("LayerNorm: residual {:?} does not match the input {:?}", residual.shape(), x.shape());
+        }
+        ensure_float(x, "LayerNorm")?;
+        let dim = self.weight.dim(0)?;
+        if x.rank() == 0 || x.dim(D::Minus1)? != dim {
+            bail!("LayerNorm({dim}): input shape {:?} must end in {dim}", x.shape());
+        }
+        let same = |t: &Tensor| t.dtype() == x.dtype();
+        if fusable(x) && same(residual) && same(&self.weight) && same(&self.bias) {
+            let op = fused::ResidualLayerNorm { norm: fused::LayerNormLast { d: dim, eps: self.eps } };
+            let wb = Tensor::cat(&[&self.weight, &self.bias], 0)?;
+            return x.contiguous()?.apply_op3(&residual.contiguous()?, &wb, op);
+        }
+        self.forward(&(x + residual)?)
+    }
+
     /// [`Self::forward`] from candle primitives (mean, centring, variance, division, affine).
     pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         ensure_float(x, "LayerNorm")?;

@@ -110,6 +110,44 @@ fn fused_layer_norm_matches_composed() {
     }
 }
 
+/// `LN(x + r)` fused against the composed norm of the sum: values and the gradients of x, r,
+/// weight and bias; a shape mismatch is refused.
+#[test]
+fn fused_residual_layer_norm_matches_composed() {
+    let mut rng = Rng::new(705);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        for shape in [vec![5usize], vec![3, 7], vec![2, 3, 17], vec![4, 1024, 128], vec![1, 3600, 256]] {
+            let d = *shape.last().unwrap();
+            let vm = VarMap::new();
+            let ln = LayerNorm::new(d, 1e-5, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
+            let mut vars: Vec<(String, Var)> = vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            let vars: Vec<Var> = vars.into_iter().map(|(_, v)| v).collect();
+            for v in &vars {
+                v.set(&rng.tensor(v.dims(), 0.5, 1.5, dtype)).unwrap();
+            }
+            let x = Var::from_tensor(&rng.tensor(&shape, -3.0, 3.0, dtype)).unwrap();
+            let r = Var::from_tensor(&rng.tensor(&shape, -2.0, 2.0, dtype)).unwrap();
+            let proj = rng.tensor(&shape, -1.0, 1.0, dtype);
+            let a = ln.forward_residual(&x, &r).unwrap();
+            let b = ln.forward_composed(&(x.as_tensor() + r.as_tensor()).unwrap()).unwrap();
+            let what = format!("residual LayerNorm {dtype:?} {shape:?}");
+            assert_close(&a, &b, tol, &what);
+            let all: Vec<&Var> = vars.iter().chain([&x, &r]).collect();
+            let (ga, gb) = (grads_of(&a, &proj, &all), grads_of(&b, &proj, &all));
+            for (i, (p, q)) in ga.iter().zip(&gb).enumerate() {
+                let scale = common::to_vec(q).iter().fold(1f64, |m, v| m.max(v.abs()));
+                assert_close(p, q, tol * scale, &format!("{what} grad {i}"));
+            }
+        }
+    }
+    let vm = VarMap::new();
+    let ln = LayerNorm::new(4, 1e-5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let x = rng.tensor(&[3, 4], -1.0, 1.0, DType::F32);
+    let err = ln.forward_residual(&x, &rng.tensor(&[2, 4], -1.0, 1.0, DType::F32)).unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+}
+
 #[test]
 fn layer_norm_non_contiguous_input() {
     let mut rng = Rng::new(702);

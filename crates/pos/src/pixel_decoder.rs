@@ -64,11 +64,11 @@ impl EncoderLayer {
     ) -> Result<Tensor> {
         // Deformable self-attention: the query carries the position, the sampled values do not.
         let attn = self.self_attn.forward(&(src + pos)?, reference_points, src, spatial_shapes)?;
-        let src = self.norm1.forward(&(src + attn)?)?;
+        let src = self.norm1.forward_residual(src, &attn)?;
         // Fused linear(+ReLU) kernels (one backward pass each for dx, dW, db).
         let hidden = ops::nn::linear_relu(&src, self.linear1.weight(), self.linear1.bias())?;
         let ffn = ops::nn::linear(&hidden, self.linear2.weight(), self.linear2.bias())?;
-        self.norm2.forward(&(src + ffn)?)
+        self.norm2.forward_residual(&src, &ffn)
     }
 }
 

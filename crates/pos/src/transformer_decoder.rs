@@ -40,7 +40,7 @@ impl CrossAttentionLayer {
     ) -> Result<Tensor> {
         let q = (tgt + query_pos)?;
         let attn = self.multihead_attn.forward(&q, memory_with_pos, memory, memory_mask)?;
-        self.norm.forward(&(tgt + attn)?)
+        self.norm.forward_residual(tgt, &attn)
     }
 }
 
@@ -63,7 +63,7 @@ impl SelfAttentionLayer {
     fn forward(&self, tgt: &Tensor, query_pos: &Tensor) -> Result<Tensor> {
         let qk = (tgt + query_pos)?;
         let attn = self.self_attn.forward(&qk, &qk, tgt, None)?;
-        self.norm.forward(&(tgt + attn)?)
+        self.norm.forward_residual(tgt, &attn)
     }
 }
 
@@ -89,7 +89,7 @@ impl FfnLayer {
         // Fused linear(+ReLU) kernels (one backward pass each for dx, dW, db).
         let hidden = ops::nn::linear_relu(tgt, self.linear1.weight(), self.linear1.bias())?;
         let y = ops::nn::linear(&hidden, self.linear2.weight(), self.linear2.bias())?;
-        self.norm.forward(&(tgt + y)?)
+        self.norm.forward_residual(tgt, &y)
     }
 }
 

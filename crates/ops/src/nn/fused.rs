@@ -294,6 +294,159 @@ impl CustomOp3 for LayerNormLast {
     }
 }
 
+/// `LN(x + r)` over the last dimension: the residual sum of a post-norm transformer block fused
+/// into its layer norm. Inputs `(x, r, wb)` with `wb = [weight | bias]` (2d); the sum is never
+/// stored (the backward adds the rows again), so the graph has one node where it had an add
+/// and a norm, and neither the sum nor its gradient is materialised.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResidualLayerNorm {
+    pub norm: LayerNormLast,
+}
+
+impl ResidualLayerNorm {
+    fn forward<T: Real>(&self, x: &[T], r: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        let d = self.norm.d;
+        let mut y = vec![T::from_f64(0.0); x.len()];
+        if d == 0 {
+            return y;
+        }
+        let rt = rows_per_task(d) * d;
+        y.par_chunks_mut(rt)
+            .zip(x.par_chunks(rt).zip(r.par_chunks(rt)))
+            .for_each(|(yc, (xc, rc))| {
+                for ((yr, xr), rr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(rc.chunks_exact(d)) {
+                    for ((o, &a), &c) in yr.iter_mut().zip(xr).zip(rr) {
+                        *o = a + c;
+                    }
+                    let (mean, rstd) = self.norm.stats(yr);
+                    for ((o, &wv), &bv) in yr.iter_mut().zip(w).zip(b) {
+                        *o = (*o - mean) * rstd * wv + bv;
+                    }
+                }
+            });
+        y
+    }
+
+    /// (d(x + r), d[weight | bias]).
+    fn backward<T: Real>(&self, x: &[T], r: &[T], w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+        let d = self.norm.d;
+        let zero = T::from_f64(0.0);
+        let mut dx = vec![zero; x.len()];
+        if d == 0 || x.is_empty() {
+            return (dx, vec![zero; 2 * d]);
+        }
+        let rt = rows_per_task(d) * d;
+        let n_tasks = x.len().div_ceil(rt);
+        let mut parts = vec![zero; n_tasks * 2 * d];
+        let inv_d = T::from_f64(1.0 / d as f64);
+        dx.par_chunks_mut(rt)
+            .zip(x.par_chunks(rt).zip(r.par_chunks(rt)).zip(dy.par_chunks(rt)))
+            .zip(parts.par_chunks_mut(2 * d))
+            .for_each(|((dxc, ((xc, rc), gc)), part)| {
+                let (pw, pb) = part.split_at_mut(d);
+                let mut xhat = vec![zero; d];
+                let mut g = vec![zero; d];
+                for (((dxr, xr), rr), gr) in
+                    dxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(rc.chunks_exact(d)).zip(gc.chunks_exact(d))
+                {
+                    for ((s, &a), &c) in xhat.iter_mut().zip(xr).zip(rr) {
+                        *s = a + c;
+                    }
+                    let (mean, rstd) = self.norm.stats(&xhat);
+                    for i in 0..d {
+                        xhat[i] = (xhat[i] - mean) * rstd;
+                        g[i] = gr[i] * w[i];
+                        pw[i] += gr[i] * xhat[i];
+                        pb[i] += gr[i];
+                    }
+                    let mg = sum(&g) * inv_d;
+                    let mgx = dot(&g, &xhat) * inv_d;
+                    for i in 0..d {
+                        dxr[i] = rstd * (g[i] - mg - xhat[i] * mgx);
+                    }
+                }
+            });
+        let mut dwb = vec![zero; 2 * d];
+        for part in parts.chunks_exact(2 * d) {
+            for (s, &p) in dwb.iter_mut().zip(part) {
+                *s += p;
+            }
+        }
+        (dx, dwb)
+    }
+}
+
+impl CustomOp3 for ResidualLayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            op: &ResidualLayerNorm,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> Result<CpuStorage> {
+            let x = storage_slice::<T>(s1, l1, "residual layer norm x")?;
+            let r = storage_slice::<T>(s2, l2, "residual layer norm residual")?;
+            let wb = storage_slice::<T>(s3, l3, "residual layer norm weight and bias")?;
+            let d = op.norm.d;
+            if r.len() != x.len() || wb.len() != 2 * d {
+                bail!("fused residual layer norm: residual must match x, weight and bias have {d} elements each");
+            }
+            Ok(T::into_storage(op.forward(x, r, &wb[..d], &wb[d..])))
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => run::<f32>(self, s1, l1, s2, l2, s3, l3)?,
+            CpuStorage::F64(_) => run::<f64>(self, s1, l1, s2, l2, s3, l3)?,
+            _ => bail!("fused residual layer norm: only f32 and f64 are supported"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        wb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(op: &ResidualLayerNorm, x: &Tensor, r: &Tensor, wb: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+            let grad = grad.contiguous()?;
+            let (gx, gr, gw, gg) = (x.storage_and_layout(), r.storage_and_layout(), wb.storage_and_layout(), grad.storage_and_layout());
+            let d = op.norm.d;
+            let (dx, dwb) = op.backward(
+                guard_slice::<T>(&gx, "residual layer norm x")?,
+                guard_slice::<T>(&gr, "residual layer norm residual")?,
+                &guard_slice::<T>(&gw, "residual layer norm weight and bias")?[..d],
+                guard_slice::<T>(&gg, "residual layer norm grad")?,
+            );
+            drop((gx, gr, gw, gg));
+            Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dwb, wb.shape(), wb.device())?))
+        }
+        let (dx, dwb) = match x.dtype() {
+            DType::F32 => run::<f32>(self, x, r, wb, grad)?,
+            DType::F64 => run::<f64>(self, x, r, wb, grad)?,
+            dt => bail!("fused residual layer norm: unsupported dtype {dt:?}"),
+        };
+        // x and r enter as a sum: the same gradient reaches both.
+        Ok((Some(dx.clone()), Some(dx), Some(dwb)))
+    }
+}
+
 /// Below this many rows a large weight (at least [`LARGE_WEIGHT`] elements) is transposed and
 /// the forward split over output columns ([`LinearOp::forward_few_rows`]); from it on, the row
 /// chunks amortise packing W as it is (4096×128→256 runs at about 205 GFLOP/s on 2 threads, the
