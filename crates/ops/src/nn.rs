@@ -128,6 +128,7 @@ impl LayerNorm {
             let op = fused::LayerNormLast {
                 d: dim,
                 eps: self.eps,
+                residual: false,
             };
             return x.contiguous()?.apply_op3(
                 &self.weight.contiguous()?,
@@ -152,7 +153,7 @@ impl LayerNorm {
         }
         let same = |t: &Tensor| t.dtype() == x.dtype();
         if fusable(x) && same(residual) && same(&self.weight) && same(&self.bias) {
-            let op = fused::ResidualLayerNorm { norm: fused::LayerNormLast { d: dim, eps: self.eps } };
+            let op = fused::LayerNormLast { d: dim, eps: self.eps, residual: true };
             let wb = Tensor::cat(&[&self.weight, &self.bias], 0)?;
             return x.contiguous()?.apply_op3(&residual.contiguous()?, &wb, op);
         }

@@ -98,10 +98,16 @@ impl CustomOp1 for SoftmaxLast {
 
 /// Layer norm over the last dimension (size `d`) with affine weight and bias, population
 /// variance (like torch): `y = (x − mean) / sqrt(var + eps) · w + b`.
+///
+/// With `residual`, it is `LN(x + r)`, the sum and norm of a post-norm transformer block in one
+/// op: inputs `(x, r, [weight | bias])` instead of `(x, weight, bias)`. The sum is never stored
+/// (the backward adds the rows again), so the graph has one node where it had an add and a
+/// norm, and neither the sum nor its gradient is materialised.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LayerNormLast {
     pub d: usize,
     pub eps: f64,
+    pub residual: bool,
 }
 
 impl LayerNormLast {
@@ -131,28 +137,44 @@ impl LayerNormLast {
         )
     }
 
-    fn forward<T: Real>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+    /// `r`: the residual of `LN(x + r)`, if any.
+    fn forward<T: Real>(&self, x: &[T], r: Option<&[T]>, w: &[T], b: &[T]) -> Vec<T> {
         let d = self.d;
         let mut y = vec![T::from_f64(0.0); x.len()];
         if d == 0 {
             return y;
         }
         let rt = rows_per_task(d) * d;
-        y.par_chunks_mut(rt)
-            .zip(x.par_chunks(rt))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                    let (mean, rstd) = self.stats(xr);
+        y.par_chunks_mut(rt).zip(x.par_chunks(rt)).enumerate().for_each(|(t, (yc, xc))| {
+            for (i, (yr, xr)) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).enumerate() {
+                // The row to normalise: x, or x + r built in the output row.
+                let src: &[T] = match r {
+                    Some(r) => {
+                        let rr = &r[t * rt + i * d..][..d];
+                        for ((o, &a), &c) in yr.iter_mut().zip(xr).zip(rr) {
+                            *o = a + c;
+                        }
+                        yr
+                    }
+                    None => xr,
+                };
+                let (mean, rstd) = self.stats(src);
+                if r.is_some() {
+                    for ((o, &wv), &bv) in yr.iter_mut().zip(w).zip(b) {
+                        *o = (*o - mean) * rstd * wv + bv;
+                    }
+                } else {
                     for (((o, &xv), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                         *o = (xv - mean) * rstd * wv + bv;
                     }
                 }
-            });
+            }
+        });
         y
     }
 
-    /// (dx, dw, db).
-    fn backward<T: Real>(&self, x: &[T], w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    /// (d input, dw, db), the input being x or x + r.
+    fn backward<T: Real>(&self, x: &[T], r: Option<&[T]>, w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let d = self.d;
         let zero = T::from_f64(0.0);
         let mut dx = vec![zero; x.len()];
@@ -167,18 +189,28 @@ impl LayerNormLast {
         dx.par_chunks_mut(rt)
             .zip(x.par_chunks(rt).zip(dy.par_chunks(rt)))
             .zip(parts.par_chunks_mut(2 * d))
-            .for_each(|((dxc, (xc, gc)), part)| {
+            .enumerate()
+            .for_each(|(t, ((dxc, (xc, gc)), part))| {
                 let (pw, pb) = part.split_at_mut(d);
                 let mut xhat = vec![zero; d];
                 let mut g = vec![zero; d];
-                for ((dxr, xr), gr) in dxc
+                for (j, ((dxr, xr), gr)) in dxc
                     .chunks_exact_mut(d)
                     .zip(xc.chunks_exact(d))
                     .zip(gc.chunks_exact(d))
+                    .enumerate()
                 {
-                    let (mean, rstd) = self.stats(xr);
+                    match r {
+                        Some(r) => {
+                            for ((s, &a), &c) in xhat.iter_mut().zip(xr).zip(&r[t * rt + j * d..][..d]) {
+                                *s = a + c;
+                            }
+                        }
+                        None => xhat.copy_from_slice(xr),
+                    }
+                    let (mean, rstd) = self.stats(&xhat);
                     for i in 0..d {
-                        xhat[i] = (xr[i] - mean) * rstd;
+                        xhat[i] = (xhat[i] - mean) * rstd;
                         g[i] = gr[i] * w[i];
                         pw[i] += gr[i] * xhat[i];
                         pb[i] += gr[i];
@@ -225,13 +257,22 @@ impl CustomOp3 for LayerNormLast {
             s3: &CpuStorage,
             l3: &Layout,
         ) -> Result<CpuStorage> {
+            let d = op.d;
             let x = storage_slice::<T>(s1, l1, "layer norm x")?;
-            let w = storage_slice::<T>(s2, l2, "layer norm weight")?;
-            let b = storage_slice::<T>(s3, l3, "layer norm bias")?;
-            if w.len() != op.d || b.len() != op.d {
-                bail!("fused layer norm: weight/bias must have {} elements", op.d);
+            let (r, w, b) = if op.residual {
+                let r = storage_slice::<T>(s2, l2, "layer norm residual")?;
+                let wb = storage_slice::<T>(s3, l3, "layer norm weight and bias")?;
+                if r.len() != x.len() || wb.len() != 2 * d {
+                    bail!("fused layer norm: the residual must match x, weight and bias have {d} elements each");
+                }
+                (Some(r), &wb[..d], &wb[d..])
+            } else {
+                (None, storage_slice::<T>(s2, l2, "layer norm weight")?, storage_slice::<T>(s3, l3, "layer norm bias")?)
+            };
+            if w.len() != d || b.len() != d {
+                bail!("fused layer norm: weight/bias must have {d} elements");
             }
-            Ok(T::into_storage(op.forward(x, w, b)))
+            Ok(T::into_storage(op.forward(x, r, w, b)))
         }
         let out = match s1 {
             CpuStorage::F32(_) => run::<f32>(self, s1, l1, s2, l2, s3, l3)?,
@@ -244,206 +285,49 @@ impl CustomOp3 for LayerNormLast {
     fn bwd(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        /// (d input, dw, db) from x, the residual (if any), the weight and the output gradient.
         fn run<T: Real>(
             op: &LayerNormLast,
             x: &Tensor,
+            r: Option<&Tensor>,
             w: &Tensor,
             grad: &Tensor,
-        ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        ) -> Result<(Tensor, Tensor, Tensor)> {
             let grad = grad.contiguous()?;
-            let (gx, gw, gg) = (
-                x.storage_and_layout(),
-                w.storage_and_layout(),
-                grad.storage_and_layout(),
-            );
-            let r = op.backward(
+            let (gx, gw, gg) = (x.storage_and_layout(), w.storage_and_layout(), grad.storage_and_layout());
+            let gr = r.map(|r| r.storage_and_layout());
+            let rs = match &gr {
+                Some(g) => Some(guard_slice::<T>(g, "layer norm residual")?),
+                None => None,
+            };
+            let (dx, dw, db) = op.backward(
                 guard_slice::<T>(&gx, "layer norm x")?,
-                guard_slice::<T>(&gw, "layer norm weight")?,
+                rs,
+                &guard_slice::<T>(&gw, "layer norm weight")?[..op.d],
                 guard_slice::<T>(&gg, "layer norm grad")?,
             );
-            drop((gx, gw, gg));
-            Ok(r)
+            drop((gx, gw, gg, gr));
+            let dev = x.device();
+            Ok((Tensor::from_vec(dx, x.shape(), dev)?, Tensor::from_vec(dw, op.d, dev)?, Tensor::from_vec(db, op.d, dev)?))
         }
-        let dev = x.device();
+        // Residual: (x, r, [w | b]), otherwise (x, w, b).
+        let (r, w) = if self.residual { (Some(a2), a3) } else { (None, a2) };
         let (dx, dw, db) = match x.dtype() {
-            DType::F32 => {
-                let (a, b, c) = run::<f32>(self, x, w, grad)?;
-                (
-                    Tensor::from_vec(a, x.shape(), dev)?,
-                    Tensor::from_vec(b, w.shape(), dev)?,
-                    Tensor::from_vec(c, w.shape(), dev)?,
-                )
-            }
-            DType::F64 => {
-                let (a, b, c) = run::<f64>(self, x, w, grad)?;
-                (
-                    Tensor::from_vec(a, x.shape(), dev)?,
-                    Tensor::from_vec(b, w.shape(), dev)?,
-                    Tensor::from_vec(c, w.shape(), dev)?,
-                )
-            }
+            DType::F32 => run::<f32>(self, x, r, w, grad)?,
+            DType::F64 => run::<f64>(self, x, r, w, grad)?,
             dt => bail!("fused layer norm: unsupported dtype {dt:?}"),
         };
-        let _ = b;
-        Ok((Some(dx), Some(dw), Some(db)))
-    }
-}
-
-/// `LN(x + r)` over the last dimension: the residual sum of a post-norm transformer block fused
-/// into its layer norm. Inputs `(x, r, wb)` with `wb = [weight | bias]` (2d); the sum is never
-/// stored (the backward adds the rows again), so the graph has one node where it had an add
-/// and a norm, and neither the sum nor its gradient is materialised.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ResidualLayerNorm {
-    pub norm: LayerNormLast,
-}
-
-impl ResidualLayerNorm {
-    fn forward<T: Real>(&self, x: &[T], r: &[T], w: &[T], b: &[T]) -> Vec<T> {
-        let d = self.norm.d;
-        let mut y = vec![T::from_f64(0.0); x.len()];
-        if d == 0 {
-            return y;
+        if self.residual {
+            // x and r enter as a sum: the same gradient reaches both.
+            Ok((Some(dx.clone()), Some(dx), Some(Tensor::cat(&[&dw, &db], 0)?)))
+        } else {
+            Ok((Some(dx), Some(dw), Some(db)))
         }
-        let rt = rows_per_task(d) * d;
-        y.par_chunks_mut(rt)
-            .zip(x.par_chunks(rt).zip(r.par_chunks(rt)))
-            .for_each(|(yc, (xc, rc))| {
-                for ((yr, xr), rr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(rc.chunks_exact(d)) {
-                    for ((o, &a), &c) in yr.iter_mut().zip(xr).zip(rr) {
-                        *o = a + c;
-                    }
-                    let (mean, rstd) = self.norm.stats(yr);
-                    for ((o, &wv), &bv) in yr.iter_mut().zip(w).zip(b) {
-                        *o = (*o - mean) * rstd * wv + bv;
-                    }
-                }
-            });
-        y
-    }
-
-    /// (d(x + r), d[weight | bias]).
-    fn backward<T: Real>(&self, x: &[T], r: &[T], w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
-        let d = self.norm.d;
-        let zero = T::from_f64(0.0);
-        let mut dx = vec![zero; x.len()];
-        if d == 0 || x.is_empty() {
-            return (dx, vec![zero; 2 * d]);
-        }
-        let rt = rows_per_task(d) * d;
-        let n_tasks = x.len().div_ceil(rt);
-        let mut parts = vec![zero; n_tasks * 2 * d];
-        let inv_d = T::from_f64(1.0 / d as f64);
-        dx.par_chunks_mut(rt)
-            .zip(x.par_chunks(rt).zip(r.par_chunks(rt)).zip(dy.par_chunks(rt)))
-            .zip(parts.par_chunks_mut(2 * d))
-            .for_each(|((dxc, ((xc, rc), gc)), part)| {
-                let (pw, pb) = part.split_at_mut(d);
-                let mut xhat = vec![zero; d];
-                let mut g = vec![zero; d];
-                for (((dxr, xr), rr), gr) in
-                    dxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(rc.chunks_exact(d)).zip(gc.chunks_exact(d))
-                {
-                    for ((s, &a), &c) in xhat.iter_mut().zip(xr).zip(rr) {
-                        *s = a + c;
-                    }
-                    let (mean, rstd) = self.norm.stats(&xhat);
-                    for i in 0..d {
-                        xhat[i] = (xhat[i] - mean) * rstd;
-                        g[i] = gr[i] * w[i];
-                        pw[i] += gr[i] * xhat[i];
-                        pb[i] += gr[i];
-                    }
-                    let mg = sum(&g) * inv_d;
-                    let mgx = dot(&g, &xhat) * inv_d;
-                    for i in 0..d {
-                        dxr[i] = rstd * (g[i] - mg - xhat[i] * mgx);
-                    }
-                }
-            });
-        let mut dwb = vec![zero; 2 * d];
-        for part in parts.chunks_exact(2 * d) {
-            for (s, &p) in dwb.iter_mut().zip(part) {
-                *s += p;
-            }
-        }
-        (dx, dwb)
-    }
-}
-
-impl CustomOp3 for ResidualLayerNorm {
-    fn name(&self) -> &'static str {
-        "fused-residual-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Real>(
-            op: &ResidualLayerNorm,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-            s3: &CpuStorage,
-            l3: &Layout,
-        ) -> Result<CpuStorage> {
-            let x = storage_slice::<T>(s1, l1, "residual layer norm x")?;
-            let r = storage_slice::<T>(s2, l2, "residual layer norm residual")?;
-            let wb = storage_slice::<T>(s3, l3, "residual layer norm weight and bias")?;
-            let d = op.norm.d;
-            if r.len() != x.len() || wb.len() != 2 * d {
-                bail!("fused residual layer norm: residual must match x, weight and bias have {d} elements each");
-            }
-            Ok(T::into_storage(op.forward(x, r, &wb[..d], &wb[d..])))
-        }
-        let out = match s1 {
-            CpuStorage::F32(_) => run::<f32>(self, s1, l1, s2, l2, s3, l3)?,
-            CpuStorage::F64(_) => run::<f64>(self, s1, l1, s2, l2, s3, l3)?,
-            _ => bail!("fused residual layer norm: only f32 and f64 are supported"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        r: &Tensor,
-        wb: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Real>(op: &ResidualLayerNorm, x: &Tensor, r: &Tensor, wb: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-            let grad = grad.contiguous()?;
-            let (gx, gr, gw, gg) = (x.storage_and_layout(), r.storage_and_layout(), wb.storage_and_layout(), grad.storage_and_layout());
-            let d = op.norm.d;
-            let (dx, dwb) = op.backward(
-                guard_slice::<T>(&gx, "residual layer norm x")?,
-                guard_slice::<T>(&gr, "residual layer norm residual")?,
-                &guard_slice::<T>(&gw, "residual layer norm weight and bias")?[..d],
-                guard_slice::<T>(&gg, "residual layer norm grad")?,
-            );
-            drop((gx, gr, gw, gg));
-            Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dwb, wb.shape(), wb.device())?))
-        }
-        let (dx, dwb) = match x.dtype() {
-            DType::F32 => run::<f32>(self, x, r, wb, grad)?,
-            DType::F64 => run::<f64>(self, x, r, wb, grad)?,
-            dt => bail!("fused residual layer norm: unsupported dtype {dt:?}"),
-        };
-        // x and r enter as a sum: the same gradient reaches both.
-        Ok((Some(dx.clone()), Some(dx), Some(dwb)))
     }
 }
 
