@@ -26,9 +26,10 @@ impl CrossAttentionLayer {
         Ok(Self { multihead_attn, norm })
     }
 
-    /// `x`, `pos_x`: (B, Lq, E); `mem`, `pos_mem`: (B, Lk, E) -> (B, Lq, E).
-    pub fn forward(&self, x: &Tensor, mem: &Tensor, pos_x: &Tensor, pos_mem: &Tensor) -> Result<Tensor> {
-        let attended = self.multihead_attn.forward(&(x + pos_x)?, &(mem + pos_mem)?, mem, None)?;
+    /// `x`, `pos_x`: (B, Lq, E); `mem`, `mem_with_pos` (`mem + pos_mem`, the keys): (B, Lk, E)
+    /// -> (B, Lq, E).
+    pub fn forward(&self, x: &Tensor, mem: &Tensor, pos_x: &Tensor, mem_with_pos: &Tensor) -> Result<Tensor> {
+        let attended = self.multihead_attn.forward(&(x + pos_x)?, mem_with_pos, mem, None)?;
         self.norm.forward_residual(x, &attended)
     }
 }
@@ -119,8 +120,10 @@ impl CrossAt {
     /// Runs the layers on `x` with `(mem, pos_mem)` as keys/values.
     fn attend(&self, x: &Tensor, pos_x: &Tensor, mem: &Tensor, pos_mem: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
+        // The keys are the same in every layer.
+        let keys = (mem + pos_mem)?;
         for (attn, ffn) in self.transformer_cross_attention_layers.iter().zip(&self.transformer_ffn_layers) {
-            x = ffn.forward(&attn.forward(&x, mem, pos_x, pos_mem)?)?;
+            x = ffn.forward(&attn.forward(&x, mem, pos_x, &keys)?)?;
         }
         Ok(x)
     }
