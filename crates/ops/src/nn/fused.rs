@@ -5,7 +5,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fastmath::{dot, gemm, guard_slice, softmax_row, storage_slice, sum, Real};
+use crate::fastmath::{dot, gemm, guard_slice, softmax_row, softmax_short_rows, storage_slice, sum, Real, LANES};
 
 /// Elements per parallel task: below this a row loop runs inline (rayon would cost more).
 const TASK_ELEMS: usize = 16 * 1024;
@@ -27,8 +27,13 @@ impl SoftmaxLast {
             return y;
         }
         let d = self.d;
-        y.par_chunks_mut(rows_per_task(d) * d)
-            .for_each(|c| c.chunks_exact_mut(d).for_each(softmax_row));
+        y.par_chunks_mut(rows_per_task(d) * d).for_each(|c| {
+            if d < LANES {
+                softmax_short_rows(c, d);
+            } else {
+                c.chunks_exact_mut(d).for_each(softmax_row);
+            }
+        });
         y
     }
 
