@@ -1,7 +1,7 @@
 //! Normalisation layers, softmax and the Mask2Former MLP, built from gradient-carrying candle
 //! primitives (candle's fused softmax / layer-norm kernels have no backward).
 
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 
 use crate::fastmath::fusable;
@@ -20,6 +20,42 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
         return x.contiguous()?.apply_op1(fused::SoftmaxLast { d });
     }
     softmax_composed(x, dim)
+}
+
+/// MM-Former's self-alignment gate (`MySelfAlignLayer.spatial_pool`):
+/// `x ⊙ σ(x · softmax_N(mean_C x))` per sample, for `x` (B, C, H, W).
+///
+/// The channel mean at each position becomes a spatial attention `a` (softmax over the H·W
+/// positions), `z = x·a` pools every channel with it, and `σ(z)` rescales each channel. On CPU,
+/// when no gradient can flow through `x` (frozen backbone features, as in both stages), one fused
+/// forward pass; otherwise [`spatial_pool_gate_composed`].
+pub fn spatial_pool_gate(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = match x.dims() {
+        &[b, c, h, w] => (b, c, h, w),
+        _ => bail!("spatial_pool_gate: expected a (B, C, H, W) feature map, got {:?}", x.shape()),
+    };
+    if !fusable(x) || x.track_op() {
+        return spatial_pool_gate_composed(x);
+    }
+    let x = x.contiguous()?;
+    let out = match x.dtype() {
+        DType::F32 => Tensor::from_vec(fused::spatial_pool_gate(&x.flatten_all()?.to_vec1::<f32>()?, c, h * w), (b, c, h, w), x.device())?,
+        _ => Tensor::from_vec(fused::spatial_pool_gate(&x.flatten_all()?.to_vec1::<f64>()?, c, h * w), (b, c, h, w), x.device())?,
+    };
+    Ok(out)
+}
+
+/// [`spatial_pool_gate`] from candle primitives, with gradients.
+pub fn spatial_pool_gate_composed(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = match x.dims() {
+        &[b, c, h, w] => (b, c, h, w),
+        _ => bail!("spatial_pool_gate: expected a (B, C, H, W) feature map, got {:?}", x.shape()),
+    };
+    let f = x.reshape((b, c, h * w))?;
+    let a = softmax(&f.mean_keepdim(1)?, 2)?; // (B, 1, N)
+    let z = f.matmul(&a.transpose(1, 2)?)?; // (B, C, 1)
+    let gate = candle_nn::ops::sigmoid(&z)?.reshape((b, c, 1, 1))?;
+    x.broadcast_mul(&gate)
 }
 
 /// [`softmax`] from candle primitives (max, exp, sum, div).

@@ -148,6 +148,27 @@ fn fused_residual_layer_norm_matches_composed() {
     assert!(err.to_string().contains("does not match"), "{err}");
 }
 
+/// The fused self-alignment gate against the composed one, f32 and f64, sizes spanning one to
+/// several tasks; a tracked input takes the composed path and gets its gradient.
+#[test]
+fn spatial_pool_gate_matches_composed() {
+    use ops::nn::{spatial_pool_gate, spatial_pool_gate_composed};
+    let mut rng = Rng::new(707);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for shape in [[1usize, 1, 1, 1], [2, 3, 2, 3], [1, 512, 60, 60], [2, 40, 7, 33]] {
+            let x = rng.tensor(&shape, -2.0, 2.0, dtype);
+            let what = format!("spatial_pool_gate {dtype:?} {shape:?}");
+            assert_close(&spatial_pool_gate(&x).unwrap(), &spatial_pool_gate_composed(&x).unwrap(), tol, &what);
+        }
+    }
+    let x = Var::from_tensor(&rng.tensor(&[2, 4, 3, 5], -1.0, 1.0, DType::F64)).unwrap();
+    let y = spatial_pool_gate(&x).unwrap();
+    assert_close(&y, &spatial_pool_gate_composed(&x).unwrap(), 0.0, "tracked input");
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(x.as_tensor()).is_some(), "a tracked input gets a gradient");
+    assert!(spatial_pool_gate(&rng.tensor(&[2, 3, 4], -1.0, 1.0, DType::F32)).is_err());
+}
+
 #[test]
 fn layer_norm_non_contiguous_input() {
     let mut rng = Rng::new(702);

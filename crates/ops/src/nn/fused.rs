@@ -671,3 +671,41 @@ impl CustomOp3 for LinearOp {
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
+
+/// MM-Former's self-alignment gate `x ⊙ σ(x · softmax_N(mean_C x))` for each of `b` samples of
+/// `(C, N)` values, forward only: three passes over `x` (channel mean, the pooling dot products,
+/// the scaling), each parallel, instead of candle's strided channel mean, a matrix–vector
+/// product and a single-threaded broadcast multiply.
+pub(crate) fn spatial_pool_gate<T: Real>(x: &[T], c: usize, n: usize) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    if c == 0 || n == 0 {
+        return out;
+    }
+    let inv_c = T::from_f64(1.0 / c as f64);
+    for (xs, os) in x.chunks_exact(c * n).zip(out.chunks_exact_mut(c * n)) {
+        // Channel mean at each position, summed over channels in order (as candle's mean).
+        let mut a = vec![T::from_f64(0.0); n];
+        let chunk = n.div_ceil(2 * rayon::current_num_threads().max(1)).max(64);
+        a.par_chunks_mut(chunk).enumerate().for_each(|(t, ac)| {
+            let p0 = t * chunk;
+            for row in xs.chunks_exact(n) {
+                for (s, &v) in ac.iter_mut().zip(&row[p0..]) {
+                    *s += v;
+                }
+            }
+            for s in ac.iter_mut() {
+                *s = *s * inv_c;
+            }
+        });
+        softmax_row(&mut a);
+        // Per channel: pool with the attention, gate, scale.
+        os.par_chunks_mut(n).zip(xs.par_chunks(n)).for_each(|(orow, row)| {
+            let z = dot(row, &a).to_f64();
+            let gate = T::from_f64(1.0 / (1.0 + (-z).exp()));
+            for (o, &v) in orow.iter_mut().zip(row) {
+                *o = v * gate;
+            }
+        });
+    }
+    out
+}
