@@ -4,7 +4,7 @@
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use ops::attention::MultiheadAttention;
-use ops::nn::LayerNorm;
+use ops::nn::{tokens_to_map, LayerNorm};
 
 use crate::config::MmConfig;
 
@@ -82,13 +82,7 @@ pub fn kv_size(h: usize, w: usize, min_size: usize) -> (usize, usize) {
 
 /// (B, C, H, W) -> (B, H·W, C) tokens, row-major over positions.
 fn tokens(x: &Tensor) -> Result<Tensor> {
-    x.flatten_from(2)?.transpose(1, 2)?.contiguous()
-}
-
-/// (B, h·w, C) tokens -> (B, C, h, w).
-pub fn tokens_to_map(t: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
-    let (b, _, c) = t.dims3()?;
-    t.transpose(1, 2)?.reshape((b, c, h, w))
+    ops::nn::map_to_tokens(x)
 }
 
 /// `ops::resize::resize_bilinear` (align_corners=False) to `hw`, then tokens.

@@ -291,7 +291,7 @@ fn stacked_shots_equal_shots_one_by_one() {
 /// token count that does not match the map is refused with a message.
 #[test]
 fn pooling_tokens_equals_pooling_maps() {
-    use mm::cross_align::tokens_to_map;
+    use ops::nn::tokens_to_map;
     use mm::prototype::{support_prototype, support_prototype_tokens, ProposalMasks};
     let dev = Device::Cpu;
     let (b, c, h, w, n) = (2usize, 5usize, 6usize, 7usize, 3usize);

@@ -22,6 +22,30 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     softmax_composed(x, dim)
 }
 
+/// (B, C, H, W) feature map -> (B, H·W, C) tokens, row-major over positions (contiguous). On
+/// CPU a tiled parallel transposition (forward and backward) instead of candle's single-threaded
+/// strided copy (256 × 60² in f32 on 2 threads: 1.2–2.6 → 0.6 ms).
+pub fn map_to_tokens(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let flat = x.reshape((b, c, h * w))?;
+    if !fusable(x) {
+        return flat.transpose(1, 2)?.contiguous();
+    }
+    flat.contiguous()?.apply_op1(fused::Transpose12 { b, r: c, c: h * w })
+}
+
+/// (B, H·W, C) tokens -> (B, C, H, W) map (contiguous), the inverse of [`map_to_tokens`].
+pub fn tokens_to_map(t: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+    let (b, l, c) = t.dims3()?;
+    if l != h * w {
+        bail!("tokens_to_map: {l} tokens for a {h}x{w} map");
+    }
+    if !fusable(t) {
+        return t.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w));
+    }
+    t.contiguous()?.apply_op1(fused::Transpose12 { b, r: l, c })?.reshape((b, c, h, w))
+}
+
 /// MM-Former's self-alignment gate (`MySelfAlignLayer.spatial_pool`):
 /// `x ⊙ σ(x · softmax_N(mean_C x))` per sample, for `x` (B, C, H, W).
 ///

@@ -169,6 +169,32 @@ fn spatial_pool_gate_matches_composed() {
     assert!(spatial_pool_gate(&rng.tensor(&[2, 3, 4], -1.0, 1.0, DType::F32)).is_err());
 }
 
+/// Map <-> tokens: the same values as candle's transposition, inverse of each other, with the
+/// gradient carried back through both; non-contiguous inputs and a token count that does not
+/// fit the map.
+#[test]
+fn map_tokens_round_trip_with_gradients() {
+    use ops::nn::{map_to_tokens, tokens_to_map};
+    let mut rng = Rng::new(708);
+    for dtype in [DType::F32, DType::F64] {
+        for (b, c, h, w) in [(1usize, 1usize, 1usize, 1usize), (2, 3, 5, 7), (1, 256, 60, 60), (3, 40, 33, 17)] {
+            let x = Var::from_tensor(&rng.tensor(&[b, c, h, w], -1.0, 1.0, dtype)).unwrap();
+            let t = map_to_tokens(&x).unwrap();
+            let want = x.flatten_from(2).unwrap().transpose(1, 2).unwrap();
+            assert_close(&t, &want, 0.0, "map_to_tokens");
+            let back = tokens_to_map(&t, (h, w)).unwrap();
+            assert_close(&back, &x, 0.0, "tokens_to_map");
+            let proj = rng.tensor(&[b, c, h, w], -1.0, 1.0, dtype);
+            let g = grads_of(&back, &proj, &[&x]);
+            assert_close(&g[0], &proj, 0.0, "gradient through both");
+        }
+    }
+    let x = rng.tensor(&[2, 4, 3, 6], -1.0, 1.0, DType::F32);
+    let strided = x.transpose(2, 3).unwrap();
+    assert_close(&map_to_tokens(&strided).unwrap(), &strided.flatten_from(2).unwrap().transpose(1, 2).unwrap(), 0.0, "strided map");
+    assert!(tokens_to_map(&map_to_tokens(&x).unwrap(), (3, 5)).unwrap_err().to_string().contains("3x5"));
+}
+
 #[test]
 fn layer_norm_non_contiguous_input() {
     let mut rng = Rng::new(702);

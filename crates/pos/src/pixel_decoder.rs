@@ -95,7 +95,7 @@ fn reference_points(spatial_shapes: &[(usize, usize)], batch: usize, dev: &Devic
 
 /// (B, C, h, w) -> (B, h·w, C)
 fn flatten_tokens(x: &Tensor) -> Result<Tensor> {
-    x.flatten_from(2)?.transpose(1, 2)?.contiguous()
+    ops::nn::map_to_tokens(x)
 }
 
 /// The pixel decoder's outputs.
@@ -180,7 +180,7 @@ impl MSDeformAttnPixelDecoder {
         let mut multi_scale = Vec::with_capacity(NUM_LEVELS);
         let mut start = 0;
         for &(h, w) in &shapes {
-            let level = memory.narrow(1, start, h * w)?.transpose(1, 2)?.reshape((b, d, h, w))?;
+            let level = ops::nn::tokens_to_map(&memory.narrow(1, start, h * w)?, (h, w))?;
             multi_scale.push(level);
             start += h * w;
         }

@@ -218,8 +218,8 @@ impl MultiScaleMaskedTransformerDecoder {
                 _ => bail!("decoder: level {i} must be (B={b}, {d}, h, w), got {:?}", x.shape()),
             };
             let pos = sine_position_encoding(b, h, w, d / 2, dev)?.to_dtype(dt)?;
-            let pos = pos.flatten_from(2)?.transpose(1, 2)?;
-            let src = x.flatten_from(2)?.transpose(1, 2)?;
+            let pos = ops::nn::map_to_tokens(&pos)?;
+            let src = ops::nn::map_to_tokens(x)?;
             let src = src.broadcast_add(&self.level_embed.get(i)?.reshape((1, 1, d))?)?;
             keys.push((&src + pos)?);
             srcs.push(src);
