@@ -10,7 +10,17 @@
 //! - `deform_locations/{kernel,broadcast}`: the deformable encoder's sampling locations
 //!   (4725 tokens × 8 heads × 3 levels × 4 points).
 //!
-//! `cargo bench -p ops --bench kernels` (about two minutes).
+//! - `linear_few_rows/{fused,candle}`: the POS decoder's FFN on 100 queries (256→2048, 2048→256),
+//!   whose fused forward transposes the weight and splits by output columns, against
+//!   `candle_nn::Linear`.
+//! - `softmax_short/{fused,composed}`: the deformable attention's weights, 4725 tokens × 8 heads
+//!   × 12 (levels × points), softmaxed 16 rows at a time across vector lanes.
+//! - `residual_layer_norm/{fused,add_then_norm}`: `LN(x + r)` over the MM's 3600 × 256 tokens,
+//!   against the add followed by the fused norm.
+//! - `self_align/{fused,composed}`: MM-Former's self-alignment gate on res3 (512 × 60²).
+//! - `map_to_tokens/{fused,candle}`: a 256 × 60² map to (3600, 256) tokens.
+//!
+//! `cargo bench -p ops --bench kernels` (about four minutes).
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -67,5 +77,44 @@ fn deform_locations(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(kernel_benches, resize, sdpa, deform_locations);
+fn nn_kernels(c: &mut Criterion) {
+    use candle_nn::Module;
+    use ops::nn::{linear, map_to_tokens, softmax, softmax_composed, spatial_pool_gate, spatial_pool_gate_composed, LayerNorm};
+    let mut g = c.benchmark_group("linear_few_rows");
+    for (d_in, d_out) in [(256usize, 2048usize), (2048, 256)] {
+        let (x, w, bias) = (rand(&[100, d_in]), rand(&[d_out, d_in]), rand(&[d_out]));
+        let reference = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
+        g.bench_function(format!("100x{d_in}_to_{d_out}/fused"), |b| b.iter(|| linear(&x, &w, Some(&bias)).unwrap()));
+        g.bench_function(format!("100x{d_in}_to_{d_out}/candle"), |b| b.iter(|| reference.forward(&x).unwrap()));
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("softmax_short");
+    let x = rand(&[1, 4725, 8, 12]);
+    g.bench_function("4725x8x12/fused", |b| b.iter(|| softmax(&x, 3).unwrap()));
+    g.bench_function("4725x8x12/composed", |b| b.iter(|| softmax_composed(&x, 3).unwrap()));
+    g.finish();
+
+    let mut g = c.benchmark_group("residual_layer_norm");
+    let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let ln = LayerNorm::new(256, 1e-5, vb).unwrap();
+    let (x, r) = (rand(&[1, 3600, 256]), rand(&[1, 3600, 256]));
+    g.bench_function("3600x256/fused", |b| b.iter(|| ln.forward_residual(&x, &r).unwrap()));
+    g.bench_function("3600x256/add_then_norm", |b| b.iter(|| ln.forward(&(&x + &r).unwrap()).unwrap()));
+    g.finish();
+
+    let mut g = c.benchmark_group("self_align");
+    let x = rand(&[1, 512, 60, 60]);
+    g.bench_function("512x60x60/fused", |b| b.iter(|| spatial_pool_gate(&x).unwrap()));
+    g.bench_function("512x60x60/composed", |b| b.iter(|| spatial_pool_gate_composed(&x).unwrap()));
+    g.finish();
+
+    let mut g = c.benchmark_group("map_to_tokens");
+    let x = rand(&[1, 256, 60, 60]);
+    g.bench_function("256x60x60/fused", |b| b.iter(|| map_to_tokens(&x).unwrap()));
+    g.bench_function("256x60x60/candle", |b| b.iter(|| x.flatten_from(2).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()));
+    g.finish();
+}
+
+criterion_group!(kernel_benches, resize, sdpa, deform_locations, nn_kernels);
 criterion_main!(kernel_benches);
