@@ -7,8 +7,9 @@
 //! `Tensor::backward` works through all of it.
 //!
 //! - [`conv`]: fast CPU convolution (NCHW, f32).
-//! - [`nn`]: gradient-carrying [`nn::softmax`], [`nn::LayerNorm`], [`nn::GroupNorm`] and the
-//!   Mask2Former [`nn::Mlp`].
+//! - [`nn`]: gradient-carrying [`nn::softmax`], [`nn::LayerNorm`] (also `LN(x + r)`),
+//!   [`nn::GroupNorm`], [`nn::linear`], the map ↔ token transpositions, MM-Former's
+//!   self-alignment gate and the Mask2Former [`nn::Mlp`].
 //! - [`resize`]: bilinear resize with torch `F.interpolate` semantics (differentiable) and torch
 //!   `nearest` resize for labels.
 //! - [`sample`]: torch `F.grid_sample` (bilinear, zero padding, `align_corners=False`) with

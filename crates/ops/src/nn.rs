@@ -1,10 +1,12 @@
-//! Normalisation layers, softmax and the Mask2Former MLP, built from gradient-carrying candle
-//! primitives (candle's fused softmax / layer-norm kernels have no backward).
+//! Normalisation layers, softmax, the linear layer, map ↔ token transpositions, MM-Former's
+//! self-alignment gate and the Mask2Former MLP, built from gradient-carrying candle primitives
+//! (candle's fused softmax / layer-norm kernels have no backward), with fused CPU kernels where
+//! they pay.
 
 use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 
-use crate::fastmath::fusable;
+use crate::fastmath::{fusable, guard_slice};
 use crate::util::ensure_float;
 
 mod fused;
@@ -62,11 +64,12 @@ pub fn spatial_pool_gate(x: &Tensor) -> Result<Tensor> {
         return spatial_pool_gate_composed(x);
     }
     let x = x.contiguous()?;
-    let out = match x.dtype() {
-        DType::F32 => Tensor::from_vec(fused::spatial_pool_gate(&x.flatten_all()?.to_vec1::<f32>()?, c, h * w), (b, c, h, w), x.device())?,
-        _ => Tensor::from_vec(fused::spatial_pool_gate(&x.flatten_all()?.to_vec1::<f64>()?, c, h * w), (b, c, h, w), x.device())?,
-    };
-    Ok(out)
+    let g = x.storage_and_layout();
+    let (shape, dev) = ((b, c, h, w), x.device());
+    match x.dtype() {
+        DType::F32 => Tensor::from_vec(fused::spatial_pool_gate(guard_slice::<f32>(&g, "spatial_pool_gate")?, c, h * w), shape, dev),
+        _ => Tensor::from_vec(fused::spatial_pool_gate(guard_slice::<f64>(&g, "spatial_pool_gate")?, c, h * w), shape, dev),
+    }
 }
 
 /// [`spatial_pool_gate`] from candle primitives, with gradients.

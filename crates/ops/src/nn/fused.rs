@@ -458,7 +458,7 @@ impl LinearOp {
     /// row-chunked path does so once per chunk. Here W is transposed once, in parallel, to
     /// (in, out) and each task takes a block of output columns for all rows, so every weight is
     /// packed once and from the layout `gemm` reads fastest (measured on 2 threads: 100×2048→256
-    /// 1.98 → 0.5 ms, 100×256→2048 0.98 → 0.4 ms).
+    /// 1.98 → 0.78 ms, 100×256→2048 0.98 → 0.78 ms; `cargo bench -p ops --bench kernels`).
     fn forward_few_rows<T: Real>(&self, x: &[T], w: &[T], b: &[T], y: &mut [T]) {
         let (n, din, dout) = (self.n, self.d_in, self.d_out);
         let wt = transposed(w, dout, din);
