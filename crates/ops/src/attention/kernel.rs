@@ -45,9 +45,13 @@ pub(crate) struct Sdpa {
 }
 
 /// The most memory the forward keeps its probabilities in (per call); past it the backward
-/// recomputes them. The paper preset's largest training calls (stage 2 at batch 8: 8 × 4 heads ×
-/// 3600 × 225 in f32) take about 100 MiB.
-pub(crate) const SAVED_PROBS_MAX_BYTES: usize = 256 << 20;
+/// recomputes them. Every call of the cpu preset's training fits (its largest, the stage-2
+/// cross-alignment's 4 × 4 heads × 1024 × 225 in f32, is 15 MiB); the paper preset's largest do
+/// not (stage 1 at batch 8: 92 MiB for each of the decoder's three stride-8 layers; stage 2: 104
+/// MiB for each of four): kept, several at once, they would add about 0.4 GiB to stage 1's peak
+/// (9.7 GiB at batch 8, against the paper's 10.7 GB) for a forward + backward only about 10%
+/// faster at those sizes.
+pub(crate) const SAVED_PROBS_MAX_BYTES: usize = 64 << 20;
 
 impl Sdpa {
     fn e(&self) -> usize {
@@ -88,7 +92,7 @@ impl Sdpa {
         })
     }
 
-    /// Whether the forward keeps the probabilities: when asked to and they fit.
+    /// Whether a call's probabilities fit in [`SAVED_PROBS_MAX_BYTES`].
     pub(crate) fn wants_saved_probs(b: usize, lq: usize, lk: usize, heads: usize, elem: usize) -> bool {
         b.saturating_mul(lq).saturating_mul(heads).saturating_mul(lk).saturating_mul(elem) <= SAVED_PROBS_MAX_BYTES
     }
