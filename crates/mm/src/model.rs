@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::{Init, Linear, Module, VarBuilder};
+use ops::nn::tokens_to_map;
 
 use crate::config::MmConfig;
 use crate::cross_align::CrossAt;
-use ops::nn::tokens_to_map;
 use crate::prototype::{cosine_similarity, support_prototype, support_prototype_tokens, ProposalMasks};
 use crate::self_align::self_align;
 
