@@ -679,19 +679,8 @@ pub(crate) fn epilogue(out: &mut [f32], bias: f32, residual: Option<&[f32]>, act
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint regions.
-#[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub *mut f32);
-// SAFETY: the conv kernels hand each task a disjoint region of the output buffer.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    /// A method (not field access) so closures capture the whole Send wrapper.
-    #[inline]
-    pub fn get(self) -> *mut f32 {
-        self.0
-    }
-}
+// The conv kernels hand each task a disjoint region of the output buffer.
+pub(crate) use crate::util::SyncPtr;
 
 /// Max pooling with PyTorch semantics (`nn.MaxPool2d(kernel, stride, padding)`, padding never
 /// wins the max, floor output size): x (N, C, H, W) -> (N, C, Ho, Wo). The ResNet stem pool is

@@ -56,10 +56,7 @@ pub fn tokens_to_map(t: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
 /// when no gradient can flow through `x` (frozen backbone features, as in both stages), one fused
 /// forward pass; otherwise [`spatial_pool_gate_composed`].
 pub fn spatial_pool_gate(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = match x.dims() {
-        &[b, c, h, w] => (b, c, h, w),
-        _ => bail!("spatial_pool_gate: expected a (B, C, H, W) feature map, got {:?}", x.shape()),
-    };
+    let (b, c, h, w) = gate_dims(x)?;
     if !fusable(x) || x.track_op() {
         return spatial_pool_gate_composed(x);
     }
@@ -72,12 +69,17 @@ pub fn spatial_pool_gate(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// (B, C, H, W) of a self-alignment input.
+fn gate_dims(x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    match *x.dims() {
+        [b, c, h, w] => Ok((b, c, h, w)),
+        _ => bail!("spatial_pool_gate: expected a (B, C, H, W) feature map, got {:?}", x.shape()),
+    }
+}
+
 /// [`spatial_pool_gate`] from candle primitives, with gradients.
 pub fn spatial_pool_gate_composed(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = match x.dims() {
-        &[b, c, h, w] => (b, c, h, w),
-        _ => bail!("spatial_pool_gate: expected a (B, C, H, W) feature map, got {:?}", x.shape()),
-    };
+    let (b, c, h, w) = gate_dims(x)?;
     let f = x.reshape((b, c, h * w))?;
     let a = softmax(&f.mean_keepdim(1)?, 2)?; // (B, 1, N)
     let z = f.matmul(&a.transpose(1, 2)?)?; // (B, C, 1)
@@ -177,17 +179,25 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
-    /// `x`: (..., dim) -> (..., dim). Fused (one pass per row, analytic backward) on CPU.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The normalised width, after checking that `x` is a float tensor ending in it.
+    fn check_input(&self, x: &Tensor) -> Result<usize> {
         ensure_float(x, "LayerNorm")?;
         let dim = self.weight.dim(0)?;
         if x.rank() == 0 || x.dim(D::Minus1)? != dim {
-            bail!(
-                "LayerNorm({dim}): input shape {:?} must end in {dim}",
-                x.shape()
-            );
+            bail!("LayerNorm({dim}): input shape {:?} must end in {dim}", x.shape());
         }
-        if fusable(x) && self.weight.dtype() == x.dtype() && self.bias.dtype() == x.dtype() {
+        Ok(dim)
+    }
+
+    /// Whether `x` takes the fused kernel: a fusable tensor of the parameters' dtype.
+    fn fuses(&self, x: &Tensor) -> bool {
+        fusable(x) && self.weight.dtype() == x.dtype() && self.bias.dtype() == x.dtype()
+    }
+
+    /// `x`: (..., dim) -> (..., dim). Fused (one pass per row, analytic backward) on CPU.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dim = self.check_input(x)?;
+        if self.fuses(x) {
             let op = fused::LayerNormLast {
                 d: dim,
                 eps: self.eps,
@@ -209,13 +219,8 @@ impl LayerNorm {
         if x.dims() != residual.dims() {
             bail!("LayerNorm: residual {:?} does not match the input {:?}", residual.shape(), x.shape());
         }
-        ensure_float(x, "LayerNorm")?;
-        let dim = self.weight.dim(0)?;
-        if x.rank() == 0 || x.dim(D::Minus1)? != dim {
-            bail!("LayerNorm({dim}): input shape {:?} must end in {dim}", x.shape());
-        }
-        let same = |t: &Tensor| t.dtype() == x.dtype();
-        if fusable(x) && same(residual) && same(&self.weight) && same(&self.bias) {
+        let dim = self.check_input(x)?;
+        if self.fuses(x) && residual.dtype() == x.dtype() {
             let op = fused::LayerNormLast { d: dim, eps: self.eps, residual: true };
             let wb = Tensor::cat(&[&self.weight, &self.bias], 0)?;
             return x.contiguous()?.apply_op3(&residual.contiguous()?, &wb, op);
@@ -225,14 +230,7 @@ impl LayerNorm {
 
     /// [`Self::forward`] from candle primitives (mean, centring, variance, division, affine).
     pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
-        ensure_float(x, "LayerNorm")?;
-        let dim = self.weight.dim(0)?;
-        if x.rank() == 0 || x.dim(D::Minus1)? != dim {
-            bail!(
-                "LayerNorm({dim}): input shape {:?} must end in {dim}",
-                x.shape()
-            );
-        }
+        self.check_input(x)?;
         normalize(x, &[x.rank() - 1], self.eps)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)

@@ -1,6 +1,21 @@
-//! Internal helpers shared by the sampling operations.
+//! Internal helpers shared by the sampling operations and the kernels.
 
 use candle_core::{bail, DType, Result, Tensor};
+
+/// A raw output pointer shared by tasks that write disjoint regions of one buffer (joined before
+/// it is read).
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T = f32>(pub *mut T);
+// SAFETY: every user hands each task a disjoint region of the buffer behind the pointer.
+unsafe impl<T: Send> Send for SyncPtr<T> {}
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    /// A method (not field access) so closures capture the whole Send wrapper.
+    #[inline]
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 /// Fails with a clear message unless `t` is a floating-point tensor the ops support.
 pub(crate) fn ensure_float(t: &Tensor, what: &str) -> Result<()> {

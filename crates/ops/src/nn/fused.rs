@@ -6,6 +6,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result,
 use rayon::prelude::*;
 
 use crate::fastmath::{dot, gemm, guard_slice, softmax_row, softmax_short_rows, storage_slice, sum, Real, LANES};
+use crate::util::SyncPtr;
 
 /// Elements per parallel task: below this a row loop runs inline (rayon would cost more).
 const TASK_ELEMS: usize = 16 * 1024;
@@ -344,12 +345,6 @@ impl CustomOp3 for LayerNormLast {
 const FEW_ROWS: usize = 1024;
 const LARGE_WEIGHT: usize = 1 << 19;
 
-/// A raw output pointer shared by tasks that write disjoint parts of it.
-struct SharedOut<T>(*mut T);
-// SAFETY: only used by tasks writing disjoint elements, joined before the buffer is read.
-unsafe impl<T: Send> Send for SharedOut<T> {}
-unsafe impl<T: Send> Sync for SharedOut<T> {}
-
 fn relu_in_place<T: Real>(v: &mut [T]) {
     let zero = T::from_f64(0.0);
     for x in v.iter_mut() {
@@ -466,22 +461,22 @@ impl LinearOp {
         // Column blocks in whole SIMD panels (16 f32 lanes), about two per thread.
         let cols = dout.div_ceil(2 * threads).next_multiple_of(16).min(dout);
         let blocks = dout.div_ceil(cols);
-        let yp = SharedOut(y.as_mut_ptr());
+        let out = SyncPtr(y.as_mut_ptr());
         (0..blocks).into_par_iter().for_each(|blk| {
             let (c0, c1) = (blk * cols, ((blk + 1) * cols).min(dout));
-            let yp = &yp;
+            let yp = out.get();
             // SAFETY: tasks write disjoint column ranges c0..c1 of the n×dout output; x is n×din,
             // wt din×dout; all in bounds.
             unsafe {
                 for r in 0..n {
-                    let row = std::slice::from_raw_parts_mut(yp.0.add(r * dout + c0), c1 - c0);
+                    let row = std::slice::from_raw_parts_mut(yp.add(r * dout + c0), c1 - c0);
                     row.copy_from_slice(&b[c0..c1]);
                 }
                 gemm(
                     n,
                     c1 - c0,
                     din,
-                    yp.0.add(c0),
+                    yp.add(c0),
                     dout,
                     true,
                     x.as_ptr(),
@@ -494,7 +489,7 @@ impl LinearOp {
                 );
                 if self.relu {
                     for r in 0..n {
-                        relu_in_place(std::slice::from_raw_parts_mut(yp.0.add(r * dout + c0), c1 - c0));
+                        relu_in_place(std::slice::from_raw_parts_mut(yp.add(r * dout + c0), c1 - c0));
                     }
                 }
             }
