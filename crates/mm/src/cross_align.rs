@@ -138,7 +138,7 @@ impl CrossAt {
         pos_query: &Tensor,
         pos_support: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (q, s) = self.forward_tokens(query, support, pos_query, pos_support)?;
+        let (q, s) = self.forward_tokens(query, support, pos_query, pos_support, None)?;
         let ((_, _, h, w), (_, _, sh, sw)) = (query.dims4()?, support.dims4()?);
         Ok((tokens_to_map(&q, (h, w))?, tokens_to_map(&s, (sh, sw))?))
     }
@@ -146,12 +146,18 @@ impl CrossAt {
     /// [`Self::forward`] with the aligned maps left as tokens, `(query (B, h·w, C), support
     /// (B, sh·sw, C))`, row-major over positions: what the prototype pooling reads directly,
     /// without transposing them back to (B, C, h, w) (and the gradients through it).
+    ///
+    /// With `support_rows` (flat indices into the B·sh·sw support tokens, B·L_sel of them, each
+    /// element's L_sel rows together), the support is aligned at those rows only and returned as
+    /// (B, L_sel, C): every row of that direction is computed on its own (see
+    /// [`crate::prototype::SupportMask`]).
     pub fn forward_tokens(
         &self,
         query: &Tensor,
         support: &Tensor,
         pos_query: &Tensor,
         pos_support: &Tensor,
+        support_rows: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         let (b, c, h, w) = query.dims4()?;
         let (sb, sc, sh, sw) = support.dims4()?;
@@ -176,6 +182,17 @@ impl CrossAt {
         };
         let (q, pq) = (tokens(query)?, tokens(pos_query)?);
         let (s, ps) = (tokens(support)?, tokens(pos_support)?);
+        let (s, ps) = match support_rows {
+            None => (s, ps),
+            Some(rows) => {
+                let n = rows.dims1()?;
+                if n % b != 0 {
+                    bail!("CrossAT: {n} selected support rows for a batch of {b}");
+                }
+                let pick = |t: &Tensor| t.reshape((b * sh * sw, c))?.index_select(rows, 0)?.reshape((b, n / b, c));
+                (pick(&s)?, pick(&ps)?)
+            }
+        };
         let q_out = self.attend(&q, &pq, &s_kv, &ps_kv)?;
         let s_out = self.attend(&s, &ps, &q_kv, &pq_kv)?;
         Ok((q_out, s_out))

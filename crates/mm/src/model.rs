@@ -8,7 +8,7 @@ use ops::nn::tokens_to_map;
 
 use crate::config::MmConfig;
 use crate::cross_align::CrossAt;
-use crate::prototype::{cosine_similarity, support_prototype, support_prototype_tokens, ProposalMasks};
+use crate::prototype::{cosine_similarity, support_prototype, ProposalMasks, SupportMask};
 use crate::self_align::self_align;
 
 /// Backbone features of one image at the three matching levels, low to high resolution:
@@ -516,15 +516,17 @@ impl MaskMatching {
             Trace::record(trace, || format!("shot{s}.support.pos_masked.l{i}"), &pos);
             match self.crossat.get(i) {
                 Some(cat) => {
-                    // Pooled straight from the aligned tokens; maps only for a trace.
-                    let (qa, sa) = cat.forward_tokens(&query.feats[i], &x, &query.pos[i], &pos)?;
+                    // Pooled straight from the aligned tokens; maps only for a trace. Untraced,
+                    // the support is aligned only where its prototype reads it.
+                    let pooling = SupportMask::new(&mask, (h, w), trace.is_none())?;
+                    let (qa, sa) = cat.forward_tokens(&query.feats[i], &x, &query.pos[i], &pos, pooling.rows())?;
                     if trace.is_some() {
                         let qh = query.feats[i].dims4()?;
                         let qm = tokens_to_map(&qa, (qh.2, qh.3))?;
                         Trace::record(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &qm);
                         Trace::record(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &tokens_to_map(&sa, (h, w))?);
                     }
-                    sps.push(support_prototype_tokens(&sa, (h, w), &mask)?);
+                    sps.push(pooling.pool(&sa)?);
                     qps.push(query.masks[i].pool_tokens(&qa)?);
                 }
                 None => {

@@ -1,6 +1,6 @@
 //! Masked global average pooling (spec §3.5) and the cosine matching score (§3.6).
 
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor, D};
 
 /// Epsilon added to the support mask area (official `get_sup_propotype`).
 const SUPPORT_AREA_EPS: f64 = 1e-7;
@@ -27,17 +27,95 @@ pub fn support_prototype(features: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// [`support_prototype`] on tokens: `tokens` (B, h·w, C) of an (h, w) map, `mask` (B, 1, H, W)
 /// float 0/1 -> (B, C). The same sums as on the map, without transposing it.
 pub fn support_prototype_tokens(tokens: &Tensor, (h, w): (usize, usize), mask: &Tensor) -> Result<Tensor> {
-    let (b, l, _) = tokens.dims3()?;
+    let (_, l, _) = tokens.dims3()?;
     if l != h * w {
         bail!("support_prototype: {l} tokens for a {h}x{w} map");
     }
-    if mask.dims().len() != 4 || mask.dim(0)? != b || mask.dim(1)? != 1 {
-        bail!("support_prototype: mask must be (B={b}, 1, H, W), got {:?}", mask.shape());
+    SupportMask::new(mask, (h, w), false)?.pool(tokens)
+}
+
+/// Below this share of a map's tokens, [`SupportMask`] selects the rows its prototype reads.
+/// Above it the gather and its backward cost more than the rows they skip.
+const SELECT_MAX_SHARE: f64 = 0.85;
+
+/// The support label resized (bilinear, align_corners=True) to one feature size: the weights of
+/// the support prototype, and the token rows with a non-zero weight.
+///
+/// The prototype reads the cross-aligned support only where the weight is non-zero, and the
+/// support's cross-alignment works token by token (its attention queries, LayerNorms and FFNs
+/// are per row; its keys are the query's). So only those rows need aligning: an exact saving
+/// (a zero-weight row adds exactly zero to the sum), about three quarters of the support
+/// direction for an object covering a quarter of the image.
+#[derive(Debug, Clone)]
+pub struct SupportMask {
+    /// (B, 1, h·w)
+    weights: Tensor,
+    /// (B, 1): Σ weights + 1e-7, over all positions.
+    area: Tensor,
+    hw: (usize, usize),
+    /// The selected rows: flat indices into (B·h·w) tokens, (B·L_sel) u32, each batch element
+    /// padded to the longest with zero-weight rows of its own; and their weights (B, 1, L_sel).
+    selected: Option<(Tensor, Tensor)>,
+}
+
+impl SupportMask {
+    /// `mask`: (B, 1, H, W) float 0/1; `hw`: the feature size. With `select`, the rows with a
+    /// non-zero weight are picked out when they are fewer than [`SELECT_MAX_SHARE`] of all
+    /// (this reads the weights back to the host).
+    pub fn new(mask: &Tensor, hw: (usize, usize), select: bool) -> Result<Self> {
+        let b = match mask.dims() {
+            &[b, 1, _, _] => b,
+            _ => bail!("support_prototype: mask must be (B, 1, H, W), got {:?}", mask.shape()),
+        };
+        let l = hw.0 * hw.1;
+        let weights = ops::resize::resize_bilinear(mask, hw, true)?.reshape((b, 1, l))?;
+        let area = (weights.sum(2)? + SUPPORT_AREA_EPS)?;
+        let selected = if select { Self::select(&weights, b, l)? } else { None };
+        Ok(Self { weights, area, hw, selected })
     }
-    let m = ops::resize::resize_bilinear(mask, (h, w), true)?.reshape((b, 1, h * w))?;
-    let area = m.sum(2)?; // (B, 1)
-    let pooled = m.matmul(tokens)?.squeeze(1)?; // (B, C)
-    pooled.broadcast_div(&(area + SUPPORT_AREA_EPS)?)
+
+    fn select(weights: &Tensor, b: usize, l: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let w = weights.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let rows: Vec<Vec<u32>> =
+            w.chunks(l).map(|wb| (0..l as u32).filter(|&j| wb[j as usize] != 0.0).collect()).collect();
+        let longest = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        if longest as f64 > SELECT_MAX_SHARE * l as f64 {
+            return Ok(None);
+        }
+        let mut flat = Vec::with_capacity(b * longest);
+        for (bi, (r, wb)) in rows.iter().zip(w.chunks(l)).enumerate() {
+            let base = (bi * l) as u32;
+            // Every element has a zero-weight row (its rows are fewer than `l`): the padding
+            // repeats it, so the padding adds exactly zero to the prototype.
+            let zero = (0..l).find(|&j| wb[j] == 0.0).expect("fewer selected rows than positions") as u32;
+            flat.extend(r.iter().map(|&j| base + j));
+            flat.extend(std::iter::repeat(base + zero).take(longest - r.len()));
+        }
+        let index = Tensor::from_vec(flat, b * longest, weights.device())?;
+        let sel_w = weights.flatten_all()?.index_select(&index, 0)?.reshape((b, 1, longest))?;
+        Ok(Some((index, sel_w)))
+    }
+
+    /// The rows the prototype reads, as flat indices into (B·h·w) tokens; `None` for all rows.
+    pub fn rows(&self) -> Option<&Tensor> {
+        self.selected.as_ref().map(|(i, _)| i)
+    }
+
+    /// The support prototype (B, C) from `tokens`: (B, L_sel, C) aligned at [`Self::rows`], or
+    /// (B, h·w, C) when no rows were selected.
+    pub fn pool(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = tokens.dims3()?;
+        let weights = match &self.selected {
+            Some((_, w)) => w,
+            None => &self.weights,
+        };
+        let (wb, _, wl) = weights.dims3()?;
+        if (b, l) != (wb, wl) {
+            bail!("support_prototype: {b}x{l} tokens for a mask of {wb}x{wl} rows at {}x{}", self.hw.0, self.hw.1);
+        }
+        let pooled = weights.matmul(tokens)?.squeeze(1)?; // (B, C)
+        pooled.broadcast_div(&self.area)
+    }
 }
 
 /// Query prototypes, one per proposal: `Σ(Q·m_q) / Σm_q` with the soft proposals resized

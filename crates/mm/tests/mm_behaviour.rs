@@ -316,3 +316,85 @@ fn pooling_tokens_equals_pooling_maps() {
     assert!(masks.pool_tokens(&short).unwrap_err().to_string().contains("tokens"));
     assert!(support_prototype_tokens(&short, (h, w), &label).unwrap_err().to_string().contains("6x7"));
 }
+
+/// A support mask selects exactly its rows of non-zero weight, pads each batch element with a
+/// zero-weight row of its own, and pooling the selected rows equals pooling them all.
+#[test]
+fn support_mask_selects_the_rows_its_prototype_reads() {
+    use mm::prototype::{support_prototype_tokens, SupportMask};
+    let dev = Device::Cpu;
+    let (h, w, c) = (8usize, 10usize, 3usize);
+    // Element 0: a 2×2 block of foreground at a 16×20 label; element 1: nothing.
+    let mut v = vec![0f64; 2 * 16 * 20];
+    for y in 6..8 {
+        for x in 8..10 {
+            v[y * 20 + x] = 1.0;
+        }
+    }
+    let label = Tensor::from_vec(v, (2, 1, 16, 20), &dev).unwrap();
+    let m = SupportMask::new(&label, (h, w), true).unwrap();
+    let rows = m.rows().expect("a small mask selects rows").to_vec1::<u32>().unwrap();
+    let full = ops::resize::resize_bilinear(&label, (h, w), true).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let nonzero: Vec<u32> = (0..h * w).filter(|&j| full[j] != 0.0).map(|j| j as u32).collect();
+    assert!(!nonzero.is_empty() && nonzero.len() < h * w / 4, "{nonzero:?}");
+    let l = nonzero.len();
+    assert_eq!(rows.len(), 2 * l);
+    assert_eq!(&rows[..l], &nonzero[..]);
+    // The empty element is all padding: rows of its own, of zero weight.
+    assert!(rows[l..].iter().all(|&r| (r as usize) >= h * w && full[r as usize] == 0.0), "{rows:?}");
+    let tokens = Tensor::rand(-1f64, 1f64, (2, h * w, c), &dev).unwrap();
+    let picked = tokens.reshape((2 * h * w, c)).unwrap().index_select(m.rows().unwrap(), 0).unwrap().reshape((2, l, c)).unwrap();
+    assert_close("selected pooling", &m.pool(&picked).unwrap(), &support_prototype_tokens(&tokens, (h, w), &label).unwrap(), 0.0, 1e-12);
+    assert!(m.pool(&tokens).unwrap_err().to_string().contains("rows"));
+    // A mask covering most of the map selects nothing: all rows are read.
+    let most = Tensor::ones((1, 1, 16, 20), DType::F64, &dev).unwrap();
+    assert!(SupportMask::new(&most, (h, w), true).unwrap().rows().is_none());
+    assert!(SupportMask::new(&label, (h, w), false).unwrap().rows().is_none());
+}
+
+/// The untraced forward aligns the support only at its mask's rows; the traced one aligns every
+/// row. Both give the same outputs and the same gradient for every variable, with batch
+/// elements of different mask sizes (one empty) in one batch.
+#[test]
+fn aligning_only_the_masked_support_rows_changes_nothing() {
+    let cfg = common::small_config();
+    let varmap = VarMap::new();
+    let m = MaskMatching::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let (b, h, w) = (3usize, 128usize, 96usize);
+    let query = common::features("q", &cfg, b, QH, QW);
+    let support = common::features("s", &cfg, b, h, w);
+    let mut v = vec![0f32; b * h * w];
+    for (bi, (y0, y1, x0, x1)) in [(10, 40, 20, 50), (0, 0, 0, 0), (60, 128, 0, 30)].into_iter().enumerate() {
+        for y in y0..y1 {
+            for x in x0..x1 {
+                v[(bi * h + y) * w + x] = 1.0;
+            }
+        }
+    }
+    let label = Tensor::from_vec(v, (b, h, w), &Device::Cpu).unwrap();
+    let finest = label.reshape((b, 1, h, w)).unwrap();
+    assert!(mm::prototype::SupportMask::new(&finest, (h / 8, w / 8), true).unwrap().rows().is_some(), "the test must take the selecting path");
+    let logits = common::proposal_logits("p", &cfg, b, QH, QW);
+    let r = common::pseudo("r", &[b, 1, QH, QW]);
+    let grads = |traced: bool| {
+        let supports = [support.clone()];
+        let labels = [label.clone()];
+        let out = if traced {
+            m.forward_traced(&query, &supports, &labels, &logits, (QH, QW), &mut Trace::new()).unwrap()
+        } else {
+            m.forward(&query, &supports, &labels, &logits, (QH, QW)).unwrap()
+        };
+        let loss = ((&out.out * &r).unwrap().sum_all().unwrap() + out.support_prototype.sqr().unwrap().sum_all().unwrap()).unwrap();
+        (out, loss.backward().unwrap())
+    };
+    let (sel, gs) = grads(false);
+    let (full, gf) = grads(true);
+    assert_close("support_prototype", &sel.support_prototype, &full.support_prototype, 1e-5, 1e-6);
+    assert_close("query_prototypes", &sel.query_prototypes, &full.query_prototypes, 1e-5, 1e-6);
+    assert_close("out", &sel.out, &full.out, 1e-5, 1e-6);
+    let vars = varmap.data().lock().unwrap();
+    for (name, var) in vars.iter() {
+        let (a, f) = (gs.get(var.as_tensor()).unwrap(), gf.get(var.as_tensor()).unwrap());
+        assert_close(name, a, f, 1e-4, 1e-5);
+    }
+}

@@ -1,16 +1,23 @@
-//! Runs paper-preset episodes in a loop for a profiler (`perf record`), printing the stage times
-//! of each: `cargo run --release -p mmformer --example episode_profile -- [shots] [reps] [size]`.
+//! Runs episodes in a loop for a profiler (`perf record`), printing the stage times of each:
+//! `cargo run --release -p mmformer --example episode_profile -- [shots] [reps] [size] [paper|cpu]`.
 
 use candle_core::{Device, Tensor};
 use mmformer::{bench::time_episode, ops, MmFormer, Preset};
 
 fn main() -> mmformer::Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("numbers: shots reps size")).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let preset = match args.get(3).map(String::as_str) {
+        None | Some("paper") => Preset::Paper,
+        Some("cpu") => Preset::Cpu,
+        Some(p) => panic!("preset {p}: paper or cpu"),
+    };
+    args.truncate(3);
+    let args: Vec<usize> = args.iter().map(|a| a.parse().expect("numbers: shots reps size")).collect();
     let (k, reps, size) = (args.first().copied().unwrap_or(1), args.get(1).copied().unwrap_or(5), args.get(2).copied().unwrap_or(480));
     ops::init_cpu_threads();
     ops::keep_freed_memory();
     let dev = Device::Cpu;
-    let model = MmFormer::synthetic(Preset::Paper, 0, &dev)?;
+    let model = MmFormer::synthetic(preset, 0, &dev)?;
     let query = Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev)?;
     let supports = (0..k).map(|_| Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev)).collect::<candle_core::Result<Vec<_>>>()?;
     let mut m = vec![0f32; size * size];
