@@ -89,7 +89,7 @@ impl SupportMask {
             // repeats it, so the padding adds exactly zero to the prototype.
             let zero = (0..l).find(|&j| wb[j] == 0.0).expect("fewer selected rows than positions") as u32;
             flat.extend(r.iter().map(|&j| base + j));
-            flat.extend(std::iter::repeat(base + zero).take(longest - r.len()));
+            flat.extend(std::iter::repeat_n(base + zero, longest - r.len()));
         }
         let index = Tensor::from_vec(flat, b * longest, weights.device())?;
         let sel_w = weights.flatten_all()?.index_select(&index, 0)?.reshape((b, 1, longest))?;
