@@ -19,6 +19,11 @@
 //!   against the add followed by the fused norm.
 //! - `self_align/{fused,composed}`: MM-Former's self-alignment gate on res3 (512 × 60²).
 //! - `map_to_tokens/{fused,candle}`: a 256 × 60² map to (3600, 256) tokens.
+//! - `point_sample/{kernel,deform_core}`: the stage-1 criterion's point losses at the cpu
+//!   preset (12 matched 64² mask logits, 3,584 detached points each), forward and backward,
+//!   and the matcher's shared points (20 query masks as the channels of one 64² map, 3,584
+//!   points), forward: the point-sampling kernel against the deformable-attention core it
+//!   replaced on CPU (still the CUDA route).
 //!
 //! `cargo bench -p ops --bench kernels` (about four minutes).
 
@@ -116,5 +121,31 @@ fn nn_kernels(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(kernel_benches, resize, sdpa, deform_locations, nn_kernels);
+/// The deformable-attention core with one head, level and point of weight 1: point sampling as
+/// it ran on CPU before the dedicated kernel, and as it runs on CUDA.
+fn point_sample_via_core(input: &Tensor, coords: &Tensor) -> Tensor {
+    let (b, c, h, w) = input.dims4().unwrap();
+    let p = coords.dim(1).unwrap();
+    let value = input.permute((0, 2, 3, 1)).unwrap().reshape((b, h * w, 1, c)).unwrap();
+    let loc = coords.reshape((b, p, 1, 1, 1, 2)).unwrap();
+    let ones = Tensor::ones((b, p, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+    ops::deform::ms_deform_attn_core(&value, &[(h, w)], &loc, &ones).unwrap().transpose(1, 2).unwrap()
+}
+
+fn point_sample(c: &mut Criterion) {
+    use ops::sample::point_sample;
+    let mut g = c.benchmark_group("point_sample");
+    let logits = candle_core::Var::from_tensor(&rand(&[12, 1, 64, 64])).unwrap();
+    let coords = Tensor::rand(0f32, 1f32, (12, 3584, 2), &Device::Cpu).unwrap();
+    let loss = |out: Tensor| out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    g.bench_function("loss_points_12x3584_fwd_bwd/kernel", |b| b.iter(|| loss(point_sample(&logits, &coords).unwrap())));
+    g.bench_function("loss_points_12x3584_fwd_bwd/deform_core", |b| b.iter(|| loss(point_sample_via_core(&logits, &coords))));
+    let queries = rand(&[1, 20, 64, 64]);
+    let shared = Tensor::rand(0f32, 1f32, (1, 3584, 2), &Device::Cpu).unwrap();
+    g.bench_function("matcher_20x3584_fwd/kernel", |b| b.iter(|| point_sample(&queries, &shared).unwrap()));
+    g.bench_function("matcher_20x3584_fwd/deform_core", |b| b.iter(|| point_sample_via_core(&queries, &shared)));
+    g.finish();
+}
+
+criterion_group!(kernel_benches, resize, sdpa, deform_locations, nn_kernels, point_sample);
 criterion_main!(kernel_benches);

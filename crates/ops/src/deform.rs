@@ -6,7 +6,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use crate::nn::softmax;
 use crate::util::{bilinear_taps, ensure_float};
 
-mod kernel;
+pub(crate) mod kernel;
 #[cfg(feature = "cuda")]
 mod cuda;
 

@@ -6,6 +6,8 @@ use candle_core::{bail, DType, Result, Tensor, D};
 use crate::deform::{has_kernel, ms_deform_attn_core};
 use crate::util::{bilinear_taps, ensure_float};
 
+mod kernel;
+
 /// Validated (B, C, H, W, Ho, Wo) of a grid_sample call.
 fn grid_dims(input: &Tensor, grid: &Tensor) -> Result<(usize, usize, usize, usize, usize, usize)> {
     ensure_float(input, "grid_sample_bilinear input")?;
@@ -24,8 +26,8 @@ fn grid_dims(input: &Tensor, grid: &Tensor) -> Result<(usize, usize, usize, usiz
             grid.shape()
         ),
     };
-    if h == 0 || w == 0 {
-        bail!("grid_sample_bilinear: empty input ({h}x{w})");
+    if h == 0 || w == 0 || c == 0 {
+        bail!("grid_sample_bilinear: empty input ({c} channels of {h}x{w})");
     }
     if b * h * w > u32::MAX as usize {
         bail!("grid_sample_bilinear: input has too many pixels for u32 row indices");
@@ -53,12 +55,20 @@ pub fn grid_sample_bilinear(input: &Tensor, grid: &Tensor) -> Result<Tensor> {
     sample_unit(input, &loc)?.reshape((b, c, ho, wo))
 }
 
-/// Kernel sampling of `input` (B, C, H, W) at `loc` (B, N, 2), (x, y) in [0, 1] -> (B, C, N),
-/// through the deformable-attention kernel with one head, level and point of weight 1.
+/// Kernel sampling of `input` (B, C, H, W) at `loc` (B, N, 2), (x, y) in [0, 1] -> (B, C, N).
+/// On CPU a dedicated kernel; on CUDA the deformable-attention kernel with one head, level and
+/// point of weight 1.
 fn sample_unit(input: &Tensor, loc: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = input.dims4()?;
     let n = loc.dim(1)?;
     let dt = input.dtype();
+    if b * n == 0 {
+        return Tensor::zeros((b, c, n), dt, input.device());
+    }
+    if input.device().is_cpu() {
+        let op = kernel::PointSample { b, c, h, w, p: n };
+        return input.contiguous()?.apply_op2(&loc.to_dtype(dt)?.contiguous()?, op);
+    }
     let value = input.permute((0, 2, 3, 1))?.reshape((b, h * w, 1, c))?;
     let loc = loc.to_dtype(dt)?.reshape((b, n, 1, 1, 1, 2))?;
     let ones = Tensor::ones((b, n, 1, 1, 1), dt, input.device())?;

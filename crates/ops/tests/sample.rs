@@ -131,3 +131,72 @@ fn sampling_rejects_bad_shapes() {
     )
     .is_err());
 }
+
+/// The CPU point-sampling kernel against the deformable-attention core (the route CUDA takes)
+/// and the composed path, on several maps with many channels and points inside, on the border
+/// and outside: the same values, and the same input gradient.
+#[test]
+fn point_sample_kernel_matches_the_deformable_core_and_the_composed_path() {
+    use candle_core::Var;
+    let mut rng = Rng::new(11);
+    let (b, c, h, w, p) = (3, 5, 7, 9, 301);
+    let input = Var::from_tensor(&rng.tensor(&[b, c, h, w], -1.0, 1.0, DType::F32)).unwrap();
+    let coords = rng.tensor(&[b, p, 2], -0.1, 1.1, DType::F32);
+    let ours = point_sample(&input, &coords).unwrap();
+    assert_eq!(ours.dims(), &[b, c, p]);
+    let value = input.permute((0, 2, 3, 1)).unwrap().reshape((b, h * w, 1, c)).unwrap();
+    let loc = coords.reshape((b, p, 1, 1, 1, 2)).unwrap();
+    let ones = Tensor::ones((b, p, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+    let core = ops::deform::ms_deform_attn_core(&value, &[(h, w)], &loc, &ones)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    assert_close(&ours, &core, 1e-6, "kernel vs deformable core");
+    let grid = coords.affine(2.0, -1.0).unwrap().reshape((b, 1, p, 2)).unwrap();
+    let composed = grid_sample_bilinear_composed(&input, &grid).unwrap().squeeze(2).unwrap();
+    assert_close(&ours, &composed, 1e-6, "kernel vs composed");
+
+    let weights = rng.tensor(&[b, c, p], -1.0, 1.0, DType::F32);
+    let grad_of = |out: &Tensor| {
+        let g = (out * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        g.get(&input).unwrap().clone()
+    };
+    assert_close(&grad_of(&ours), &grad_of(&core), 1e-5, "input gradient vs deformable core");
+    assert_close(&grad_of(&ours), &grad_of(&composed), 1e-5, "input gradient vs composed");
+}
+
+/// Detached points (the point losses') receive no gradient and leave the input's unchanged;
+/// tracked points receive one.
+#[test]
+fn point_sample_skips_the_gradient_of_detached_points() {
+    use candle_core::Var;
+    let mut rng = Rng::new(12);
+    let input = Var::from_tensor(&rng.tensor(&[4, 1, 6, 6], -1.0, 1.0, DType::F32)).unwrap();
+    let points = rng.tensor(&[4, 50, 2], 0.0, 1.0, DType::F32);
+    let tracked = Var::from_tensor(&points).unwrap();
+    let detached = tracked.as_detached_tensor();
+    let g_detached = point_sample(&input, &detached).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let g_tracked = point_sample(&input, &tracked).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g_detached.get(&detached).is_none(), "detached points got a gradient");
+    let g_points = g_tracked.get(&tracked).expect("tracked points get a gradient");
+    assert!(to_vec_f32(g_points).iter().any(|&x| x != 0.0));
+    assert_close(g_detached.get(&input).unwrap(), g_tracked.get(&input).unwrap(), 0.0, "input gradient");
+}
+
+/// A NaN point reads NaN in every channel, as torch's grid_sample does; the other points of
+/// the same map are untouched.
+#[test]
+fn a_nan_point_reads_nan() {
+    let mut c = vec![0.5f32; 8];
+    c[2] = f32::NAN; // point 1, x
+    let coords = Tensor::from_vec(c, (1, 4, 2), &Device::Cpu).unwrap();
+    let out = point_sample(&image(), &coords).unwrap(); // (1, 2, 4)
+    let v = to_vec_f32(&out);
+    for (i, x) in v.iter().enumerate() {
+        assert_eq!(x.is_nan(), i % 4 == 1, "element {i}: {x}");
+    }
+}
+
+fn to_vec_f32(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}

@@ -5,6 +5,8 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::util::{contiguous, host_vec};
+
 use crate::fastmath::{dot, Real};
 
 /// Problem sizes; `levels[l] = (h, w, first value row)`.
@@ -22,11 +24,11 @@ pub(super) struct MsDeformCore {
 /// An in-bounds bilinear corner: value row (within the batch item), weight, and the weight's
 /// derivatives w.r.t. the normalised location (x, y).
 #[derive(Clone, Copy)]
-struct Corner<T> {
-    row: usize,
-    w: T,
-    dx: T,
-    dy: T,
+pub(crate) struct Corner<T> {
+    pub row: usize,
+    pub w: T,
+    pub dx: T,
+    pub dy: T,
 }
 
 /// grid_sample (align_corners=False, zero padding) corners of location (lx, ly) in [0, 1] on a
@@ -35,7 +37,7 @@ struct Corner<T> {
 /// `DERIVATIVES`: also the weights' derivatives w.r.t. the location (the backward's first
 /// pass); without them (forward, the backward's value pass) `dx`, `dy` are zero.
 #[inline]
-fn corners<T: WithDType, const DERIVATIVES: bool>(
+pub(crate) fn corners<T: WithDType, const DERIVATIVES: bool>(
     lx: T,
     ly: T,
     level: (usize, usize, usize),
@@ -245,16 +247,6 @@ impl MsDeformCore {
     }
 }
 
-fn slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("ms_deform_attn_core kernel: {what} must be contiguous"),
-    }
-}
-
-fn host_vec<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    t.flatten_all()?.to_vec1::<T>()
-}
 
 impl CustomOp3 for MsDeformCore {
     fn name(&self) -> &'static str {
@@ -274,16 +266,16 @@ impl CustomOp3 for MsDeformCore {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(v), CpuStorage::F32(l), CpuStorage::F32(a)) => {
                 CpuStorage::F32(self.forward(
-                    slice(v, l1, "value")?,
-                    slice(l, l2, "locations")?,
-                    slice(a, l3, "weights")?,
+                    contiguous(v, l1, "ms_deform_attn_core kernel: value")?,
+                    contiguous(l, l2, "ms_deform_attn_core kernel: locations")?,
+                    contiguous(a, l3, "ms_deform_attn_core kernel: weights")?,
                 ))
             }
             (CpuStorage::F64(v), CpuStorage::F64(l), CpuStorage::F64(a)) => {
                 CpuStorage::F64(self.forward(
-                    slice(v, l1, "value")?,
-                    slice(l, l2, "locations")?,
-                    slice(a, l3, "weights")?,
+                    contiguous(v, l1, "ms_deform_attn_core kernel: value")?,
+                    contiguous(l, l2, "ms_deform_attn_core kernel: locations")?,
+                    contiguous(a, l3, "ms_deform_attn_core kernel: weights")?,
                 ))
             }
             _ => bail!("ms_deform_attn_core kernel: all inputs must be f32 or all f64"),
@@ -425,10 +417,10 @@ impl candle_core::CustomOp2 for SamplingLocations {
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(r), CpuStorage::F32(o)) => {
-                CpuStorage::F32(self.forward(slice(r, l1, "reference points")?, slice(o, l2, "offsets")?))
+                CpuStorage::F32(self.forward(contiguous(r, l1, "ms_deform_attn_core kernel: reference points")?, contiguous(o, l2, "ms_deform_attn_core kernel: offsets")?))
             }
             (CpuStorage::F64(r), CpuStorage::F64(o)) => {
-                CpuStorage::F64(self.forward(slice(r, l1, "reference points")?, slice(o, l2, "offsets")?))
+                CpuStorage::F64(self.forward(contiguous(r, l1, "ms_deform_attn_core kernel: reference points")?, contiguous(o, l2, "ms_deform_attn_core kernel: offsets")?))
             }
             _ => bail!("sampling locations kernel: both inputs must be f32 or both f64"),
         };
