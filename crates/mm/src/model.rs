@@ -50,6 +50,13 @@ impl Conv1x1 {
         if c != c_in {
             bail!("conv 1x1: input has {c} channels, layer expects {c_in}");
         }
+        if self.weight.track_op() || x.track_op() {
+            // Training: the gemm-backed op, whose backward skips the (frozen) features and
+            // sums the weight gradient over the batch inside its gemm, where a broadcast
+            // matmul's backward computes both and reduces through strided sums.
+            let weight = self.weight.reshape((c_out, c_in, 1, 1))?;
+            return ops::conv::conv2d_trainable(x, &weight, None, [0; 4]);
+        }
         self.weight.broadcast_matmul(&x.reshape((b, c, h * w))?)?.reshape((b, c_out, h, w))
     }
 }
@@ -425,10 +432,7 @@ impl MaskMatching {
         // resizing is linear with the same weights for every channel, so the two are equal
         // (to float rounding), and the N-channel upsampling to the input size is avoided.
         let (_, _, ph, pw) = proposals.dims4()?;
-        let low = coefficients
-            .unsqueeze(1)?
-            .matmul(&proposals.reshape((b, n, ph * pw))?)?
-            .reshape((b, 1, ph, pw))?;
+        let low = ops::nn::matmul(&coefficients.unsqueeze(1)?, &proposals.reshape((b, n, ph * pw))?)?.reshape((b, 1, ph, pw))?;
         let out = ops::resize::resize_bilinear(&low, input_hw, false)?;
         Ok(MatchOutput { cosine, fc1_out, coefficients, out })
     }

@@ -180,7 +180,7 @@ impl ProposalMasks {
         if l != self.hw.0 * self.hw.1 {
             bail!("query_prototypes: {l} tokens, proposals resized to {}x{}", self.hw.0, self.hw.1);
         }
-        self.masks.matmul(tokens)?.broadcast_div(&self.area)
+        ops::nn::matmul(&self.masks, tokens)?.broadcast_div(&self.area)
     }
 }
 

@@ -10,6 +10,7 @@ use crate::fastmath::{fusable, guard_slice};
 use crate::util::ensure_float;
 
 mod fused;
+mod matmul;
 
 /// Numerically stable softmax over `dim`; gradients flow to `x`.
 ///
@@ -103,6 +104,22 @@ pub fn softmax_composed(x: &Tensor, dim: usize) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(dim)?;
     e.broadcast_div(&s)
+}
+
+/// `lhs.matmul(rhs)`, (.., M, K) · (.., K, N) -> (.., M, N) with the same batch dimensions.
+/// On CPU its backward computes only the gradients of tracked operands (candle's computes both,
+/// and a zero-filled gradient buffer for each) and orients each gradient gemm so that gemm
+/// never packs a large operand column-major; the forward is candle's. Elsewhere candle's matmul.
+pub fn matmul(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    let (ld, rd) = (lhs.dims(), rhs.dims());
+    let r = ld.len();
+    let fits = r >= 2 && rd.len() == r && ld[..r - 2] == rd[..r - 2] && ld[r - 1] == rd[r - 2];
+    if !fits || !fusable(lhs) || lhs.dtype() != rhs.dtype() || !(lhs.track_op() || rhs.track_op()) {
+        // candle's matmul, with its error for mismatched shapes.
+        return lhs.matmul(rhs);
+    }
+    let bmnk = (ld[..r - 2].iter().product(), ld[r - 2], rd[r - 1], ld[r - 1]);
+    lhs.contiguous()?.apply_op2(&rhs.contiguous()?, matmul::MatmulOp { bmnk })
 }
 
 /// `torch.nn.functional.linear`: `x` (..., in) · `weight` (out, in)ᵀ + `bias` (out) ->

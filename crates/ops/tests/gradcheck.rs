@@ -86,6 +86,18 @@ fn mlp_gradient() {
 }
 
 #[test]
+fn matmul_gradient_both_orientations() {
+    let mut rng = Rng::new(107);
+    // lhs with fewer rows than columns (the transposed gradient gemm) and with more, batched
+    // and 2-D.
+    for (lhs, rhs) in [(vec![2, 3, 5], vec![2, 5, 4]), (vec![2, 6, 3], vec![2, 3, 4]), (vec![4, 2], vec![2, 7])] {
+        let a = rng.var(&lhs, -1.0, 1.0);
+        let b = rng.var(&rhs, -1.0, 1.0);
+        check_grads(&format!("matmul {lhs:?}·{rhs:?}"), &[("lhs", &a), ("rhs", &b)], || ops::nn::matmul(&a, &b), 40, EPS, TOL);
+    }
+}
+
+#[test]
 fn resize_bilinear_gradient_both_modes() {
     let mut rng = Rng::new(104);
     let x = rng.var(&[2, 2, 4, 5], -1.0, 1.0);

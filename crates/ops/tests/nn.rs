@@ -211,3 +211,32 @@ fn mlp_names_and_relu_placement() {
         .forward(&Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap())
         .is_err());
 }
+
+/// `ops::nn::matmul` gives candle's forward bit for bit and its gradients, but no gradient for
+/// an untracked operand; mismatched shapes get candle's error.
+#[test]
+fn matmul_matches_candle_and_skips_untracked_operands() {
+    let mut rng = Rng::new(40);
+    let a = Var::from_tensor(&rng.tensor(&[3, 20, 64], -1.0, 1.0, DType::F32)).unwrap();
+    let b = Var::from_tensor(&rng.tensor(&[3, 64, 300], -1.0, 1.0, DType::F32)).unwrap();
+    let w = rng.tensor(&[3, 20, 300], -1.0, 1.0, DType::F32);
+    let ours = ops::nn::matmul(&a, &b).unwrap();
+    let theirs = a.matmul(&b).unwrap();
+    assert_close(&ours, &theirs, 0.0, "forward");
+    let g_ours = (&ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_theirs = (&theirs * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close(g_ours.get(&a).unwrap(), g_theirs.get(&a).unwrap(), 1e-4, "d lhs");
+    assert_close(g_ours.get(&b).unwrap(), g_theirs.get(&b).unwrap(), 1e-4, "d rhs");
+
+    let fixed = b.as_detached_tensor();
+    let g = (ops::nn::matmul(&a, &fixed).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&fixed).is_none(), "an untracked rhs got a gradient");
+    assert_close(g.get(&a).unwrap(), g_theirs.get(&a).unwrap(), 1e-4, "d lhs with a fixed rhs");
+    let fixed = a.as_detached_tensor();
+    let g = (ops::nn::matmul(&fixed, &b).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&fixed).is_none(), "an untracked lhs got a gradient");
+    assert_close(g.get(&b).unwrap(), g_theirs.get(&b).unwrap(), 1e-4, "d rhs with a fixed lhs");
+
+    let err = ops::nn::matmul(&a, &a).unwrap_err().to_string();
+    assert!(err.contains("matmul"), "{err}");
+}

@@ -291,7 +291,7 @@ impl MultiScaleMaskedTransformerDecoder {
         let normed = self.decoder_norm.forward(output)?;
         let embed = self.mask_embed.forward(&normed)?;
         let (b, n, _) = embed.dims3()?;
-        let logits = embed.matmul(mf)?.reshape((b, n, h, w))?;
+        let logits = ops::nn::matmul(&embed, mf)?.reshape((b, n, h, w))?;
         Ok((normed, embed, logits))
     }
 }
