@@ -343,6 +343,27 @@ pub(crate) unsafe fn gemm<T: Real>(
     )
 }
 
+/// `n` elements left unwritten, for a kernel that writes every one of them before anything reads
+/// them: the zero fill of a large output (a linear layer's 4096 × 2048 input gradient) costs a
+/// pass over memory of its own. See [`written`].
+pub(crate) fn unwritten<T>(n: usize) -> Vec<std::mem::MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` needs no initialisation, and the capacity is `n`.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// The elements of an [`unwritten`] vector once all of them have been written.
+///
+/// # Safety
+/// Every element must have been initialised.
+pub(crate) unsafe fn written<T>(v: Vec<std::mem::MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout; the caller guarantees every element is
+    // initialised; the allocation is handed over whole.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) }
+}
+
 /// The buffer of a contiguous CPU tensor, borrowed from its storage guard
 /// (`let g = t.storage_and_layout();`).
 pub(crate) fn guard_slice<'a, T: Real>(
@@ -385,6 +406,24 @@ pub(crate) fn storage_slice<'a, T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without `accumulate`, `gemm` writes its output without reading it, so the output may start
+    /// unwritten: NaN there must not leak into the product (0 · NaN would).
+    #[test]
+    fn gemm_overwrites_without_reading_its_output() {
+        let (m, n, k) = (37, 70, 19);
+        let lhs: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let rhs: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut dst = vec![f32::NAN; m * n];
+        // SAFETY: row-major m×k, k×n and m×n buffers of those sizes.
+        unsafe { gemm(m, n, k, dst.as_mut_ptr(), n, false, lhs.as_ptr(), k, 1, rhs.as_ptr(), n, 1, 1.0) };
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|t| lhs[i * k + t] * rhs[t * n + j]).sum();
+                assert!((dst[i * n + j] - want).abs() < 1e-4, "({i}, {j}): {} vs {want}", dst[i * n + j]);
+            }
+        }
+    }
 
     /// Rows across lanes give exactly the per-row softmax, NaN and all -inf rows included, for
     /// every short width and a partial last group.

@@ -1,6 +1,6 @@
 //! Internal helpers shared by the sampling operations and the kernels.
 
-use candle_core::{bail, DType, Layout, Result, Tensor, WithDType};
+use candle_core::{bail, DType, Result, Tensor, WithDType};
 
 /// A raw output pointer shared by tasks that write disjoint regions of one buffer (joined before
 /// it is read).
@@ -22,14 +22,6 @@ pub(crate) fn ensure_float(t: &Tensor, what: &str) -> Result<()> {
     match t.dtype() {
         DType::F32 | DType::F64 => Ok(()),
         dt => bail!("{what}: expected an f32 or f64 tensor, got {dt:?}"),
-    }
-}
-
-/// The contiguous data of a custom op's input; `what` names it in the error.
-pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("{what} must be contiguous"),
     }
 }
 

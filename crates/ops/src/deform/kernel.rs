@@ -5,9 +5,8 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::util::{contiguous, host_vec};
-
-use crate::fastmath::{dot, Real};
+use crate::fastmath::{dot, layout_slice, Real};
+use crate::util::host_vec;
 
 /// Problem sizes; `levels[l] = (h, w, first value row)`.
 #[derive(Debug, Clone)]
@@ -266,16 +265,16 @@ impl CustomOp3 for MsDeformCore {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(v), CpuStorage::F32(l), CpuStorage::F32(a)) => {
                 CpuStorage::F32(self.forward(
-                    contiguous(v, l1, "ms_deform_attn_core kernel: value")?,
-                    contiguous(l, l2, "ms_deform_attn_core kernel: locations")?,
-                    contiguous(a, l3, "ms_deform_attn_core kernel: weights")?,
+                    layout_slice(v, l1, "ms_deform_attn_core kernel: value")?,
+                    layout_slice(l, l2, "ms_deform_attn_core kernel: locations")?,
+                    layout_slice(a, l3, "ms_deform_attn_core kernel: weights")?,
                 ))
             }
             (CpuStorage::F64(v), CpuStorage::F64(l), CpuStorage::F64(a)) => {
                 CpuStorage::F64(self.forward(
-                    contiguous(v, l1, "ms_deform_attn_core kernel: value")?,
-                    contiguous(l, l2, "ms_deform_attn_core kernel: locations")?,
-                    contiguous(a, l3, "ms_deform_attn_core kernel: weights")?,
+                    layout_slice(v, l1, "ms_deform_attn_core kernel: value")?,
+                    layout_slice(l, l2, "ms_deform_attn_core kernel: locations")?,
+                    layout_slice(a, l3, "ms_deform_attn_core kernel: weights")?,
                 ))
             }
             _ => bail!("ms_deform_attn_core kernel: all inputs must be f32 or all f64"),
@@ -417,10 +416,10 @@ impl candle_core::CustomOp2 for SamplingLocations {
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(r), CpuStorage::F32(o)) => {
-                CpuStorage::F32(self.forward(contiguous(r, l1, "ms_deform_attn_core kernel: reference points")?, contiguous(o, l2, "ms_deform_attn_core kernel: offsets")?))
+                CpuStorage::F32(self.forward(layout_slice(r, l1, "ms_deform_attn_core kernel: reference points")?, layout_slice(o, l2, "ms_deform_attn_core kernel: offsets")?))
             }
             (CpuStorage::F64(r), CpuStorage::F64(o)) => {
-                CpuStorage::F64(self.forward(contiguous(r, l1, "ms_deform_attn_core kernel: reference points")?, contiguous(o, l2, "ms_deform_attn_core kernel: offsets")?))
+                CpuStorage::F64(self.forward(layout_slice(r, l1, "ms_deform_attn_core kernel: reference points")?, layout_slice(o, l2, "ms_deform_attn_core kernel: offsets")?))
             }
             _ => bail!("sampling locations kernel: both inputs must be f32 or both f64"),
         };

@@ -7,7 +7,8 @@
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::util::{contiguous, host_vec};
+use crate::fastmath::layout_slice;
+use crate::util::host_vec;
 
 use crate::deform::kernel::{corners, Corner};
 
@@ -156,10 +157,10 @@ impl CustomOp2 for PointSample {
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(l)) => {
-                CpuStorage::F32(self.forward(contiguous(x, l1, "point sampling kernel: input")?, contiguous(l, l2, "point sampling kernel: coords")?))
+                CpuStorage::F32(self.forward(layout_slice(x, l1, "point sampling kernel: input")?, layout_slice(l, l2, "point sampling kernel: coords")?))
             }
             (CpuStorage::F64(x), CpuStorage::F64(l)) => {
-                CpuStorage::F64(self.forward(contiguous(x, l1, "point sampling kernel: input")?, contiguous(l, l2, "point sampling kernel: coords")?))
+                CpuStorage::F64(self.forward(layout_slice(x, l1, "point sampling kernel: input")?, layout_slice(l, l2, "point sampling kernel: coords")?))
             }
             _ => bail!("point sampling kernel: input and coords must both be f32 or both f64"),
         };
