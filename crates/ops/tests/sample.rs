@@ -133,13 +133,20 @@ fn sampling_rejects_bad_shapes() {
 }
 
 /// The CPU point-sampling kernel against the deformable-attention core (the route CUDA takes)
-/// and the composed path, on several maps with many channels and points inside, on the border
-/// and outside: the same values, and the same input gradient.
+/// and the composed path, on several maps with one channel (the kernel's direct path) and with
+/// many (its shared taps), points inside, on the border and outside: the same values, and the
+/// same input gradient.
 #[test]
 fn point_sample_kernel_matches_the_deformable_core_and_the_composed_path() {
+    for c in [1, 5] {
+        kernel_matches_core_and_composed(c);
+    }
+}
+
+fn kernel_matches_core_and_composed(c: usize) {
     use candle_core::Var;
-    let mut rng = Rng::new(11);
-    let (b, c, h, w, p) = (3, 5, 7, 9, 301);
+    let mut rng = Rng::new(11 + c as u64);
+    let (b, h, w, p) = (3, 7, 9, 3001);
     let input = Var::from_tensor(&rng.tensor(&[b, c, h, w], -1.0, 1.0, DType::F32)).unwrap();
     let coords = rng.tensor(&[b, p, 2], -0.1, 1.1, DType::F32);
     let ours = point_sample(&input, &coords).unwrap();
@@ -154,7 +161,7 @@ fn point_sample_kernel_matches_the_deformable_core_and_the_composed_path() {
     assert_close(&ours, &core, 1e-6, "kernel vs deformable core");
     let grid = coords.affine(2.0, -1.0).unwrap().reshape((b, 1, p, 2)).unwrap();
     let composed = grid_sample_bilinear_composed(&input, &grid).unwrap().squeeze(2).unwrap();
-    assert_close(&ours, &composed, 1e-6, "kernel vs composed");
+    assert_close(&ours, &composed, 1e-5, "kernel vs composed");
 
     let weights = rng.tensor(&[b, c, p], -1.0, 1.0, DType::F32);
     let grad_of = |out: &Tensor| {

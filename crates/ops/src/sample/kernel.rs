@@ -69,36 +69,53 @@ fn blank<T: WithDType>() -> Corner<T> {
 }
 
 impl PointSample {
-    /// The taps of every point, (B·P).
+    /// The taps of the point at `l` = (x, y).
+    #[inline]
+    fn tap<T: WithDType>(&self, l: &[T]) -> Taps<T> {
+        let mut cs = [blank(); 4];
+        let n = corners::<T, false>(l[0], l[1], (self.h, self.w, 0), &mut cs);
+        let mut t = Taps { rows: [NONE; 4], w: [T::zero(); 4] };
+        for (k, c) in cs[..n].iter().enumerate() {
+            t.rows[k] = c.row as u32;
+            t.w[k] = c.w;
+        }
+        t
+    }
+
+    /// The taps of every point, (B·P), for several channels to share.
     fn taps<T: WithDType>(&self, loc: &[T]) -> Vec<Taps<T>> {
-        let level = (self.h, self.w, 0);
         let mut taps = vec![Taps { rows: [NONE; 4], w: [T::zero(); 4] }; self.b * self.p];
         taps.par_chunks_mut(BLOCK).zip(loc.par_chunks(2 * BLOCK)).for_each(|(taps, loc)| {
-            let mut cs = [blank(); 4];
             for (t, l) in taps.iter_mut().zip(loc.chunks_exact(2)) {
-                let n = corners::<T, false>(l[0], l[1], level, &mut cs);
-                for (k, c) in cs[..n].iter().enumerate() {
-                    t.rows[k] = c.row as u32;
-                    t.w[k] = c.w;
-                }
+                *t = self.tap(l);
             }
         });
         taps
     }
 
-    /// out (B, C, P), parallel over (map, block of points).
+    /// out (B, C, P), parallel over (map, block of points). One channel (the point losses'
+    /// masks) samples straight from the coordinates; more share a table of taps.
     fn forward<T: WithDType>(&self, input: &[T], loc: &[T]) -> Vec<T> {
         let (c, hw, p) = (self.c, self.h * self.w, self.p);
-        let taps = self.taps(loc);
+        let taps = if c > 1 { self.taps(loc) } else { Vec::new() };
         let mut out = vec![T::zero(); self.b * c * p];
         out.par_chunks_mut(p).enumerate().for_each(|(bc, out)| {
-            let map = &input[bc * hw..(bc + 1) * hw];
-            let taps = &taps[bc / c * p..(bc / c + 1) * p];
-            out.par_chunks_mut(BLOCK).zip(taps.par_chunks(BLOCK)).for_each(|(out, taps)| {
-                for (o, t) in out.iter_mut().zip(taps) {
-                    *o = t.gather(map);
-                }
-            });
+            let (b, map) = (bc / c, &input[bc * hw..(bc + 1) * hw]);
+            if c == 1 {
+                let loc = &loc[2 * b * p..2 * (b + 1) * p];
+                out.par_chunks_mut(BLOCK).zip(loc.par_chunks(2 * BLOCK)).for_each(|(out, loc)| {
+                    for (o, l) in out.iter_mut().zip(loc.chunks_exact(2)) {
+                        *o = self.tap(l).gather(map);
+                    }
+                });
+            } else {
+                let taps = &taps[b * p..(b + 1) * p];
+                out.par_chunks_mut(BLOCK).zip(taps.par_chunks(BLOCK)).for_each(|(out, taps)| {
+                    for (o, t) in out.iter_mut().zip(taps) {
+                        *o = t.gather(map);
+                    }
+                });
+            }
         });
         out
     }
@@ -106,12 +123,19 @@ impl PointSample {
     /// d input (B, C, H, W), scattered per map so tasks never overlap.
     fn grad_input<T: WithDType>(&self, loc: &[T], grad: &[T]) -> Vec<T> {
         let (c, hw, p) = (self.c, self.h * self.w, self.p);
-        let taps = self.taps(loc);
+        let taps = if c > 1 { self.taps(loc) } else { Vec::new() };
         let mut g_in = vec![T::zero(); self.b * c * hw];
         g_in.par_chunks_mut(hw).enumerate().for_each(|(bc, map)| {
-            let taps = &taps[bc / c * p..(bc / c + 1) * p];
-            for (t, &g) in taps.iter().zip(&grad[bc * p..(bc + 1) * p]) {
-                t.scatter(g, map);
+            let (b, grad) = (bc / c, &grad[bc * p..(bc + 1) * p]);
+            if c == 1 {
+                let loc = &loc[2 * b * p..2 * (b + 1) * p];
+                for (l, &g) in loc.chunks_exact(2).zip(grad) {
+                    self.tap(l).scatter(g, map);
+                }
+            } else {
+                for (t, &g) in taps[b * p..(b + 1) * p].iter().zip(grad) {
+                    t.scatter(g, map);
+                }
             }
         });
         g_in
