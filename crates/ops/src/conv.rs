@@ -12,7 +12,10 @@
 //!   over shifted views of a zero-padded (for strides, phase-split) copy of the input, no im2col;
 //! - everything else dense or grouped: im2col of one pixel tile into a per-thread scratch that
 //!   stays in L2 (column-phase split first when strided, so copies are contiguous), then gemm;
-//! - depthwise (`groups == Cin == Cout`): a direct register-blocked kernel per plane.
+//! - depthwise (`groups == Cin == Cout`): a direct register-blocked kernel per plane;
+//! - ungrouped stride-1 'same' 3×3 of 128 channels or more on maps of 32×32 and more: Winograd F(2×2, 3×3), 16 gemms
+//!   on transformed tiles with 2.25× fewer multiply-adds (`winograd.rs`; [`set_winograd`] turns
+//!   it off for the direct sums).
 //!
 //! Bias, residual add and activation are applied to each output tile right after the gemm wrote
 //! it, while it is still in cache; outputs are never zero-filled first. The gemm is the `gemm`
@@ -27,6 +30,7 @@
 mod depthwise;
 mod gemm_path;
 mod train;
+mod winograd;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -281,15 +285,51 @@ fn check_same_kind(
 /// The fast path on raw slices. `w` is (Cout, Cin/groups * kh * kw) row-major; `taps`, if
 /// given, the same weights tap-major (see [`gemm_path::tap_major`]).
 #[allow(clippy::too_many_arguments)]
+static WINOGRAD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether eligible 3×3 convolutions run as Winograd F(2×2, 3×3) (default on; off by
+/// [`set_winograd`] or `MMFORMER_WINOGRAD=0`). Off, every convolution is a direct sum, whose
+/// rounding differs from Winograd's by a few ulp of each output.
+pub fn winograd_enabled() -> bool {
+    use std::sync::atomic::Ordering;
+    match WINOGRAD.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("MMFORMER_WINOGRAD").map_or(true, |v| v != "0");
+            WINOGRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Turns the Winograd path on or off for the whole process (see [`winograd_enabled`]).
+pub fn set_winograd(on: bool) {
+    WINOGRAD.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_cpu(
     x: &[f32],
     w: &[f32],
     taps: Option<&[f32]>,
+    wino: Option<&[f32]>,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     geo: &Geometry,
     act: Activation,
 ) -> Vec<f32> {
+    if winograd_enabled() && winograd::eligible(geo) {
+        let owned;
+        let u = match wino {
+            Some(u) => u,
+            None => {
+                owned = winograd::transform_weights(w, geo.cout, geo.cin);
+                &owned
+            }
+        };
+        return winograd::conv_winograd(x, u, bias, residual, geo, act);
+    }
     if geo.is_depthwise() {
         depthwise::depthwise(x, w, bias, residual, geo, act)
     } else {
@@ -302,18 +342,20 @@ fn output_tensor(data: Vec<f32>, geo: &Geometry) -> candle_core::Result<Tensor> 
 }
 
 /// Borrows x (and the residual) as f32 slices and runs the fast path.
+#[allow(clippy::too_many_arguments)]
 fn forward_cpu(
     x: &Tensor,
     w: &[f32],
     taps: Option<&[f32]>,
+    wino: Option<&[f32]>,
     bias: Option<&[f32]>,
     residual: Option<&Tensor>,
     geo: &Geometry,
     act: Activation,
 ) -> candle_core::Result<Tensor> {
     let out = with_cpu_f32(x, |xs| match residual {
-        None => Ok(run_cpu(xs, w, taps, bias, None, geo, act)),
-        Some(r) => with_cpu_f32(r, |rs| run_cpu(xs, w, taps, bias, Some(rs), geo, act))?
+        None => Ok(run_cpu(xs, w, taps, wino, bias, None, geo, act)),
+        Some(r) => with_cpu_f32(r, |rs| run_cpu(xs, w, taps, wino, bias, Some(rs), geo, act))?
             .ok_or_else(|| err("conv2d: residual must be an f32 CPU tensor".to_string())),
     })?
     .ok_or_else(|| err("conv2d: input must be an f32 CPU tensor".to_string()))??;
@@ -369,6 +411,8 @@ pub struct FrozenConv2d {
 struct Packed {
     /// tap-major copy for the stride-1 shifted-gemm path (kxk, not depthwise)
     taps: Option<Vec<f32>>,
+    /// Winograd-transformed weights, for 3×3 convolutions the Winograd path may take
+    wino: Option<Vec<f32>>,
     bias: Option<Vec<f32>>,
 }
 
@@ -417,8 +461,21 @@ impl FrozenConv2d {
             } else {
                 None
             };
+            let winograd_shape = kh == 3
+                && kw == 3
+                && spec.groups == 1
+                && spec.stride == (1, 1)
+                && spec.dilation == (1, 1)
+                && spec.padding == [1; 4]
+                && cin_g >= winograd::MIN_CHANNELS
+                && cout >= winograd::MIN_CHANNELS;
+            let wino = if winograd_shape {
+                Some(winograd::transform_weights(&weight.flatten_all()?.to_vec1::<f32>()?, cout, cin_g))
+            } else {
+                None
+            };
             let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-            Some(Packed { taps, bias: b })
+            Some(Packed { taps, wino, bias: b })
         } else {
             None
         };
@@ -465,6 +522,7 @@ impl FrozenConv2d {
                     x,
                     ws,
                     p.taps.as_deref(),
+                    p.wino.as_deref(),
                     p.bias.as_deref(),
                     residual,
                     &geo,
@@ -512,9 +570,9 @@ pub fn conv2d(
         return fallback(x, weight, bias, spec, act, residual);
     }
     with_cpu_f32(weight, |ws| match bias {
-        None => forward_cpu(x, ws, None, None, residual, &geo, act),
+        None => forward_cpu(x, ws, None, None, None, residual, &geo, act),
         Some(b) => with_cpu_f32(b, |bs| {
-            forward_cpu(x, ws, None, Some(bs), residual, &geo, act)
+            forward_cpu(x, ws, None, None, Some(bs), residual, &geo, act)
         })?
         .ok_or_else(|| err("conv2d: bias must be an f32 CPU tensor".to_string()))?,
     })?

@@ -284,7 +284,7 @@ impl CustomOp2 for ConvOp {
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
                 let (x, w) = (operand(x, l1, "conv2d x")?, operand(w, l2, "conv2d w")?);
-                CpuStorage::F32(run_cpu(x, w, None, None, None, &geo, Activation::None))
+                CpuStorage::F32(run_cpu(x, w, None, None, None, None, &geo, Activation::None))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w)) => {
                 let (x, w) = (operand(x, l1, "conv2d x")?, operand(w, l2, "conv2d w")?);
@@ -355,7 +355,7 @@ impl CustomOp3 for ConvBiasOp {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 let (x, w) = (operand(x, l1, "conv2d x")?, operand(w, l2, "conv2d w")?);
                 let b = operand(b, l3, "conv2d bias")?;
-                CpuStorage::F32(run_cpu(x, w, None, Some(b), None, &geo, Activation::None))
+                CpuStorage::F32(run_cpu(x, w, None, None, Some(b), None, &geo, Activation::None))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 let (x, w) = (operand(x, l1, "conv2d x")?, operand(w, l2, "conv2d w")?);
