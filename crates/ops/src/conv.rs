@@ -13,7 +13,7 @@
 //! - everything else dense or grouped: im2col of one pixel tile into a per-thread scratch that
 //!   stays in L2 (column-phase split first when strided, so copies are contiguous), then gemm;
 //! - depthwise (`groups == Cin == Cout`): a direct register-blocked kernel per plane;
-//! - ungrouped stride-1 'same' 3×3 of 128 channels or more on maps of 32×32 and more: Winograd F(2×2, 3×3), 16 gemms
+//! - ungrouped stride-1 'same' 3×3 of 64 channels or more on maps of 32×32 and more: Winograd F(2×2, 3×3), 16 gemms
 //!   on transformed tiles with 2.25× fewer multiply-adds (`winograd.rs`; [`set_winograd`] turns
 //!   it off for the direct sums).
 //!

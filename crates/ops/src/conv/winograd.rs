@@ -21,10 +21,10 @@ const TILES_PER_TASK: usize = 512;
 /// Below this many tiles per image (maps under about 32×32) the direct path is faster: each
 /// task's gemms are too narrow for what their weight packing costs.
 const MIN_TILES: usize = 200;
-/// Fewer channels than this and the transforms (memory-bound) outweigh the saved multiply-adds:
-/// ResNet-50's 64→64 at 120² took 6.6 ms direct and 10.7 ms so; 128→128 at 60² 6.1 → 3.8 ms,
-/// 256→256 at 30² 6.0 → 3.3 ms (`CONV_BENCH_LAYERS=1 cargo bench -p ops --bench conv`).
-pub(crate) const MIN_CHANNELS: usize = 128;
+/// Below this the transforms outweigh the saved multiply-adds. Measured on 2 threads, direct →
+/// Winograd: 64→64 at 120² 6.1 → 5.3 ms, at 64² 1.8 → 1.5 ms; 128→128 at 60² 6.0 → 4.0 ms;
+/// 256→256 at 30² 6.0 → 3.1 ms (`CONV_BENCH_LAYERS=1 cargo bench -p ops --bench conv`).
+pub(crate) const MIN_CHANNELS: usize = 64;
 
 /// Floats between consecutive matrices of the scratch (one cache line).
 const SKEW: usize = 16;
@@ -253,7 +253,7 @@ mod tests {
     /// bottom and right), several blocks of tiles, batch 2, bias, residual and each activation.
     #[test]
     fn winograd_equals_the_direct_convolution() {
-        for &(n, cin, cout, h, w) in &[(2usize, 128usize, 144usize, 29usize, 31usize), (1, 160, 128, 40, 37)] {
+        for &(n, cin, cout, h, w) in &[(2usize, 128usize, 144usize, 29usize, 31usize), (1, 160, 128, 40, 37), (1, 64, 64, 33, 34)] {
             let spec = ConvSpec::same_as_torch(1, 1);
             let geo = Geometry { n, cin, h, w, cout, kh: 3, kw: 3, ho: h, wo: w, spec };
             assert!(eligible(&geo), "{geo:?}");
@@ -284,6 +284,6 @@ mod tests {
         assert!(eligible(&big));
         assert!(!eligible(&Geometry { spec: ConvSpec::same_as_torch(2, 1), ho: 30, wo: 30, ..big }));
         assert!(!eligible(&Geometry { spec: spec.with_groups(2), ..big }));
-        assert!(!eligible(&Geometry { cin: 64, ..big }), "64 channels stay direct");
+        assert!(!eligible(&Geometry { cin: 32, ..big }), "32 channels stay direct");
     }
 }
