@@ -5,7 +5,8 @@
 //!
 //! Convolution (stride 1, no dilation, one group; any kernel size and zero padding up to
 //! `k - 1` per side), x (N, Cin, H, W), w (Cout, Cin, kh, kw):
-//! - forward: [`super::run_cpu`] (shifted gemms for kxk, one gemm per tile for 1x1);
+//! - forward: [`super::run_cpu`] (Winograd for the 3x3s it takes, shifted gemms for other kxk,
+//!   one gemm per tile for 1x1);
 //! - dX: the "full" correlation of dY with the flipped, transposed weights
 //!   `w'[ci, co, ky, kx] = w[co, ci, kh-1-ky, kw-1-kx]` and padding `k - 1 - p` per side, i.e. the
 //!   same forward kernel again;

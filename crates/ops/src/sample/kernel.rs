@@ -7,10 +7,9 @@
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::deform::kernel::{corners, Corner};
 use crate::fastmath::layout_slice;
 use crate::util::host_vec;
-
-use crate::deform::kernel::{corners, Corner};
 
 /// Points per parallel task.
 const BLOCK: usize = 2048;
