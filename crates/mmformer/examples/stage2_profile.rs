@@ -1,5 +1,5 @@
 //! Runs stage-2 training steps from shards in a loop for a profiler (`perf record`), printing the
-//! phase times of each: `cargo run --release -p mmformer --example stage2_profile -- SHARDS [reps] [batch]`.
+//! read times (episodes from the shards + batch tensors) and phase times of each: `cargo run --release -p mmformer --example stage2_profile -- SHARDS [reps] [batch]`.
 
 use candle_core::DType;
 use candle_nn::VarMap;
@@ -29,11 +29,14 @@ fn main() -> mmformer::Result<()> {
     let vars = train::named_vars(&vm);
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default(), train::default_no_decay)?;
     for rep in 0..reps {
+        let t0 = std::time::Instant::now();
         let eps = (0..batch).map(|j| train_set.episode(rep * batch + j)).collect::<mmformer::data::Result<Vec<_>>>()?;
+        let t1 = std::time::Instant::now();
         let b = EpisodeBatch::new(&eps, &dev)?;
+        let (episodes_ms, tensors_ms) = ((t1 - t0).as_secs_f64() * 1e3, t1.elapsed().as_secs_f64() * 1e3);
         let t = timed_stage2_step(&mm, &mut opt, &vars, &b)?;
         println!(
-            "rep {rep}: forward {:.1} loss {:.1} backward {:.1} step {:.1} total {:.1} ms",
+            "rep {rep}: read {episodes_ms:.1} + {tensors_ms:.1} forward {:.1} loss {:.1} backward {:.1} step {:.1} total {:.1} ms",
             t.forward_ms,
             t.loss_ms,
             t.backward_ms,
