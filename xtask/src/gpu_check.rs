@@ -581,7 +581,7 @@ fn bench_section(args: &GpuCheckArgs, dev: &Device, s: &mut Summary) -> Result<(
     // ResNet-50 forward, batch 1 and 8.
     let (resnet, _) = mmformer::backbone::ResNet50::synthetic_with_weights(0, dev)?;
     for batch in [1usize, 8] {
-        let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), dev)?;
+        let x = mmformer::train::seeded_randn((batch, 3, size, size), 0, "gpu_check.image", dev)?;
         let ours = time_ms(dev, reps, || {
             resnet.forward(&x)?;
             Ok(())
@@ -603,8 +603,8 @@ fn bench_section(args: &GpuCheckArgs, dev: &Device, s: &mut Summary) -> Result<(
     s.add("bench", format!("POS fwd paper {size}² b1"), true, ratio_line(ours, t));
 
     // A whole 1-shot episode (backbone on query and support, POS, matching), batch 1.
-    let x = Tensor::randn(0f32, 1f32, (1, 3, size, size), dev)?;
-    let sx = Tensor::randn(0f32, 1f32, (1, 3, size, size), dev)?;
+    let x = mmformer::train::seeded_randn((1, 3, size, size), 0, "gpu_check.query", dev)?;
+    let sx = mmformer::train::seeded_randn((1, 3, size, size), 0, "gpu_check.support", dev)?;
     let label: Vec<f32> = (0..size * size)
         .map(|i| {
             let (y, x) = (i / size, i % size);

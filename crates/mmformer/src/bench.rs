@@ -173,7 +173,7 @@ pub fn write_json(rows: &[BenchRow], path: &Path) -> Result<()> {
 /// ResNet-50 and EfficientNet-Lite0 forward passes at 1×3×size×size.
 pub fn bench_backbone(out: &mut dyn Write, torch: &mut Option<TorchServer>, size: usize, reps: usize, device: &Device) -> Result<Vec<BenchRow>> {
     use backbone::BackboneKind;
-    let x = Tensor::randn(0f32, 1f32, (1, 3, size, size), device)?;
+    let x = train::seeded_randn((1, 3, size, size), 0, "bench.backbone.image", device)?;
     let mut rows = Vec::new();
     for (kind, torch_name, label) in [
         (BackboneKind::ResNet50, "resnet50", "resnet50"),
@@ -336,8 +336,10 @@ pub fn bench_episode(out: &mut dyn Write, paper_size: usize, threads: usize, rep
         let model = MmFormer::synthetic(preset, 0, device)?;
         writeln!(out, "built the synthetic {preset:?} model in {:.1} s", t.elapsed().as_secs_f64())?;
         let dev = device.clone();
-        let query = Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev)?;
-        let supports = (0..5).map(|_| Tensor::randn(0f32, 1f32, (1, 3, size, size), &dev)).collect::<candle_core::Result<Vec<_>>>()?;
+        let query = train::seeded_randn((1, 3, size, size), 0, "bench.episode.query", &dev)?;
+        let supports = (0..5)
+            .map(|i| train::seeded_randn((1, 3, size, size), 0, &format!("bench.episode.support{i}"), &dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         // A centred square covering a quarter of the image.
         let mut m = vec![0f32; size * size];
         for y in size / 4..3 * size / 4 {
@@ -462,14 +464,14 @@ pub fn bench_episode(out: &mut dyn Write, paper_size: usize, threads: usize, rep
 
 // ---- bench pos ----------------------------------------------------------------------------
 
-/// Random post-ReLU backbone features [res2, res3, res4, res5] of a `batch`×3×`size`² input for
+/// Seeded random post-ReLU backbone features [res2, res3, res4, res5] of a `batch`×3×`size`² input for
 /// the preset's POS (strides 4, 8, 16, 32).
 pub fn pos_bench_features(preset: Preset, size: usize, batch: usize, device: &Device) -> Result<Vec<Tensor>> {
     let cfg = preset.pos_config();
     cfg.in_channels
         .iter()
         .zip([4usize, 8, 16, 32])
-        .map(|(&c, s)| Ok(Tensor::randn(0f32, 1f32, (batch, c, size / s, size / s), device)?.relu()?))
+        .map(|(&c, s)| Ok(train::seeded_randn((batch, c, size / s, size / s), 0, &format!("bench.pos.res{s}"), device)?.relu()?))
         .collect()
 }
 
@@ -724,7 +726,7 @@ pub fn bench_pos(out: &mut dyn Write, paper_size: usize, threads: usize, reps: u
 
     // 3. The frozen backbone a real iteration runs first.
     let bb = backbone::EfficientNetLite0::synthetic(0, device)?;
-    let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), device)?;
+    let x = train::seeded_randn((batch, 3, size, size), 0, "bench.pos.image", device)?;
     let mut ours = || -> Result<()> {
         bb.forward(&x)?;
         Ok(())

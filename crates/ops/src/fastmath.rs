@@ -48,6 +48,11 @@ pub(crate) trait Real: WithDType + Copy + Send + Sync + 'static {
     /// The buffer of a CPU storage of this dtype.
     fn cpu_slice(s: &CpuStorage) -> Option<&[Self]>;
     fn into_storage(v: Vec<Self>) -> CpuStorage;
+    /// `v` in this type. `WithDType::from_f64` is not inlined across crates, and these
+    /// conversions sit in per-sample loops (the bilinear corners: 4% of the deformable core).
+    fn of(v: f64) -> Self;
+    /// This value as f64 (see [`Real::of`]).
+    fn as_f64(self) -> f64;
 }
 
 /// `exp(x)` for `x <= 0` (larger arguments up to ~88 also work), Cephes' `expf` polynomial
@@ -81,6 +86,14 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 }
 
 impl Real for f32 {
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
     const NEG_INF: Self = f32::NEG_INFINITY;
     const NAN: Self = f32::NAN;
     fn sqrt_of(self) -> Self {
@@ -119,6 +132,14 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn as_f64(self) -> f64 {
+        self
+    }
     const NEG_INF: Self = f64::NEG_INFINITY;
     const NAN: Self = f64::NAN;
     fn sqrt_of(self) -> Self {
@@ -181,7 +202,7 @@ pub(crate) fn max_or_nan<T: Real>(xs: &[T]) -> T {
 /// Sum of a slice.
 #[inline]
 pub(crate) fn sum<T: Real>(xs: &[T]) -> T {
-    let zero = T::from_f64(0.0);
+    let zero = T::of(0.0);
     let mut acc = [zero; LANES];
     let mut chunks = xs.chunks_exact(LANES);
     for c in &mut chunks {
@@ -199,7 +220,7 @@ pub(crate) fn sum<T: Real>(xs: &[T]) -> T {
 /// Dot product of two equally long slices.
 #[inline]
 pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    let zero = T::from_f64(0.0);
+    let zero = T::of(0.0);
     let mut acc = [zero; LANES];
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -230,7 +251,7 @@ pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
         return;
     }
     let s = T::exp_shift_sum(row, m);
-    let inv = T::from_f64(1.0) / s;
+    let inv = T::of(1.0) / s;
     for x in row.iter_mut() {
         *x *= inv;
     }
@@ -259,7 +280,7 @@ pub(crate) fn softmax_short_rows<T: Real>(rows: &mut [T], d: usize) {
                 m[r] = max_step(m[r], col[r]);
             }
         }
-        let mut s = [T::from_f64(0.0); LANES];
+        let mut s = [T::of(0.0); LANES];
         for col in &mut cols[..d] {
             for r in 0..LANES {
                 let e = (col[r] - m[r]).exp_of();
@@ -273,7 +294,7 @@ pub(crate) fn softmax_short_rows<T: Real>(rows: &mut [T], d: usize) {
                 row.fill(T::NAN);
                 continue;
             }
-            let inv = T::from_f64(1.0) / s[r];
+            let inv = T::of(1.0) / s[r];
             for (j, x) in row.iter_mut().enumerate() {
                 *x = cols[j][r] * inv;
             }
@@ -314,7 +335,7 @@ pub(crate) unsafe fn gemm<T: Real>(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    *dst.add(i * dst_rs + j) = T::from_f64(0.0);
+                    *dst.add(i * dst_rs + j) = T::of(0.0);
                 }
             }
         }
@@ -334,7 +355,7 @@ pub(crate) unsafe fn gemm<T: Real>(
         rhs,
         rhs_cs as isize,
         rhs_rs as isize,
-        T::from_f64(1.0),
+        T::of(1.0),
         beta,
         false,
         false,

@@ -76,6 +76,13 @@ impl SimpleBackend for SeededVarMap {
     }
 }
 
+/// A standard-normal tensor drawn from the ChaCha stream keyed by (`seed`, `name`): the seeded
+/// stand-in for `Tensor::randn` (whose CPU generator cannot be seeded) wherever an input must be
+/// the same on every run, e.g. a benchmark's random features.
+pub fn seeded_randn<S: Into<Shape>>(shape: S, seed: u64, name: &str, device: &Device) -> Result<Tensor> {
+    draw(&Init::Randn { mean: 0.0, stdev: 1.0 }, &shape.into(), seed, name, device)
+}
+
 /// A `VarBuilder` that creates the variables of `vm` with seeded initial values (and returns
 /// existing ones as they are).
 pub fn seeded_var_builder(vm: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
@@ -108,5 +115,17 @@ mod tests {
         let bound = (3f64).sqrt() * 2f64.sqrt() / 2.0;
         assert!(v(&a1).iter().all(|x| (x.abs() as f64) <= bound));
         assert_eq!(vm.all_vars().len(), 2, "variables land in the VarMap");
+    }
+
+    #[test]
+    fn seeded_randn_repeats_per_seed_and_name() {
+        let v = |seed, name| seeded_randn((2, 3), seed, name, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(1, "x"), v(1, "x"));
+        assert_ne!(v(1, "x"), v(2, "x"));
+        assert_ne!(v(1, "x"), v(1, "y"));
+        let t = seeded_randn(4096, 7, "n", &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let mean = t.iter().sum::<f32>() / 4096.0;
+        let var = t.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / 4096.0;
+        assert!(mean.abs() < 0.06 && (var - 1.0).abs() < 0.08, "mean {mean}, var {var}");
     }
 }

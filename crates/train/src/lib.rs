@@ -13,7 +13,7 @@ mod run;
 mod vars;
 
 pub use checkpoint::{sha256_file, Checkpoint, CheckpointStore, TrainState};
-pub use init::seeded_var_builder;
+pub use init::{seeded_randn, seeded_var_builder};
 pub use log::{peak_rss_mb, JsonlLog};
 pub use optim::{clip_grad_norm, default_no_decay, AdamW, AdamWConfig, NamedVar, PolyLr};
 pub use progress::{NotesToStderr, Progress, Silent};

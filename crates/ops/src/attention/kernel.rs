@@ -127,7 +127,7 @@ impl Sdpa {
             kt,
             lk,
             1,
-            T::from_f64(self.scale),
+            T::of(self.scale),
         );
         for i in 0..n {
             let row = &mut s[i * s_rs..i * s_rs + lk];
@@ -153,7 +153,7 @@ impl Sdpa {
     /// The output, and the probabilities (B, Lq, heads, Lk) when `keep_probs`.
     pub(crate) fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T], keep_probs: bool) -> (Vec<T>, Option<Vec<T>>) {
         let (lq, lk, e, dh, heads) = (self.lq, self.lk, self.e(), self.dh, self.heads);
-        let zero = T::from_f64(0.0);
+        let zero = T::of(0.0);
         let mask = self.mask_ref::<T>();
         let r = self.row_block();
         let mut out = vec![zero; self.b * lq * e];
@@ -196,7 +196,7 @@ impl Sdpa {
                         vp,
                         e,
                         1,
-                        T::from_f64(1.0),
+                        T::of(1.0),
                     );
                 }
             }
@@ -230,8 +230,8 @@ impl Sdpa {
         saved_probs: Option<&[T]>,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (b, lq, lk, e, dh) = (self.b, self.lq, self.lk, self.e(), self.dh);
-        let zero = T::from_f64(0.0);
-        let scale = T::from_f64(self.scale);
+        let zero = T::of(0.0);
+        let scale = T::of(self.scale);
         let mask = self.mask_ref::<T>();
         let mut dq = vec![zero; b * lq * e];
         let mut dk = vec![zero; b * lk * e];
@@ -306,7 +306,7 @@ impl Sdpa {
                                         vt.as_ptr().add(ht),
                                         lk,
                                         1,
-                                        T::from_f64(1.0),
+                                        T::of(1.0),
                                     );
                                 }
                                 // dS = scale · P ⊙ (dP − rowsum(dO ⊙ O)), in dp.
@@ -320,7 +320,7 @@ impl Sdpa {
                                     }
                                 }
                                 unsafe {
-                                    let one = T::from_f64(1.0);
+                                    let one = T::of(1.0);
                                     // dQ = dS K
                                     gemm(
                                         n,
@@ -399,7 +399,7 @@ impl Sdpa {
 /// than the products); from this layout it reads the keys in place.
 fn heads_transposed<T: Real>(x: &[T], b: usize, l: usize, heads: usize, dh: usize) -> Vec<T> {
     let e = heads * dh;
-    let mut t = vec![T::from_f64(0.0); b * l * e];
+    let mut t = vec![T::of(0.0); b * l * e];
     if t.is_empty() {
         return t;
     }

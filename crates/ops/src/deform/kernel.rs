@@ -2,7 +2,7 @@
 //! backward: the gather formulation materialises every tap (Lq·heads·L·P·4 rows of dh values,
 //! ~230 MB per pixel-decoder layer at 480²) and is ~30× slower on CPU.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::fastmath::{dot, layout_slice, Real};
@@ -35,23 +35,23 @@ pub(crate) struct Corner<T> {
 /// location gives one NaN-weighted corner, so it poisons the output instead of reading nothing.
 /// `DERIVATIVES`: also the weights' derivatives w.r.t. the location (the backward's first
 /// pass); without them (forward, the backward's value pass) `dx`, `dy` are zero.
-#[inline]
-pub(crate) fn corners<T: WithDType, const DERIVATIVES: bool>(
+#[inline(always)]
+pub(crate) fn corners<T: Real, const DERIVATIVES: bool>(
     lx: T,
     ly: T,
     level: (usize, usize, usize),
     out: &mut [Corner<T>; 4],
 ) -> usize {
     let (h, w, start) = level;
-    let half = T::from_f64(0.5);
-    let one = T::from_f64(1.0);
-    let zero = T::from_f64(0.0);
-    let minus_one = T::from_f64(-1.0);
-    let x = lx * T::from_f64(w as f64) - half;
-    let y = ly * T::from_f64(h as f64) - half;
-    let (x0, y0) = (x.to_f64().floor(), y.to_f64().floor());
+    let half = T::of(0.5);
+    let one = T::of(1.0);
+    let zero = T::of(0.0);
+    let minus_one = T::of(-1.0);
+    let x = lx * T::of(w as f64) - half;
+    let y = ly * T::of(h as f64) - half;
+    let (x0, y0) = (x.as_f64().floor(), y.as_f64().floor());
     if x0.is_nan() || y0.is_nan() {
-        let nan = T::from_f64(f64::NAN);
+        let nan = T::of(f64::NAN);
         out[0] = Corner { row: start, w: nan, dx: nan, dy: nan };
         return 1;
     }
@@ -59,13 +59,13 @@ pub(crate) fn corners<T: WithDType, const DERIVATIVES: bool>(
     if !(x0 >= -1.0 && x0 <= (w - 1) as f64 && y0 >= -1.0 && y0 <= (h - 1) as f64) {
         return 0;
     }
-    let fx = x - T::from_f64(x0);
-    let fy = y - T::from_f64(y0);
+    let fx = x - T::of(x0);
+    let fy = y - T::of(y0);
     let (xi, yi) = (x0 as isize, y0 as isize);
     // (index, weight, d weight / d pixel coordinate) along each axis.
     let xs = [(xi, one - fx, minus_one), (xi + 1, fx, one)];
     let ys = [(yi, one - fy, minus_one), (yi + 1, fy, one)];
-    let (sw, sh) = (T::from_f64(w as f64), T::from_f64(h as f64));
+    let (sw, sh) = (T::of(w as f64), T::of(h as f64));
     let mut n = 0;
     for &(yy, wy, dwy) in &ys {
         if yy < 0 || yy >= h as isize {
@@ -84,7 +84,7 @@ pub(crate) fn corners<T: WithDType, const DERIVATIVES: bool>(
     n
 }
 
-fn axpy<T: WithDType>(alpha: T, x: &[T], y: &mut [T]) {
+fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * *xi;
     }
@@ -95,6 +95,11 @@ impl MsDeformCore {
         self.levels.len() * self.points
     }
 
+    /// The level of each (level, point) index: a table, so the per-sample loops divide nothing.
+    fn level_of_lp(&self) -> Vec<(usize, usize, usize)> {
+        (0..self.n_lp()).map(|lp| self.levels[lp / self.points]).collect()
+    }
+
     /// Queries per parallel task: enough taps (~16k multiply-adds) that rayon's per-task cost is
     /// negligible even with one channel, e.g. grid sampling of single-channel masks.
     fn block(&self) -> usize {
@@ -103,18 +108,19 @@ impl MsDeformCore {
     }
 
     /// out (B, Lq, heads, dh), parallel over (b, q).
-    fn forward<T: WithDType>(&self, value: &[T], loc: &[T], attn: &[T]) -> Vec<T> {
+    fn forward<T: Real>(&self, value: &[T], loc: &[T], attn: &[T]) -> Vec<T> {
         let (m, d, nlp) = (self.heads, self.dh, self.n_lp());
-        let mut out = vec![T::from_f64(0.0); self.b * self.lq * m * d];
+        let lvl = self.level_of_lp();
+        let mut out = vec![T::of(0.0); self.b * self.lq * m * d];
         let block = self.block();
         out.par_chunks_mut(block * m * d)
             .enumerate()
             .for_each(|(blk, ob)| {
                 let mut cs = [Corner {
                     row: 0,
-                    w: T::from_f64(0.0),
-                    dx: T::from_f64(0.0),
-                    dy: T::from_f64(0.0),
+                    w: T::of(0.0),
+                    dx: T::of(0.0),
+                    dy: T::of(0.0),
                 }; 4];
                 for (k, o) in ob.chunks_mut(m * d).enumerate() {
                     let bq = blk * block + k;
@@ -128,7 +134,7 @@ impl MsDeformCore {
                             let n = corners::<T, false>(
                                 loc[2 * i],
                                 loc[2 * i + 1],
-                                self.levels[lp / self.points],
+                                lvl[lp],
                                 &mut cs,
                             );
                             for c in &cs[..n] {
@@ -151,7 +157,8 @@ impl MsDeformCore {
         grad: &[T],
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (m, d, nlp, s) = (self.heads, self.dh, self.n_lp(), self.s);
-        let zero = T::from_f64(0.0);
+        let lvl = self.level_of_lp();
+        let zero = T::of(0.0);
         let blank = Corner {
             row: 0,
             w: zero,
@@ -184,7 +191,7 @@ impl MsDeformCore {
                             let n = corners::<T, true>(
                                 loc[2 * i],
                                 loc[2 * i + 1],
-                                self.levels[lp / self.points],
+                                lvl[lp],
                                 &mut cs,
                             );
                             let (mut sa, mut sx, mut sy) = (zero, zero, zero);
@@ -220,7 +227,7 @@ impl MsDeformCore {
                         let n = corners::<T, false>(
                             loc[2 * i],
                             loc[2 * i + 1],
-                            self.levels[lp / self.points],
+                            lvl[lp],
                             &mut cs,
                         );
                         for c in &cs[..n] {
@@ -357,14 +364,14 @@ impl SamplingLocations {
     }
 
     /// (w_l, h_l) per level in `T`.
-    fn norms<T: WithDType>(&self) -> Vec<[T; 2]> {
-        self.norms.iter().map(|&(w, h)| [T::from_f64(w as f64), T::from_f64(h as f64)]).collect()
+    fn norms<T: Real>(&self) -> Vec<[T; 2]> {
+        self.norms.iter().map(|&(w, h)| [T::of(w as f64), T::of(h as f64)]).collect()
     }
 
-    fn forward<T: WithDType>(&self, refs: &[T], off: &[T]) -> Vec<T> {
+    fn forward<T: Real>(&self, refs: &[T], off: &[T]) -> Vec<T> {
         let (po, pr) = self.per_query();
         let norm = self.norms::<T>();
-        let mut out = vec![T::from_f64(0.0); off.len()];
+        let mut out = vec![T::of(0.0); off.len()];
         out.par_chunks_mut(po)
             .zip(off.par_chunks(po))
             .zip(refs.par_chunks(pr))
@@ -380,10 +387,10 @@ impl SamplingLocations {
     }
 
     /// (d reference points, d offsets) from the output gradient.
-    fn backward<T: WithDType>(&self, grad: &[T]) -> (Vec<T>, Vec<T>) {
+    fn backward<T: Real>(&self, grad: &[T]) -> (Vec<T>, Vec<T>) {
         let (po, pr) = self.per_query();
         let norm = self.norms::<T>();
-        let zero = T::from_f64(0.0);
+        let zero = T::of(0.0);
         let mut d_off = vec![zero; grad.len()];
         let mut d_ref = vec![zero; grad.len() / po * pr];
         d_off
@@ -427,7 +434,7 @@ impl candle_core::CustomOp2 for SamplingLocations {
     }
 
     fn bwd(&self, refs: &Tensor, off: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        fn run<T: WithDType>(op: &SamplingLocations, refs: &Tensor, off: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        fn run<T: Real>(op: &SamplingLocations, refs: &Tensor, off: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
             let (dr, doff) = op.backward(&host_vec::<T>(grad)?);
             let dev = grad.device();
             Ok((Tensor::from_vec(dr, refs.shape(), dev)?, Tensor::from_vec(doff, off.shape(), dev)?))

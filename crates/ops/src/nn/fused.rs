@@ -41,7 +41,7 @@ impl SoftmaxLast {
     /// dx = y ⊙ (dy − rowsum(dy ⊙ y)).
     fn backward<T: Real>(&self, y: &[T], dy: &[T]) -> Vec<T> {
         let d = self.d;
-        let mut dx = vec![T::from_f64(0.0); y.len()];
+        let mut dx = vec![T::of(0.0); y.len()];
         if d == 0 {
             return dx;
         }
@@ -120,9 +120,9 @@ impl LayerNormLast {
     /// (mean, 1/sqrt(var + eps)) of one row, two-pass like the composed version.
     #[inline]
     fn stats<T: Real>(&self, row: &[T]) -> (T, T) {
-        let n = T::from_f64(self.d as f64);
+        let n = T::of(self.d as f64);
         let mean = sum(row) / n;
-        let zero = T::from_f64(0.0);
+        let zero = T::of(0.0);
         let mut acc = [zero; 16];
         let mut chunks = row.chunks_exact(16);
         for c in &mut chunks {
@@ -139,14 +139,14 @@ impl LayerNormLast {
         let var = ss / n;
         (
             mean,
-            T::from_f64(1.0) / (var + T::from_f64(self.eps)).sqrt_of(),
+            T::of(1.0) / (var + T::of(self.eps)).sqrt_of(),
         )
     }
 
     /// `r`: the residual of `LN(x + r)`, if any.
     fn forward<T: Real>(&self, x: &[T], r: Option<&[T]>, w: &[T], b: &[T]) -> Vec<T> {
         let d = self.d;
-        let mut y = vec![T::from_f64(0.0); x.len()];
+        let mut y = vec![T::of(0.0); x.len()];
         if d == 0 {
             return y;
         }
@@ -182,7 +182,7 @@ impl LayerNormLast {
     /// (d input, dw, db), the input being x or x + r.
     fn backward<T: Real>(&self, x: &[T], r: Option<&[T]>, w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let d = self.d;
-        let zero = T::from_f64(0.0);
+        let zero = T::of(0.0);
         let mut dx = vec![zero; x.len()];
         if d == 0 || x.is_empty() {
             return (dx, vec![zero; d], vec![zero; d]);
@@ -191,7 +191,7 @@ impl LayerNormLast {
         let n_tasks = x.len().div_ceil(rt);
         // Per task: [dw partial | db partial].
         let mut parts = vec![zero; n_tasks * 2 * d];
-        let inv_d = T::from_f64(1.0 / d as f64);
+        let inv_d = T::of(1.0 / d as f64);
         dx.par_chunks_mut(rt)
             .zip(x.par_chunks(rt).zip(dy.par_chunks(rt)))
             .zip(parts.par_chunks_mut(2 * d))
@@ -346,7 +346,7 @@ const FEW_ROWS: usize = 1024;
 const LARGE_WEIGHT: usize = 1 << 19;
 
 fn relu_in_place<T: Real>(v: &mut [T]) {
-    let zero = T::from_f64(0.0);
+    let zero = T::of(0.0);
     for x in v.iter_mut() {
         *x = if *x > zero { *x } else { zero };
     }
@@ -357,7 +357,7 @@ fn relu_in_place<T: Real>(v: &mut [T]) {
 /// weight is 8 KiB a row) do not evict one another from L1 (measured on 2048×256 and 256×2048:
 /// 0.3 ms single-threaded either way, against 0.7–1.2 ms for square 16/32 tiles).
 fn transposed<T: Real>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut t = vec![T::from_f64(0.0); rows * cols];
+    let mut t = vec![T::of(0.0); rows * cols];
     transpose_into(a, rows, cols, &mut t);
     t
 }
@@ -444,7 +444,7 @@ impl LinearOp {
                         w.as_ptr(),
                         1,
                         din,
-                        T::from_f64(1.0),
+                        T::of(1.0),
                     );
                 }
                 if self.relu {
@@ -492,7 +492,7 @@ impl LinearOp {
                     wt.as_ptr().add(c0),
                     dout,
                     1,
-                    T::from_f64(1.0),
+                    T::of(1.0),
                 );
                 if self.relu {
                     for r in 0..n {
@@ -506,7 +506,7 @@ impl LinearOp {
     /// (dx, dW, db); `y` is the output (used for the ReLU mask).
     fn backward<T: Real>(&self, x: &[T], w: &[T], y: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (din, dout) = (self.d_in, self.d_out);
-        let zero = T::from_f64(0.0);
+        let zero = T::of(0.0);
         if self.n == 0 || din == 0 || dout == 0 {
             return (vec![zero; self.n * din], vec![zero; dout * din], vec![zero; dout]);
         }
@@ -543,7 +543,7 @@ impl LinearOp {
                 };
                 // SAFETY: every matrix is in bounds of its slice; outputs are task-local.
                 unsafe {
-                    let one = T::from_f64(1.0);
+                    let one = T::of(1.0);
                     gemm(
                         n,
                         din,
@@ -694,14 +694,14 @@ impl CustomOp3 for LinearOp {
 /// the scaling), each parallel, instead of candle's strided channel mean, a matrix–vector
 /// product and a single-threaded broadcast multiply.
 pub(crate) fn spatial_pool_gate<T: Real>(x: &[T], c: usize, n: usize) -> Vec<T> {
-    let mut out = vec![T::from_f64(0.0); x.len()];
+    let mut out = vec![T::of(0.0); x.len()];
     if c == 0 || n == 0 {
         return out;
     }
-    let inv_c = T::from_f64(1.0 / c as f64);
+    let inv_c = T::of(1.0 / c as f64);
     for (xs, os) in x.chunks_exact(c * n).zip(out.chunks_exact_mut(c * n)) {
         // Channel mean at each position, summed over channels in order (as candle's mean).
-        let mut a = vec![T::from_f64(0.0); n];
+        let mut a = vec![T::of(0.0); n];
         let chunk = n.div_ceil(2 * rayon::current_num_threads().max(1)).max(64);
         a.par_chunks_mut(chunk).enumerate().for_each(|(t, ac)| {
             let p0 = t * chunk;
@@ -717,8 +717,8 @@ pub(crate) fn spatial_pool_gate<T: Real>(x: &[T], c: usize, n: usize) -> Vec<T> 
         softmax_row(&mut a);
         // Per channel: pool with the attention, gate, scale.
         os.par_chunks_mut(n).zip(xs.par_chunks(n)).for_each(|(orow, row)| {
-            let z = dot(row, &a).to_f64();
-            let gate = T::from_f64(1.0 / (1.0 + (-z).exp()));
+            let z = dot(row, &a).as_f64();
+            let gate = T::of(1.0 / (1.0 + (-z).exp()));
             for (o, &v) in orow.iter_mut().zip(row) {
                 *o = v * gate;
             }
@@ -740,7 +740,7 @@ pub(crate) struct Transpose12 {
 impl Transpose12 {
     fn run<T: Real>(&self, x: &[T]) -> Vec<T> {
         let n = self.r * self.c;
-        let mut out = vec![T::from_f64(0.0); self.b * n];
+        let mut out = vec![T::of(0.0); self.b * n];
         if n > 0 {
             for (m, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
                 transpose_into(m, self.r, self.c, o);

@@ -54,7 +54,7 @@ impl Bilinear {
             Some(taps) => {
                 tmp.clear();
                 for row in x.chunks_exact(w) {
-                    tmp.extend(taps.iter().map(|&(i0, w0, i1, w1)| T::from_f64(w0) * row[i0] + T::from_f64(w1) * row[i1]));
+                    tmp.extend(taps.iter().map(|&(i0, w0, i1, w1)| T::of(w0) * row[i0] + T::of(w1) * row[i1]));
                 }
                 tmp
             }
@@ -64,7 +64,7 @@ impl Bilinear {
             Some(taps) => {
                 for (out, &(i0, w0, i1, w1)) in y.chunks_exact_mut(ow).zip(taps) {
                     let (r0, r1) = (&cols[i0 * ow..(i0 + 1) * ow], &cols[i1 * ow..(i1 + 1) * ow]);
-                    let (w0, w1) = (T::from_f64(w0), T::from_f64(w1));
+                    let (w0, w1) = (T::of(w0), T::of(w1));
                     for ((o, &a), &b) in out.iter_mut().zip(r0).zip(r1) {
                         *o = w0 * a + w1 * b;
                     }
@@ -78,14 +78,14 @@ impl Bilinear {
     /// holds h × ow.
     fn adjoint_plane<T: Real>(&self, g: &[T], x: &mut [T], tmp: &mut Vec<T>) {
         let ((h, w), ow) = (self.in_hw, self.out_hw.1);
-        let zero = T::from_f64(0.0);
+        let zero = T::of(0.0);
         let rows: &[T] = match &self.rows {
             None => g,
             Some(taps) => {
                 tmp.clear();
                 tmp.resize(h * ow, zero);
                 for (grow, &(i0, w0, i1, w1)) in g.chunks_exact(ow).zip(taps) {
-                    let (w0, w1) = (T::from_f64(w0), T::from_f64(w1));
+                    let (w0, w1) = (T::of(w0), T::of(w1));
                     for (t, &v) in tmp[i0 * ow..(i0 + 1) * ow].iter_mut().zip(grow) {
                         *t += w0 * v;
                     }
@@ -102,8 +102,8 @@ impl Bilinear {
                 x.fill(zero);
                 for (xrow, trow) in x.chunks_exact_mut(w).zip(rows.chunks_exact(ow)) {
                     for (&v, &(i0, w0, i1, w1)) in trow.iter().zip(taps) {
-                        xrow[i0] += T::from_f64(w0) * v;
-                        xrow[i1] += T::from_f64(w1) * v;
+                        xrow[i0] += T::of(w0) * v;
+                        xrow[i1] += T::of(w1) * v;
                     }
                 }
             }
@@ -113,7 +113,7 @@ impl Bilinear {
     fn run<T: Real>(&self, src: &[T]) -> Vec<T> {
         let ((sh, sw), (dh, dw)) = self.planes();
         let planes = src.len() / (sh * sw);
-        let mut dst = vec![T::from_f64(0.0); planes * dh * dw];
+        let mut dst = vec![T::of(0.0); planes * dh * dw];
         // Several small planes per task: rayon's per-task cost is about a microsecond.
         let per_task = (16384 / (dh * dw + sh * sw).max(1)).max(1);
         dst.par_chunks_mut(per_task * dh * dw)

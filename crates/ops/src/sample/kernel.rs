@@ -4,11 +4,11 @@
 //! tracked, as in the point losses, whose points are detached: there the deformable-attention
 //! core it replaces spent half its backward on that unused gradient.
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::deform::kernel::{corners, Corner};
-use crate::fastmath::layout_slice;
+use crate::fastmath::{layout_slice, Real};
 use crate::util::host_vec;
 
 /// Points per parallel task.
@@ -25,7 +25,7 @@ struct Taps<T> {
     w: [T; 4],
 }
 
-impl<T: WithDType> Taps<T> {
+impl<T: Real> Taps<T> {
     /// Σ w·map[row] over the used taps.
     #[inline]
     fn gather(&self, map: &[T]) -> T {
@@ -62,7 +62,7 @@ pub(super) struct PointSample {
     pub p: usize,
 }
 
-fn blank<T: WithDType>() -> Corner<T> {
+fn blank<T: Real>() -> Corner<T> {
     let zero = T::zero();
     Corner { row: 0, w: zero, dx: zero, dy: zero }
 }
@@ -70,7 +70,7 @@ fn blank<T: WithDType>() -> Corner<T> {
 impl PointSample {
     /// The taps of the point at `l` = (x, y).
     #[inline]
-    fn tap<T: WithDType>(&self, l: &[T]) -> Taps<T> {
+    fn tap<T: Real>(&self, l: &[T]) -> Taps<T> {
         let mut cs = [blank(); 4];
         let n = corners::<T, false>(l[0], l[1], (self.h, self.w, 0), &mut cs);
         let mut t = Taps { rows: [NONE; 4], w: [T::zero(); 4] };
@@ -82,7 +82,7 @@ impl PointSample {
     }
 
     /// The taps of every point, (B·P), for several channels to share.
-    fn taps<T: WithDType>(&self, loc: &[T]) -> Vec<Taps<T>> {
+    fn taps<T: Real>(&self, loc: &[T]) -> Vec<Taps<T>> {
         let mut taps = vec![Taps { rows: [NONE; 4], w: [T::zero(); 4] }; self.b * self.p];
         taps.par_chunks_mut(BLOCK).zip(loc.par_chunks(2 * BLOCK)).for_each(|(taps, loc)| {
             for (t, l) in taps.iter_mut().zip(loc.chunks_exact(2)) {
@@ -94,7 +94,7 @@ impl PointSample {
 
     /// out (B, C, P), parallel over (map, block of points). One channel (the point losses'
     /// masks) samples straight from the coordinates; more share a table of taps.
-    fn forward<T: WithDType>(&self, input: &[T], loc: &[T]) -> Vec<T> {
+    fn forward<T: Real>(&self, input: &[T], loc: &[T]) -> Vec<T> {
         let (c, hw, p) = (self.c, self.h * self.w, self.p);
         let taps = if c > 1 { self.taps(loc) } else { Vec::new() };
         let mut out = vec![T::zero(); self.b * c * p];
@@ -120,7 +120,7 @@ impl PointSample {
     }
 
     /// d input (B, C, H, W), scattered per map so tasks never overlap.
-    fn grad_input<T: WithDType>(&self, loc: &[T], grad: &[T]) -> Vec<T> {
+    fn grad_input<T: Real>(&self, loc: &[T], grad: &[T]) -> Vec<T> {
         let (c, hw, p) = (self.c, self.h * self.w, self.p);
         let taps = if c > 1 { self.taps(loc) } else { Vec::new() };
         let mut g_in = vec![T::zero(); self.b * c * hw];
@@ -141,7 +141,7 @@ impl PointSample {
     }
 
     /// d coords (B, P, 2): Σ over channels and taps of grad · input · d weight / d coord.
-    fn grad_coords<T: WithDType>(&self, input: &[T], loc: &[T], grad: &[T]) -> Vec<T> {
+    fn grad_coords<T: Real>(&self, input: &[T], loc: &[T], grad: &[T]) -> Vec<T> {
         let (c, hw, p) = (self.c, self.h * self.w, self.p);
         let level = (self.h, self.w, 0);
         let mut g_loc = vec![T::zero(); loc.len()];
@@ -191,7 +191,7 @@ impl CustomOp2 for PointSample {
     }
 
     fn bwd(&self, input: &Tensor, coords: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        fn run<T: WithDType>(op: &PointSample, input: &Tensor, coords: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(op: &PointSample, input: &Tensor, coords: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let dev = input.device();
             let loc = host_vec::<T>(coords)?;
             let grad = host_vec::<T>(grad)?;
