@@ -41,6 +41,8 @@ pub(crate) trait Real: WithDType + Copy + Send + Sync + 'static {
     const NEG_INF: Self;
     const NAN: Self;
     fn sqrt_of(self) -> Self;
+    /// `floor`, in this type (one rounding instruction; no trip through f64).
+    fn floor_of(self) -> Self;
     /// `exp(self)`, as [`Real::exp_shift_sum`] computes each element.
     fn exp_of(self) -> Self;
     /// `xs[i] = exp(xs[i] - shift)` in place; returns the sum of the new values.
@@ -96,6 +98,10 @@ impl Real for f32 {
     }
     const NEG_INF: Self = f32::NEG_INFINITY;
     const NAN: Self = f32::NAN;
+    #[inline(always)]
+    fn floor_of(self) -> Self {
+        self.floor()
+    }
     fn sqrt_of(self) -> Self {
         self.sqrt()
     }
@@ -142,6 +148,10 @@ impl Real for f64 {
     }
     const NEG_INF: Self = f64::NEG_INFINITY;
     const NAN: Self = f64::NAN;
+    #[inline(always)]
+    fn floor_of(self) -> Self {
+        self.floor()
+    }
     fn sqrt_of(self) -> Self {
         self.sqrt()
     }

@@ -99,6 +99,35 @@ fn core_matches_per_level_grid_sample() {
     );
 }
 
+/// The kernel has register-blocked paths for head widths 16, 32 and 64 (the cpu and paper
+/// presets) next to the generic one; all must match the grid_sample composition, including
+/// samples on and beyond the borders, far outside (saturating index casts) and at ±∞.
+#[test]
+fn core_matches_grid_sample_for_every_head_width_path() {
+    let shapes = [(3usize, 5usize), (2, 2), (4, 3)];
+    let s: usize = shapes.iter().map(|(h, w)| h * w).sum();
+    for (seed, d) in [(1u64, 16usize), (2, 32), (3, 64), (4, 8)] {
+        let mut rng = Rng::new(seed);
+        let (b, m, lq, p) = (2, 2, 5, 3);
+        let value = rng.tensor(&[b, s, m, d], -1.0, 1.0, DType::F32);
+        let mut loc: Vec<f32> = common::to_vec(&rng.tensor(&[b, lq, m, 3, p, 2], -0.3, 1.3, DType::F32))
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        for (i, v) in [0.0, 1.0, -1e30, 1e30, f32::INFINITY, f32::NEG_INFINITY, 0.5, 1e-7].into_iter().enumerate() {
+            loc[7 * i + 1] = v;
+        }
+        let loc = Tensor::from_vec(loc, (b, lq, m, 3, p, 2), &Device::Cpu).unwrap();
+        let attn = rng.tensor(&[b, lq, m, 3, p], 0.0, 1.0, DType::F32);
+        let want = reference_core(&value, &shapes, &loc, &attn);
+        let got = ms_deform_attn_core(&value, &shapes, &loc, &attn).unwrap();
+        assert!(common::to_vec(&got).iter().all(|x| x.is_finite()), "d={d}: finite");
+        assert_close(&got, &want, 1e-5, &format!("CPU kernel, head width {d}"));
+        let got64 = ms_deform_attn_core(&value.to_dtype(DType::F64).unwrap(), &shapes, &loc, &attn).unwrap();
+        assert_close(&got64, &want, 1e-5, &format!("CPU kernel f64, head width {d}"));
+    }
+}
+
 #[test]
 fn core_rejects_inconsistent_shapes() {
     let value = Tensor::zeros((1, 10, 2, 3), DType::F32, &Device::Cpu).unwrap();
@@ -226,7 +255,8 @@ fn sampling_locations_match_the_broadcast_composition() {
 fn a_nan_location_poisons_its_query() {
     let mut rng = Rng::new(5);
     let shapes = [(3usize, 4usize), (2, 2)];
-    let (b, m, d, lq, p) = (1, 2, 4, 3, 2);
+    for d in [4, 32] {
+    let (b, m, lq, p) = (1, 2, 3, 2);
     let value = rng.tensor(&[b, 16, m, d], -1.0, 1.0, DType::F32);
     let mut loc: Vec<f32> = common::to_vec(&rng.tensor(&[b, lq, m, 2, p, 2], 0.0, 1.0, DType::F32)).iter().map(|&v| v as f32).collect();
     loc[0] = f32::NAN; // query 0, head 0, level 0, point 0, x
@@ -239,5 +269,6 @@ fn a_nan_location_poisons_its_query() {
         let v = common::to_vec(&out);
         assert!(v[..d].iter().all(|x| x.is_nan()), "{what}: head 0 of query 0 must be NaN, got {:?}", &v[..d]);
         assert!(v[m * d..].iter().all(|x| x.is_finite()), "{what}: other queries stay finite");
+    }
     }
 }
