@@ -13,9 +13,10 @@
 //! - everything else dense or grouped: im2col of one pixel tile into a per-thread scratch that
 //!   stays in L2 (column-phase split first when strided, so copies are contiguous), then gemm;
 //! - depthwise (`groups == Cin == Cout`): a direct register-blocked kernel per plane;
-//! - ungrouped stride-1 'same' 3×3 of 64 channels or more on maps of 32×32 and more: Winograd F(2×2, 3×3), 16 gemms
-//!   on transformed tiles with 2.25× fewer multiply-adds (`winograd.rs`; [`set_winograd`] turns
-//!   it off for the direct sums).
+//! - ungrouped stride-1 'same' 3×3 of 64 channels or more on maps of 32×32 and more: Winograd
+//!   F(4×4, 3×3), 36 gemms on transformed tiles with 4× fewer multiply-adds, or F(2×2, 3×3)
+//!   (`winograd.rs`; [`set_winograd_variant`] picks, [`set_winograd`] turns it off for the
+//!   direct sums).
 //!
 //! Bias, residual add and activation are applied to each output tile right after the gemm wrote
 //! it, while it is still in cache; outputs are never zero-filled first. The gemm is the `gemm`
@@ -287,25 +288,79 @@ fn check_same_kind(
 #[allow(clippy::too_many_arguments)]
 static WINOGRAD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Whether eligible 3×3 convolutions run as Winograd F(2×2, 3×3) (default on; off by
-/// [`set_winograd`] or `MMFORMER_WINOGRAD=0`). Off, every convolution is a direct sum, whose
-/// rounding differs from Winograd's by a few ulp of each output.
-pub fn winograd_enabled() -> bool {
-    use std::sync::atomic::Ordering;
-    match WINOGRAD.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("MMFORMER_WINOGRAD").map_or(true, |v| v != "0");
-            WINOGRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
+/// How eligible 3×3 convolutions run (see [`winograd`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Winograd {
+    /// Direct sums.
+    Off,
+    /// F(2×2, 3×3): 2.25× fewer multiply-adds, rounding within a few ulp of the direct sum.
+    F2,
+    /// F(4×4, 3×3): 4× fewer multiply-adds; its transforms scale by up to 8, so its rounding
+    /// error is about ten times F(2×2)'s (1e-4 of the output scale against 5e-6).
+    F4,
+}
+
+impl Winograd {
+    fn code(self) -> u8 {
+        match self {
+            Winograd::Off => 1,
+            Winograd::F2 => 2,
+            Winograd::F4 => 3,
         }
     }
 }
 
-/// Turns the Winograd path on or off for the whole process (see [`winograd_enabled`]).
+/// The Winograd variant eligible 3×3 convolutions use: [`Winograd::F4`] by default,
+/// `MMFORMER_WINOGRAD=2` for F(2×2), `MMFORMER_WINOGRAD=0` (or [`set_winograd`]) for the direct
+/// sums.
+pub fn winograd() -> Winograd {
+    use std::sync::atomic::Ordering;
+    match WINOGRAD.load(Ordering::Relaxed) {
+        1 => Winograd::Off,
+        2 => Winograd::F2,
+        3 => Winograd::F4,
+        _ => {
+            let mode = match std::env::var("MMFORMER_WINOGRAD").as_deref() {
+                Ok("0") => Winograd::Off,
+                Ok("2") => Winograd::F2,
+                _ => Winograd::F4,
+            };
+            WINOGRAD.store(mode.code(), Ordering::Relaxed);
+            mode
+        }
+    }
+}
+
+/// Whether eligible 3×3 convolutions run as Winograd at all (see [`winograd`]).
+pub fn winograd_enabled() -> bool {
+    winograd() != Winograd::Off
+}
+
+/// Sets the Winograd variant for the whole process (see [`winograd`]).
+pub fn set_winograd_variant(mode: Winograd) {
+    WINOGRAD.store(mode.code(), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Turns the Winograd path on (the default variant, [`Winograd::F4`]) or off for the whole
+/// process.
 pub fn set_winograd(on: bool) {
-    WINOGRAD.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    set_winograd_variant(if on { Winograd::F4 } else { Winograd::Off });
+}
+
+/// Weights transformed for one Winograd variant.
+struct WinogradWeights {
+    variant: Winograd,
+    u: Vec<f32>,
+}
+
+impl WinogradWeights {
+    fn new(variant: Winograd, w: &[f32], cout: usize, cin: usize) -> Self {
+        let u = match variant {
+            Winograd::F4 => winograd::transform_weights::<winograd::F4>(w, cout, cin),
+            _ => winograd::transform_weights::<winograd::F2>(w, cout, cin),
+        };
+        Self { variant, u }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -313,22 +368,27 @@ fn run_cpu(
     x: &[f32],
     w: &[f32],
     taps: Option<&[f32]>,
-    wino: Option<&[f32]>,
+    wino: Option<&WinogradWeights>,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     geo: &Geometry,
     act: Activation,
 ) -> Vec<f32> {
-    if winograd_enabled() && winograd::eligible(geo) {
+    let mode = winograd();
+    if mode != Winograd::Off && winograd::eligible(geo) {
         let owned;
+        // The weights transformed at construction, unless the variant changed since.
         let u = match wino {
-            Some(u) => u,
-            None => {
-                owned = winograd::transform_weights(w, geo.cout, geo.cin);
-                &owned
+            Some(ww) if ww.variant == mode => &ww.u,
+            _ => {
+                owned = WinogradWeights::new(mode, w, geo.cout, geo.cin);
+                &owned.u
             }
         };
-        return winograd::conv_winograd(x, u, bias, residual, geo, act);
+        return match mode {
+            Winograd::F4 => winograd::conv_winograd::<winograd::F4>(x, u, bias, residual, geo, act),
+            _ => winograd::conv_winograd::<winograd::F2>(x, u, bias, residual, geo, act),
+        };
     }
     if geo.is_depthwise() {
         depthwise::depthwise(x, w, bias, residual, geo, act)
@@ -347,7 +407,7 @@ fn forward_cpu(
     x: &Tensor,
     w: &[f32],
     taps: Option<&[f32]>,
-    wino: Option<&[f32]>,
+    wino: Option<&WinogradWeights>,
     bias: Option<&[f32]>,
     residual: Option<&Tensor>,
     geo: &Geometry,
@@ -411,8 +471,9 @@ pub struct FrozenConv2d {
 struct Packed {
     /// tap-major copy for the stride-1 shifted-gemm path (kxk, not depthwise)
     taps: Option<Vec<f32>>,
-    /// Winograd-transformed weights, for 3×3 convolutions the Winograd path may take
-    wino: Option<Vec<f32>>,
+    /// Winograd-transformed weights (in the variant in effect at construction), for 3×3
+    /// convolutions the Winograd path may take
+    wino: Option<WinogradWeights>,
     bias: Option<Vec<f32>>,
 }
 
@@ -469,8 +530,9 @@ impl FrozenConv2d {
                 && spec.padding == [1; 4]
                 && cin_g >= winograd::MIN_CHANNELS
                 && cout >= winograd::MIN_CHANNELS;
-            let wino = if winograd_shape {
-                Some(winograd::transform_weights(&weight.flatten_all()?.to_vec1::<f32>()?, cout, cin_g))
+            let mode = winograd();
+            let wino = if winograd_shape && mode != Winograd::Off {
+                Some(WinogradWeights::new(mode, &weight.flatten_all()?.to_vec1::<f32>()?, cout, cin_g))
             } else {
                 None
             };
@@ -522,7 +584,7 @@ impl FrozenConv2d {
                     x,
                     ws,
                     p.taps.as_deref(),
-                    p.wino.as_deref(),
+                    p.wino.as_ref(),
                     p.bias.as_deref(),
                     residual,
                     &geo,
