@@ -283,9 +283,7 @@ fn check_same_kind(
     Ok(())
 }
 
-/// The fast path on raw slices. `w` is (Cout, Cin/groups * kh * kw) row-major; `taps`, if
-/// given, the same weights tap-major (see [`gemm_path::tap_major`]).
-#[allow(clippy::too_many_arguments)]
+/// The process-wide [`Winograd`] mode (0: not read from the environment yet).
 static WINOGRAD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// How eligible 3×3 convolutions run (see [`winograd`]).
@@ -296,7 +294,7 @@ pub enum Winograd {
     /// F(2×2, 3×3): 2.25× fewer multiply-adds, rounding within a few ulp of the direct sum.
     F2,
     /// F(4×4, 3×3): 4× fewer multiply-adds; its transforms scale by up to 8, so its rounding
-    /// error is about ten times F(2×2)'s (1e-4 of the output scale against 5e-6).
+    /// error is about ten times F(2×2)'s (1e-4 of the output scale against 8e-6).
     F4,
 }
 
@@ -363,6 +361,9 @@ impl WinogradWeights {
     }
 }
 
+/// The fast path on raw slices. `w` is (Cout, Cin/groups * kh * kw) row-major; `taps`, if
+/// given, the same weights tap-major (see [`gemm_path::tap_major`]); `wino`, if given, the
+/// weights already transformed for a Winograd variant.
 #[allow(clippy::too_many_arguments)]
 fn run_cpu(
     x: &[f32],
