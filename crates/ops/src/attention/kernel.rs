@@ -13,12 +13,13 @@
 //! `dP = dO Vᵀ`, `dS = scale·P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS K`, `dK += dSᵀ Q`,
 //! `dV += Pᵀ dO`, with per-task dK/dV partial sums reduced at the end.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fastmath::{dot, gemm, guard_slice, softmax_row, storage_slice, Real};
+use crate::fastmath::{dot, gemm, guard_slice, softmax_row, storage_slice, unwritten, written, Real};
 
 /// A mask (or its rows): additive, or forbidden pairs (nonzero).
 #[derive(Clone, Copy)]
@@ -102,23 +103,25 @@ impl Sdpa {
     ///
     /// # Safety
     /// `q` must point at the first of `n` rows of stride E, `kt` at the head's (dh × Lk) block
-    /// of [`heads_transposed`] keys; `s` must hold `(n − 1)·s_rs + Lk` elements, `s_rs ≥ Lk`.
+    /// of [`heads_transposed`] keys; `s` must address `(n − 1)·s_rs + Lk` writable elements
+    /// (they need not be initialised: the product writes the n rows before they are read),
+    /// `s_rs ≥ Lk`, and no other thread may touch those rows.
     unsafe fn probs<T: Real>(
         &self,
         q: *const T,
         kt: *const T,
-        s: &mut [T],
+        s: *mut T,
         s_rs: usize,
         n: usize,
         mask: Option<MaskRef<'_, T>>,
     ) {
-        let (lk, e) = (self.lk, self.e());
-        debug_assert!(n == 0 || s.len() >= (n - 1) * s_rs + lk);
+        let lk = self.lk;
+        let e = self.e();
         gemm(
             n,
             lk,
             self.dh,
-            s.as_mut_ptr(),
+            s,
             s_rs,
             false,
             q,
@@ -130,7 +133,8 @@ impl Sdpa {
             T::of(self.scale),
         );
         for i in 0..n {
-            let row = &mut s[i * s_rs..i * s_rs + lk];
+            // SAFETY: row i was written by the product above.
+            let row = std::slice::from_raw_parts_mut(s.add(i * s_rs), lk);
             match mask {
                 None => {}
                 Some(MaskRef::Add(m)) => {
@@ -156,29 +160,36 @@ impl Sdpa {
         let zero = T::of(0.0);
         let mask = self.mask_ref::<T>();
         let r = self.row_block();
-        let mut out = vec![zero; self.b * lq * e];
-        let mut saved = keep_probs.then(|| vec![zero; self.b * lq * heads * lk]);
-        if lk == 0 || out.is_empty() {
-            return (out, saved);
+        if lk == 0 || self.b * lq * e == 0 {
+            return (vec![zero; self.b * lq * e], keep_probs.then(Vec::new));
         }
+        // Every output and kept probability is written by a product before it is read (the
+        // heads' columns tile each row), so neither is zero-filled: the kept probabilities of the
+        // cpu preset's finest cross-alignment are 15 MB a call.
+        let mut out = unwritten::<T>(self.b * lq * e);
+        let mut saved = keep_probs.then(|| unwritten::<T>(self.b * lq * heads * lk));
         let kt = heads_transposed(k, self.b, lk, heads, dh);
         // One block of rows: probabilities per head into the block's slab of the kept ones
         // (rows of heads·Lk) or into a scratch of one head (rows of Lk), then O = P V.
-        let block = |bi: usize, blk: usize, o: &mut [T], slab: Option<&mut [T]>| {
+        let block = |bi: usize, blk: usize, o: &mut [MaybeUninit<T>], slab: Option<&mut [MaybeUninit<T>]>| {
             let (r0, n) = (blk * r, o.len() / e);
             let mut scratch = Vec::new();
-            let (s, s_rs, head_step) = match slab {
-                Some(sl) => (sl, heads * lk, lk),
+            let (s, s_rs, head_step): (*mut T, usize, usize) = match slab {
+                Some(sl) => {
+                    debug_assert!(sl.len() == n * heads * lk);
+                    (sl.as_mut_ptr().cast::<T>(), heads * lk, lk)
+                }
                 None => {
                     scratch.resize(n * lk, zero);
-                    (&mut scratch[..], lk, 0)
+                    (scratch.as_mut_ptr(), lk, 0)
                 }
             };
             for h in 0..heads {
-                let sh = &mut s[h * head_step..];
                 // SAFETY: q, kt, v and o are read/written within their (B, L, E) / (B, heads,
-                // dh, Lk) bounds; `sh` holds n rows of stride s_rs (checked in `probs`).
+                // dh, Lk) bounds; from `sh` on, n rows of stride s_rs lie in the slab (n rows of
+                // heads·Lk) or the scratch (n rows of Lk); this task owns them.
                 unsafe {
+                    let sh = s.add(h * head_step);
                     let qp = q.as_ptr().add((bi * lq + r0) * e + h * dh);
                     let ktp = kt.as_ptr().add((bi * heads + h) * dh * lk);
                     self.probs(qp, ktp, sh, s_rs, n, self.mask_rows(mask, bi, h, r0, n));
@@ -187,10 +198,10 @@ impl Sdpa {
                         n,
                         dh,
                         lk,
-                        o.as_mut_ptr().add(h * dh),
+                        o.as_mut_ptr().cast::<T>().add(h * dh),
                         e,
                         false,
-                        sh.as_ptr(),
+                        sh.cast_const(),
                         s_rs,
                         1,
                         vp,
@@ -216,7 +227,9 @@ impl Sdpa {
                 ob.par_chunks_mut(r * e).enumerate().for_each(|(blk, o)| block(bi, blk, o, None));
             }),
         }
-        (out, saved)
+        // SAFETY: every block wrote all its output rows (each head its dh columns) and, when
+        // kept, its probability rows (each head its Lk).
+        unsafe { (written(out), saved.map(|p| written(p))) }
     }
 
     /// Gradients w.r.t. q, k, v given the output `o` and its gradient `go`.
@@ -281,7 +294,7 @@ impl Sdpa {
                                             self.probs(
                                                 q.as_ptr().add(hq),
                                                 kt.as_ptr().add(ht),
-                                                &mut scratch,
+                                                scratch.as_mut_ptr(),
                                                 lk,
                                                 n,
                                                 self.mask_rows(mask, bi, h, r0, n),
