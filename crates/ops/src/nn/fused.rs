@@ -146,37 +146,39 @@ impl LayerNormLast {
     /// `r`: the residual of `LN(x + r)`, if any.
     fn forward<T: Real>(&self, x: &[T], r: Option<&[T]>, w: &[T], b: &[T]) -> Vec<T> {
         let d = self.d;
-        let mut y = vec![T::of(0.0); x.len()];
         if d == 0 {
-            return y;
+            return vec![T::of(0.0); x.len()];
         }
+        // Every row is written below (x.len() is a multiple of d), so no zero fill first.
+        let mut y = unwritten::<T>(x.len());
         let rt = rows_per_task(d) * d;
         y.par_chunks_mut(rt).zip(x.par_chunks(rt)).enumerate().for_each(|(t, (yc, xc))| {
             for (i, (yr, xr)) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).enumerate() {
-                // The row to normalise: x, or x + r built in the output row.
-                let src: &[T] = match r {
+                match r {
                     Some(r) => {
+                        // The row to normalise, x + r, built in the output row.
                         let rr = &r[t * rt + i * d..][..d];
                         for ((o, &a), &c) in yr.iter_mut().zip(xr).zip(rr) {
-                            *o = a + c;
+                            o.write(a + c);
                         }
-                        yr
+                        // SAFETY: every element of the row was written just above.
+                        let yr = unsafe { &mut *(yr as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+                        let (mean, rstd) = self.stats(yr);
+                        for ((o, &wv), &bv) in yr.iter_mut().zip(w).zip(b) {
+                            *o = (*o - mean) * rstd * wv + bv;
+                        }
                     }
-                    None => xr,
-                };
-                let (mean, rstd) = self.stats(src);
-                if r.is_some() {
-                    for ((o, &wv), &bv) in yr.iter_mut().zip(w).zip(b) {
-                        *o = (*o - mean) * rstd * wv + bv;
-                    }
-                } else {
-                    for (((o, &xv), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                        *o = (xv - mean) * rstd * wv + bv;
+                    None => {
+                        let (mean, rstd) = self.stats(xr);
+                        for (((o, &xv), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                            o.write((xv - mean) * rstd * wv + bv);
+                        }
                     }
                 }
             }
         });
-        y
+        // SAFETY: every row was written.
+        unsafe { written(y) }
     }
 
     /// (d input, dw, db), the input being x or x + r.
@@ -277,6 +279,9 @@ impl CustomOp3 for LayerNormLast {
             };
             if w.len() != d || b.len() != d {
                 bail!("fused layer norm: weight/bias must have {d} elements");
+            }
+            if d > 0 && x.len() % d != 0 {
+                bail!("fused layer norm: {} input elements are not rows of {d}", x.len());
             }
             Ok(T::into_storage(op.forward(x, r, w, b)))
         }
