@@ -412,20 +412,23 @@ impl Sdpa {
 /// than the products); from this layout it reads the keys in place.
 fn heads_transposed<T: Real>(x: &[T], b: usize, l: usize, heads: usize, dh: usize) -> Vec<T> {
     let e = heads * dh;
-    let mut t = vec![T::of(0.0); b * l * e];
-    if t.is_empty() {
-        return t;
+    if b * l * e == 0 {
+        return Vec::new();
     }
+    assert!(x.len() >= b * l * e, "heads_transposed: {} values for {b}×{l}×{e}", x.len());
+    // Every element is written below (block (bi, h) gets all l rows of its dh columns).
+    let mut t = unwritten::<T>(b * l * e);
     t.par_chunks_mut(dh * l).enumerate().for_each(|(bh, block)| {
         let (bi, h) = (bh / heads, bh % heads);
         let rows = &x[bi * l * e..(bi + 1) * l * e];
         for (j, row) in rows.chunks_exact(e).enumerate() {
             for (d, &val) in row[h * dh..(h + 1) * dh].iter().enumerate() {
-                block[d * l + j] = val;
+                block[d * l + j].write(val);
             }
         }
     });
-    t
+    // SAFETY: see above.
+    unsafe { written(t) }
 }
 
 impl CustomOp3 for Sdpa {
