@@ -231,6 +231,8 @@ impl Tile for F4 {
 pub(crate) fn transform_weights<W: Tile>(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     const BLOCK: usize = 256;
     let plane = cout * cin;
+    // The writes below are unchecked: exactly one 3×3 kernel per (cout, cin) pair.
+    assert_eq!(w.len(), 9 * plane, "Winograd weights: {} values for {cout}×{cin} 3×3 kernels", w.len());
     let mut u = vec![0f32; W::N * plane];
     let out = SyncPtr(u.as_mut_ptr());
     w.par_chunks(9 * BLOCK).enumerate().for_each(|(blk, ws)| {
