@@ -20,72 +20,74 @@ pub(super) struct MsDeformCore {
     pub levels: Vec<(usize, usize, usize)>,
 }
 
-/// An in-bounds bilinear corner: value row (within the batch item), weight, and the weight's
-/// derivatives w.r.t. the normalised location (x, y).
+/// Row that marks a dropped (out-of-bounds) corner in [`Corners`].
+pub(crate) const NO_CORNER: usize = usize::MAX;
+
+/// The four grid_sample (align_corners=False, zero padding) corners of one location, pixel =
+/// loc·size − 0.5: slot `2·cy + cx` is corner (y0 + cy, x0 + cx), its value row within the batch
+/// item (or [`NO_CORNER`] when it lies outside, reading zeros), its bilinear weight and, when
+/// asked for, the weight's derivatives w.r.t. the normalised location.
 #[derive(Clone, Copy)]
-pub(crate) struct Corner<T> {
-    pub row: usize,
-    pub w: T,
-    pub dx: T,
-    pub dy: T,
+pub(crate) struct Corners<T> {
+    pub rows: [usize; 4],
+    pub w: [T; 4],
+    pub dx: [T; 4],
+    pub dy: [T; 4],
 }
 
-/// grid_sample (align_corners=False, zero padding) corners of location (lx, ly) in [0, 1] on a
-/// level, pixel = loc·size − 0.5. Out-of-bounds corners are dropped (they read zeros); a NaN
-/// location gives one NaN-weighted corner, so it poisons the output instead of reading nothing.
-/// `DERIVATIVES`: also the weights' derivatives w.r.t. the location (the backward's first
-/// pass); without them (forward, the backward's value pass) `dx`, `dy` are zero.
+impl<T: Real> Corners<T> {
+    /// The in-bounds slots: (row, weight, dx, dy), in the order torch adds them.
+    #[inline(always)]
+    pub(crate) fn inside(&self) -> impl Iterator<Item = (usize, T, T, T)> + '_ {
+        (0..4).filter(|&k| self.rows[k] != NO_CORNER).map(|k| (self.rows[k], self.w[k], self.dx[k], self.dy[k]))
+    }
+}
+
+/// [`Corners`] of location (lx, ly) in [0, 1] on a level (h, w, first value row), without
+/// data-dependent branches: per sample, bounds branches had cost more than the value reads (a
+/// paper encoder layer's forward spent 4.7 of its 6.1 ms in them). A NaN location gives one
+/// NaN-weighted corner, so it poisons the output instead of reading nothing; locations far
+/// outside (or infinite) saturate and read nothing. `DERIVATIVES`: also the weights' derivatives
+/// (the backward's first pass); without them `dx`, `dy` are zero.
 #[inline(always)]
-pub(crate) fn corners<T: Real, const DERIVATIVES: bool>(
-    lx: T,
-    ly: T,
-    level: (usize, usize, usize),
-    out: &mut [Corner<T>; 4],
-) -> usize {
-    let (h, w, start) = level;
-    let half = T::of(0.5);
-    let one = T::of(1.0);
-    let zero = T::of(0.0);
-    let minus_one = T::of(-1.0);
-    let x = lx * T::of(w as f64) - half;
+pub(crate) fn sample_corners<T: Real, const DERIVATIVES: bool>(lx: T, ly: T, level: (usize, usize, usize)) -> Corners<T> {
+    let (h, wd, start) = level;
+    let (zero, one, half) = (T::of(0.0), T::of(1.0), T::of(0.5));
+    let mut c = Corners { rows: [NO_CORNER; 4], w: [zero; 4], dx: [zero; 4], dy: [zero; 4] };
+    let x = lx * T::of(wd as f64) - half;
     let y = ly * T::of(h as f64) - half;
-    let (x0, y0) = (x.as_f64().floor(), y.as_f64().floor());
-    if x0.is_nan() || y0.is_nan() {
-        let nan = T::of(f64::NAN);
-        out[0] = Corner { row: start, w: nan, dx: nan, dy: nan };
-        return 1;
+    #[allow(clippy::eq_op)] // x != x: NaN
+    if x != x || y != y {
+        let nan = T::NAN;
+        (c.rows[0], c.w[0], c.dx[0], c.dy[0]) = (start, nan, nan, nan);
+        return c;
     }
-    // Entirely outside: nothing to read.
-    if !(x0 >= -1.0 && x0 <= (w - 1) as f64 && y0 >= -1.0 && y0 <= (h - 1) as f64) {
-        return 0;
-    }
-    let fx = x - T::of(x0);
-    let fy = y - T::of(y0);
-    let (xi, yi) = (x0 as isize, y0 as isize);
-    // (index, weight, d weight / d pixel coordinate) along each axis.
-    let xs = [(xi, one - fx, minus_one), (xi + 1, fx, one)];
-    let ys = [(yi, one - fy, minus_one), (yi + 1, fy, one)];
-    let (sw, sh) = (T::of(w as f64), T::of(h as f64));
-    let mut n = 0;
-    for &(yy, wy, dwy) in &ys {
-        if yy < 0 || yy >= h as isize {
-            continue;
-        }
-        let row = start + yy as usize * w;
-        for &(xx, wx, dwx) in &xs {
-            if xx < 0 || xx >= w as isize {
-                continue;
+    let (x0, y0) = (x.floor_of(), y.floor_of());
+    let (fx, fy) = (x - x0, y - y0);
+    // Saturating casts: samples far outside stay outside.
+    let (xi, yi) = (x0.as_f64() as isize, y0.as_f64() as isize);
+    let (sw, sh) = (T::of(wd as f64), T::of(h as f64));
+    // (weight, d weight / d pixel coordinate) along each axis.
+    let xs = [(one - fx, T::of(-1.0)), (fx, one)];
+    let ys = [(one - fy, T::of(-1.0)), (fy, one)];
+    for (cy, &(wy, dwy)) in ys.iter().enumerate() {
+        let yy = yi.saturating_add(cy as isize);
+        let y_in = yy >= 0 && yy < h as isize;
+        for (cx, &(wx, dwx)) in xs.iter().enumerate() {
+            let xx = xi.saturating_add(cx as isize);
+            let inside = y_in && xx >= 0 && xx < wd as isize;
+            // Wraps only for corners outside, whose row is not used.
+            let row = (start as isize).wrapping_add(yy.wrapping_mul(wd as isize)).wrapping_add(xx);
+            let k = 2 * cy + cx;
+            c.rows[k] = if inside { row as usize } else { NO_CORNER };
+            c.w[k] = wy * wx;
+            if DERIVATIVES {
+                (c.dx[k], c.dy[k]) = (wy * dwx * sw, wx * dwy * sh);
             }
-            let (dx, dy) = if DERIVATIVES { (wy * dwx * sw, wx * dwy * sh) } else { (zero, zero) };
-            out[n] = Corner { row: row + xx as usize, w: wy * wx, dx, dy };
-            n += 1;
         }
     }
-    n
+    c
 }
-
-/// Row that marks a dropped (out-of-bounds) corner in a corner table ([`fill_corners`]).
-const NO_CORNER: usize = usize::MAX;
 
 /// Samples per corner table: a (query, head)'s level·point samples are taken in chunks of
 /// this many (12 for the official 3 levels × 4 points).
@@ -94,15 +96,11 @@ const TABLE_SAMPLES: usize = 16;
 /// Corner slots of one table: four per sample.
 const SLOTS: usize = 4 * TABLE_SAMPLES;
 
-/// The four bilinear corners of up to [`TABLE_SAMPLES`] samples (`levels.len()`) at `locs`
-/// ((x, y) pairs, normalised), computed without data-dependent branches: slot
-/// `4·sample + 2·cy + cx` holds corner (y0 + cy, x0 + cx) as its value row, or [`NO_CORNER`]
-/// when it lies outside. The kernels fill such a table in local arrays, then read the rows it
-/// names back to back: per sample, [`corners`]' bounds branches cost more than the reads (4.7 of
-/// 6.1 ms of a paper encoder layer's forward). `w` gets the bilinear weight, times `scale[sample]`
-/// when given; with `DERIVATIVES`, `dx`/`dy` (at least as long as the slots used) get its
-/// derivatives w.r.t. the normalised location. Rows, weights and derivatives are those of
-/// [`corners`] in the same order, so the sums over them are the same.
+/// The [`Corners`] of up to [`TABLE_SAMPLES`] samples (`levels.len()`) at `locs` ((x, y) pairs,
+/// normalised) in one table: slot `4·sample + k` is the sample's corner k. The kernels fill such
+/// a table in local arrays, then read the rows it names back to back. `w` gets the bilinear
+/// weight, times `scale[sample]` when given; with `DERIVATIVES`, `dx`/`dy` (at least as long as
+/// the slots used) get its derivatives.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn fill_corners<T: Real, const DERIVATIVES: bool>(
@@ -114,46 +112,21 @@ fn fill_corners<T: Real, const DERIVATIVES: bool>(
     dx: &mut [T],
     dy: &mut [T],
 ) {
-    let (one, half) = (T::of(1.0), T::of(0.5));
-    for (lp, &(h, wd, start)) in levels.iter().enumerate() {
-        let x = locs[2 * lp] * T::of(wd as f64) - half;
-        let y = locs[2 * lp + 1] * T::of(h as f64) - half;
-        #[allow(clippy::eq_op)] // x != x: NaN
-        if x != x || y != y {
-            // As `corners`: one NaN-weighted corner poisons the output.
-            rows[4 * lp..4 * lp + 4].copy_from_slice(&[start, NO_CORNER, NO_CORNER, NO_CORNER]);
-            w[4 * lp] = T::NAN;
-            if DERIVATIVES {
-                (dx[4 * lp], dy[4 * lp]) = (T::NAN, T::NAN);
-            }
-            continue;
-        }
-        let (x0, y0) = (x.floor_of(), y.floor_of());
-        let (fx, fy) = (x - x0, y - y0);
-        // Saturating casts: samples far outside stay outside.
-        let (xi, yi) = (x0.as_f64() as isize, y0.as_f64() as isize);
-        let (sw, sh) = (T::of(wd as f64), T::of(h as f64));
-        // (weight, d weight / d pixel coordinate) along each axis.
-        let xs = [(one - fx, T::of(-1.0)), (fx, one)];
-        let ys = [(one - fy, T::of(-1.0)), (fy, one)];
-        for (cy, &(wy, dwy)) in ys.iter().enumerate() {
-            let yy = yi.saturating_add(cy as isize);
-            let y_in = yy >= 0 && yy < h as isize;
-            for (cx, &(wx, dwx)) in xs.iter().enumerate() {
-                let xx = xi.saturating_add(cx as isize);
-                let inside = y_in && xx >= 0 && xx < wd as isize;
-                // Wraps only for corners outside, whose row is not used.
-                let row = (start as isize).wrapping_add(yy.wrapping_mul(wd as isize)).wrapping_add(xx);
-                let k = 4 * lp + 2 * cy + cx;
-                rows[k] = if inside { row as usize } else { NO_CORNER };
-                w[k] = match scale {
-                    Some(a) => a[lp] * (wy * wx),
-                    None => wy * wx,
-                };
-                if DERIVATIVES {
-                    (dx[k], dy[k]) = (wy * dwx * sw, wx * dwy * sh);
+    for (lp, &level) in levels.iter().enumerate() {
+        let c = sample_corners::<T, DERIVATIVES>(locs[2 * lp], locs[2 * lp + 1], level);
+        let slots = 4 * lp..4 * lp + 4;
+        rows[slots.clone()].copy_from_slice(&c.rows);
+        match scale {
+            Some(a) => {
+                for (o, &cw) in w[slots.clone()].iter_mut().zip(&c.w) {
+                    *o = a[lp] * cw;
                 }
             }
+            None => w[slots.clone()].copy_from_slice(&c.w),
+        }
+        if DERIVATIVES {
+            dx[slots.clone()].copy_from_slice(&c.dx);
+            dy[slots].copy_from_slice(&c.dy);
         }
     }
 }

@@ -7,7 +7,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::deform::kernel::{corners, Corner};
+use crate::deform::kernel::{sample_corners, NO_CORNER};
 use crate::fastmath::{layout_slice, Real};
 use crate::util::host_vec;
 
@@ -31,10 +31,9 @@ impl<T: Real> Taps<T> {
     fn gather(&self, map: &[T]) -> T {
         let mut s = T::zero();
         for (&r, &w) in self.rows.iter().zip(&self.w) {
-            if r == NONE {
-                break;
+            if r != NONE {
+                s += w * map[r as usize];
             }
-            s += w * map[r as usize];
         }
         s
     }
@@ -43,10 +42,9 @@ impl<T: Real> Taps<T> {
     #[inline]
     fn scatter(&self, g: T, map: &mut [T]) {
         for (&r, &w) in self.rows.iter().zip(&self.w) {
-            if r == NONE {
-                break;
+            if r != NONE {
+                map[r as usize] += w * g;
             }
-            map[r as usize] += w * g;
         }
     }
 }
@@ -62,23 +60,12 @@ pub(super) struct PointSample {
     pub p: usize,
 }
 
-fn blank<T: Real>() -> Corner<T> {
-    let zero = T::zero();
-    Corner { row: 0, w: zero, dx: zero, dy: zero }
-}
-
 impl PointSample {
     /// The taps of the point at `l` = (x, y).
     #[inline]
     fn tap<T: Real>(&self, l: &[T]) -> Taps<T> {
-        let mut cs = [blank(); 4];
-        let n = corners::<T, false>(l[0], l[1], (self.h, self.w, 0), &mut cs);
-        let mut t = Taps { rows: [NONE; 4], w: [T::zero(); 4] };
-        for (k, c) in cs[..n].iter().enumerate() {
-            t.rows[k] = c.row as u32;
-            t.w[k] = c.w;
-        }
-        t
+        let c = sample_corners::<T, false>(l[0], l[1], (self.h, self.w, 0));
+        Taps { rows: c.rows.map(|r| if r == NO_CORNER { NONE } else { r as u32 }), w: c.w }
     }
 
     /// The taps of every point, (B·P), for several channels to share.
@@ -146,19 +133,18 @@ impl PointSample {
         let level = (self.h, self.w, 0);
         let mut g_loc = vec![T::zero(); loc.len()];
         g_loc.par_chunks_mut(2 * BLOCK).enumerate().for_each(|(blk, gl)| {
-            let mut cs = [blank(); 4];
             for (k, gl) in gl.chunks_exact_mut(2).enumerate() {
                 let i = blk * BLOCK + k;
                 let (b, q) = (i / p, i % p);
-                let n = corners::<T, true>(loc[2 * i], loc[2 * i + 1], level, &mut cs);
+                let cs = sample_corners::<T, true>(loc[2 * i], loc[2 * i + 1], level);
                 let (mut sx, mut sy) = (T::zero(), T::zero());
-                for corner in &cs[..n] {
+                for (row, _, dx, dy) in cs.inside() {
                     let mut vg = T::zero();
                     for ch in b * c..(b + 1) * c {
-                        vg += input[ch * hw + corner.row] * grad[ch * p + q];
+                        vg += input[ch * hw + row] * grad[ch * p + q];
                     }
-                    sx += corner.dx * vg;
-                    sy += corner.dy * vg;
+                    sx += dx * vg;
+                    sy += dy * vg;
                 }
                 gl[0] = sx;
                 gl[1] = sy;
