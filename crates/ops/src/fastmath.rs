@@ -384,6 +384,25 @@ pub(crate) fn unwritten<T>(n: usize) -> Vec<std::mem::MaybeUninit<T>> {
     v
 }
 
+/// `dst` written with a copy of `src` (same length), then seen as initialised.
+pub(crate) fn init_copy<'a, T: Copy>(dst: &'a mut [std::mem::MaybeUninit<T>], src: &[T]) -> &'a mut [T] {
+    assert_eq!(dst.len(), src.len(), "init_copy: lengths differ");
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
+    }
+    // SAFETY: every element was written just above; `MaybeUninit<T>` has `T`'s layout.
+    unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+}
+
+/// `dst` filled with `v`, then seen as initialised.
+pub(crate) fn init_fill<T: Copy>(dst: &mut [std::mem::MaybeUninit<T>], v: T) -> &mut [T] {
+    for d in dst.iter_mut() {
+        d.write(v);
+    }
+    // SAFETY: as in `init_copy`.
+    unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+}
+
 /// The elements of an [`unwritten`] vector once all of them have been written.
 ///
 /// # Safety

@@ -1,6 +1,6 @@
 //! The patched candle backward (vendor/README.md) stores the first gradient to reach a tensor
-//! as it is and adds the later ones: gradients through strided views, fan-in and shared
-//! gradients must come out as the plain sums.
+//! as it is and adds the later ones, in place when it alone holds the sum: gradients through
+//! strided views, fan-in and shared gradients must come out as the plain sums.
 
 mod common;
 
@@ -41,4 +41,32 @@ fn a_gradient_shared_by_two_variables_stays_theirs() {
     g.insert(a.as_tensor(), scaled);
     assert_eq!(g.get(&a).unwrap().to_vec1::<f32>().unwrap(), vec![0.5; 5]);
     assert_eq!(g.get(&b).unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 5]);
+}
+
+/// Fan-in sums are added in place only into a buffer nothing else holds: with the gradient of
+/// an add shared by both operands reaching `a` first or last, through a reshaped view, and on
+/// sizes below and above the parallel split (2 · 32k elements), every variable gets its own sum.
+#[test]
+fn in_place_fan_in_sums_leave_shared_gradients_alone() {
+    for n in [6usize, 3 * 65_536 + 6] {
+        for dtype in [DType::F32, DType::F64] {
+            for shared_first in [false, true] {
+                let mut rng = Rng::new(91 + n as u64);
+                let a = Var::from_tensor(&rng.tensor(&[n], -1.0, 1.0, dtype)).unwrap();
+                let b = Var::from_tensor(&rng.tensor(&[n], -1.0, 1.0, dtype)).unwrap();
+                let c = rng.tensor(&[n], -1.0, 1.0, dtype);
+                let shared = (&*a + &*b).unwrap().mul(&c).unwrap().sum_all().unwrap();
+                let own = ((a.reshape((n / 2, 2)).unwrap() * 3.0).unwrap().sum_all().unwrap()
+                    + a.sqr().unwrap().sum_all().unwrap())
+                .unwrap();
+                let loss = if shared_first { (shared + own).unwrap() } else { (own + shared).unwrap() };
+                let g = loss.backward().unwrap();
+                // d/da = c + 3 + 2a; d/db = c.
+                let want_a = ((&c + 3.0).unwrap() + (a.as_tensor() * 2.0).unwrap()).unwrap();
+                let what = format!("n {n}, {dtype:?}, shared first {shared_first}");
+                assert_close(g.get(&a).unwrap(), &want_a, 1e-6, &format!("d a, {what}"));
+                assert_close(g.get(&b).unwrap(), &c, 0.0, &format!("d b, {what}"));
+            }
+        }
+    }
 }

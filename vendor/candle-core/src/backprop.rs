@@ -689,6 +689,46 @@ impl Tensor {
     }
 }
 
+/// `sum += grad` in the sum's own CPU buffer (f32 / f64, both contiguous, same shape), in
+/// parallel for large gradients, when no other tensor shares that buffer; `false` when it did
+/// not apply and the caller must add out of place. A gradient reaching a tensor from several
+/// consumers otherwise allocated and wrote a fresh buffer per consumer, on one thread.
+fn add_in_place(sum: &Tensor, grad: &Tensor) -> Result<bool> {
+    use crate::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b)
+        || sum.shape() != grad.shape()
+        || sum.dtype() != grad.dtype()
+        || !sum.device().is_cpu()
+        || !grad.device().is_cpu()
+        || sum.same_storage(grad)
+        || !sum.is_sole_owner()
+    {
+        return Ok(false);
+    }
+    let (Some((s0, s1)), Some((g0, g1))) = (sum.layout().contiguous_offsets(), grad.layout().contiguous_offsets()) else {
+        return Ok(false);
+    };
+    fn add<T: Copy + std::ops::AddAssign + Send + Sync>(s: &mut [T], g: &[T]) {
+        const CHUNK: usize = 1 << 15;
+        if s.len() < 2 * CHUNK {
+            s.iter_mut().zip(g).for_each(|(a, &b)| *a += b);
+        } else {
+            s.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(sc, gc)| sc.iter_mut().zip(gc).for_each(|(a, &b)| *a += b));
+        }
+    }
+    let mut s = sum.storage_mut();
+    let g = grad.storage();
+    match (&mut *s, &*g) {
+        (Storage::Cpu(CpuStorage::F32(s)), Storage::Cpu(CpuStorage::F32(g))) => add(&mut s[s0..s1], &g[g0..g1]),
+        (Storage::Cpu(CpuStorage::F64(s)), Storage::Cpu(CpuStorage::F64(g))) => add(&mut s[s0..s1], &g[g0..g1]),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
@@ -742,7 +782,12 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get_mut();
-                *sum = sum.add(grad)?;
+                if add_in_place(sum, grad)? {
+                    // The sum's own graph node, if it had one, no longer describes its value.
+                    *sum = sum.detach();
+                } else {
+                    *sum = sum.add(grad)?;
+                }
             }
             Entry::Vacant(entry) => {
                 // The first gradient to reach a tensor is stored as it is, not added into zeros.

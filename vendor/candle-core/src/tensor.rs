@@ -2112,6 +2112,15 @@ impl Tensor {
         &self.op
     }
 
+    /// Whether this handle is the only one to this tensor and to its storage, so that writing
+    /// into the storage cannot be seen through any other tensor.
+    pub(crate) fn is_sole_owner(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
+            && Arc::weak_count(&self.0) == 0
+            && Arc::strong_count(&self.storage) == 1
+            && Arc::weak_count(&self.storage) == 0
+    }
+
     /// Computes the max of all the elements in this tensor and returns a tensor holding this
     /// scalar with zero dimensions.
     ///

@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fastmath::{dot, gemm, guard_slice, softmax_row, storage_slice, unwritten, written, Real};
+use crate::fastmath::{dot, gemm, guard_slice, init_copy, softmax_row, storage_slice, unwritten, written, Real};
 
 /// A mask (or its rows): additive, or forbidden pairs (nonzero).
 #[derive(Clone, Copy)]
@@ -246,12 +246,15 @@ impl Sdpa {
         let zero = T::of(0.0);
         let scale = T::of(self.scale);
         let mask = self.mask_ref::<T>();
-        let mut dq = vec![zero; b * lq * e];
-        let mut dk = vec![zero; b * lk * e];
-        let mut dv = vec![zero; b * lk * e];
         if lk == 0 || lq == 0 || b == 0 || e == 0 {
-            return (dq, dk, dv);
+            return (vec![zero; b * lq * e], vec![zero; b * lk * e], vec![zero; b * lk * e]);
         }
+        // No gradient buffer is zero-filled: every dQ row block is written whole by its heads'
+        // products, each chunk's first row block writes its partial dK, dV rather than adding,
+        // and the final dK, dV start from the first chunk's partial sums.
+        let mut dq = unwritten::<T>(b * lq * e);
+        let mut dk = unwritten::<T>(b * lk * e);
+        let mut dv = unwritten::<T>(b * lk * e);
         // Tasks: (batch, chunk of consecutive row blocks); each chunk sums its own dK, dV.
         let threads = rayon::current_num_threads().max(1);
         let r = self.row_block();
@@ -261,7 +264,7 @@ impl Sdpa {
         let chunks = nblk.div_ceil(blk_per_chunk);
         let chunk_rows = blk_per_chunk * r;
         let part_len = 2 * lk * e;
-        let mut parts = vec![zero; b * chunks * part_len];
+        let mut parts = unwritten::<T>(b * chunks * part_len);
         // Transposed keys only to recompute the probabilities.
         let kt = if saved_probs.is_none() { heads_transposed(k, b, lk, self.heads, dh) } else { Vec::new() };
         let vt = heads_transposed(v, b, lk, self.heads, dh);
@@ -274,11 +277,15 @@ impl Sdpa {
                     .enumerate()
                     .for_each(|(c, (dqc, part))| {
                         let (dkp, dvp) = part.split_at_mut(lk * e);
+                        let (dkp, dvp) = (dkp.as_mut_ptr().cast::<T>(), dvp.as_mut_ptr().cast::<T>());
                         let mut scratch = if saved_probs.is_some() { Vec::new() } else { vec![zero; r * lk] };
                         let mut dp = vec![zero; r * lk];
                         for (j, dqblk) in dqc.chunks_mut(r * e).enumerate() {
                             let r0 = c * chunk_rows + j * r;
                             let n = dqblk.len() / e;
+                            let dqblk = dqblk.as_mut_ptr().cast::<T>();
+                            // The chunk's first block writes its partial dK, dV; the rest add.
+                            let add = j > 0;
                             let row0 = (bi * lq + r0) * e;
                             for h in 0..self.heads {
                                 let hq = row0 + h * dh;
@@ -339,7 +346,7 @@ impl Sdpa {
                                         n,
                                         dh,
                                         lk,
-                                        dqblk.as_mut_ptr().add(h * dh),
+                                        dqblk.add(h * dh),
                                         e,
                                         false,
                                         dp.as_ptr(),
@@ -355,9 +362,9 @@ impl Sdpa {
                                         lk,
                                         dh,
                                         n,
-                                        dkp.as_mut_ptr().add(h * dh),
+                                        dkp.add(h * dh),
                                         e,
-                                        true,
+                                        add,
                                         dp.as_ptr(),
                                         1,
                                         lk,
@@ -370,9 +377,9 @@ impl Sdpa {
                                         lk,
                                         dh,
                                         n,
-                                        dvp.as_mut_ptr().add(h * dh),
+                                        dvp.add(h * dh),
                                         e,
-                                        true,
+                                        add,
                                         s.as_ptr(),
                                         1,
                                         s_rs,
@@ -386,22 +393,26 @@ impl Sdpa {
                         }
                     });
             });
-        let parts = &parts;
+        // SAFETY: every chunk wrote its whole partial (each head's dh columns of all Lk rows).
+        let parts = unsafe { written(parts) };
+        let sum_parts = |bi: usize, half: usize, out: &mut [MaybeUninit<T>]| {
+            let part = |c: usize| &parts[(bi * chunks + c) * part_len + half * lk * e..][..lk * e];
+            let out = init_copy(out, part(0));
+            for c in 1..chunks {
+                for (x, &y) in out.iter_mut().zip(part(c)) {
+                    *x += y;
+                }
+            }
+        };
         dk.par_chunks_mut(lk * e)
             .zip(dv.par_chunks_mut(lk * e))
             .enumerate()
             .for_each(|(bi, (dkb, dvb))| {
-                for c in 0..chunks {
-                    let p = &parts[(bi * chunks + c) * part_len..][..part_len];
-                    for (x, &y) in dkb.iter_mut().zip(&p[..lk * e]) {
-                        *x += y;
-                    }
-                    for (x, &y) in dvb.iter_mut().zip(&p[lk * e..]) {
-                        *x += y;
-                    }
-                }
+                sum_parts(bi, 0, dkb);
+                sum_parts(bi, 1, dvb);
             });
-        (dq, dk, dv)
+        // SAFETY: dQ as above; dK and dV were written whole by `sum_parts`.
+        unsafe { (written(dq), written(dk), written(dv)) }
     }
 }
 

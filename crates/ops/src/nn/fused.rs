@@ -5,7 +5,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fastmath::{dot, gemm, guard_slice, softmax_row, softmax_short_rows, storage_slice, sum, unwritten, written, Real, LANES};
+use crate::fastmath::{dot, gemm, guard_slice, init_copy, init_fill, softmax_row, softmax_short_rows, storage_slice, sum, unwritten, written, Real, LANES};
 use crate::util::SyncPtr;
 
 /// Elements per parallel task: below this a row loop runs inline (rayon would cost more).
@@ -185,21 +185,22 @@ impl LayerNormLast {
     fn backward<T: Real>(&self, x: &[T], r: Option<&[T]>, w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let d = self.d;
         let zero = T::of(0.0);
-        let mut dx = vec![zero; x.len()];
         if d == 0 || x.is_empty() {
-            return (dx, vec![zero; d], vec![zero; d]);
+            return (vec![zero; x.len()], vec![zero; d], vec![zero; d]);
         }
         let rt = rows_per_task(d) * d;
         let n_tasks = x.len().div_ceil(rt);
+        // Every row of dx is written below, and each task zeroes its own partial sums.
+        let mut dx = unwritten::<T>(x.len());
         // Per task: [dw partial | db partial].
-        let mut parts = vec![zero; n_tasks * 2 * d];
+        let mut parts = unwritten::<T>(n_tasks * 2 * d);
         let inv_d = T::of(1.0 / d as f64);
         dx.par_chunks_mut(rt)
             .zip(x.par_chunks(rt).zip(dy.par_chunks(rt)))
             .zip(parts.par_chunks_mut(2 * d))
             .enumerate()
             .for_each(|(t, ((dxc, (xc, gc)), part))| {
-                let (pw, pb) = part.split_at_mut(d);
+                let (pw, pb) = init_fill(part, zero).split_at_mut(d);
                 let mut xhat = vec![zero; d];
                 let mut g = vec![zero; d];
                 for (j, ((dxr, xr), gr)) in dxc
@@ -226,10 +227,12 @@ impl LayerNormLast {
                     let mg = sum(&g) * inv_d;
                     let mgx = dot(&g, &xhat) * inv_d;
                     for i in 0..d {
-                        dxr[i] = rstd * (g[i] - mg - xhat[i] * mgx);
+                        dxr[i].write(rstd * (g[i] - mg - xhat[i] * mgx));
                     }
                 }
             });
+        // SAFETY: every row of dx and every task's partials were written above.
+        let (dx, parts) = unsafe { (written(dx), written(parts)) };
         let mut dw = vec![zero; d];
         let mut db = vec![zero; d];
         for part in parts.chunks_exact(2 * d) {
@@ -430,11 +433,9 @@ impl LinearOp {
             .for_each(|(c, yc)| {
                 let n = yc.len() / dout;
                 for r in yc.chunks_exact_mut(dout) {
-                    for (o, &v) in r.iter_mut().zip(b) {
-                        o.write(v);
-                    }
+                    init_copy(r, b);
                 }
-                // SAFETY: every element of yc was written just above.
+                // SAFETY: every row of yc was written just above.
                 let yc = unsafe { &mut *(yc as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
                 // SAFETY: yc is n×dout, the x rows n×din, W dout×din; all in bounds.
                 unsafe {
@@ -530,11 +531,7 @@ impl LinearOp {
             .for_each(|(c, (dxc, p))| {
                 let n = dxc.len() / din;
                 let (pw, pb) = p.split_at_mut(dout * din);
-                for s in pb.iter_mut() {
-                    s.write(zero);
-                }
-                // SAFETY: just written.
-                let pb = unsafe { &mut *(pb as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+                let pb = init_fill(pb, zero);
                 let gy = &dy[c * rows * dout..][..n * dout];
                 let masked: Vec<T>;
                 let gy = if self.relu {

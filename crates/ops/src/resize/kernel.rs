@@ -6,7 +6,9 @@
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fastmath::{storage_slice, Real};
+use std::mem::MaybeUninit;
+
+use crate::fastmath::{init_copy, init_fill, storage_slice, unwritten, written, Real};
 
 /// `(i0, w0, i1, w1)` per output index along one axis (see `interp_taps`).
 type Taps = Vec<(usize, f64, usize, f64)>;
@@ -45,8 +47,8 @@ impl Bilinear {
         }
     }
 
-    /// One plane `x` (h, w) -> `y` (oh, ow); `tmp` holds h × ow.
-    fn resize_plane<T: Real>(&self, x: &[T], y: &mut [T], tmp: &mut Vec<T>) {
+    /// One plane `x` (h, w) -> `y` (oh, ow), every element written; `tmp` holds h × ow.
+    fn resize_plane<T: Real>(&self, x: &[T], y: &mut [MaybeUninit<T>], tmp: &mut Vec<T>) {
         let ((h, w), (oh, ow)) = (self.in_hw, self.out_hw);
         // Columns first, then rows: torch's order of the two interpolations.
         let cols: &[T] = match &self.cols {
@@ -60,13 +62,15 @@ impl Bilinear {
             }
         };
         match &self.rows {
-            None => y.copy_from_slice(&cols[..h * ow]),
+            None => {
+                init_copy(y, &cols[..h * ow]);
+            }
             Some(taps) => {
                 for (out, &(i0, w0, i1, w1)) in y.chunks_exact_mut(ow).zip(taps) {
                     let (r0, r1) = (&cols[i0 * ow..(i0 + 1) * ow], &cols[i1 * ow..(i1 + 1) * ow]);
                     let (w0, w1) = (T::of(w0), T::of(w1));
                     for ((o, &a), &b) in out.iter_mut().zip(r0).zip(r1) {
-                        *o = w0 * a + w1 * b;
+                        o.write(w0 * a + w1 * b);
                     }
                 }
             }
@@ -76,7 +80,7 @@ impl Bilinear {
 
     /// One plane `g` (oh, ow) -> `x` (h, w), the transpose of [`Self::resize_plane`]; `tmp`
     /// holds h × ow.
-    fn adjoint_plane<T: Real>(&self, g: &[T], x: &mut [T], tmp: &mut Vec<T>) {
+    fn adjoint_plane<T: Real>(&self, g: &[T], x: &mut [MaybeUninit<T>], tmp: &mut Vec<T>) {
         let ((h, w), ow) = (self.in_hw, self.out_hw.1);
         let zero = T::of(0.0);
         let rows: &[T] = match &self.rows {
@@ -97,9 +101,11 @@ impl Bilinear {
             }
         };
         match &self.cols {
-            None => x.copy_from_slice(&rows[..h * w]),
+            None => {
+                init_copy(x, &rows[..h * w]);
+            }
             Some(taps) => {
-                x.fill(zero);
+                let x = init_fill(x, zero);
                 for (xrow, trow) in x.chunks_exact_mut(w).zip(rows.chunks_exact(ow)) {
                     for (&v, &(i0, w0, i1, w1)) in trow.iter().zip(taps) {
                         xrow[i0] += T::of(w0) * v;
@@ -113,7 +119,8 @@ impl Bilinear {
     fn run<T: Real>(&self, src: &[T]) -> Vec<T> {
         let ((sh, sw), (dh, dw)) = self.planes();
         let planes = src.len() / (sh * sw);
-        let mut dst = vec![T::of(0.0); planes * dh * dw];
+        // Every plane is written whole by `resize_plane` / `adjoint_plane`.
+        let mut dst = unwritten::<T>(planes * dh * dw);
         // Several small planes per task: rayon's per-task cost is about a microsecond.
         let per_task = (16384 / (dh * dw + sh * sw).max(1)).max(1);
         dst.par_chunks_mut(per_task * dh * dw)
@@ -128,7 +135,8 @@ impl Bilinear {
                     }
                 }
             });
-        dst
+        // SAFETY: see above; `chunks_exact` covers every plane, `src` holding whole planes.
+        unsafe { written(dst) }
     }
 
     /// The transposed operation: the backward of this one.
