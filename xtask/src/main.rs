@@ -133,6 +133,13 @@ fn run() -> Result<()> {
         mmformer::ops::keep_freed_memory();
     }
     let cli = Cli::parse_from(config_file::expand(std::env::args_os().collect())?);
+    // One rayon pool for everything (our kernels parallelise through rayon), with this thread,
+    // which runs the model, in it; `bench` sets its size for both sides.
+    let threads = match &cli.cmd {
+        Cmd::Bench(args) => Some(args.threads as usize),
+        _ => None,
+    };
+    mmformer::ops::init_cpu_pool(threads)?;
     match cli.cmd {
         Cmd::FetchAssets { dest, cache } => {
             let dest = dest.unwrap_or_else(assets::default_asset_dir);
@@ -298,8 +305,6 @@ fn predict(args: &PredictArgs) -> Result<()> {
 fn run_bench(args: &BenchArgs) -> Result<()> {
     let device = args.device.open()?;
     let threads = args.threads as usize;
-    // One rayon pool of `threads` threads for everything (our kernels parallelise through rayon).
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     let out = &mut std::io::stdout();
     let reps = args.reps as usize;
     let mut torch = if args.what.iter().any(|w| w == "backbone") { bench::TorchServer::start(threads, &["--fuse-bn"], out)? } else { None };

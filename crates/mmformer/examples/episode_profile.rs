@@ -15,6 +15,7 @@ fn main() -> mmformer::Result<()> {
     let args: Vec<usize> = args.iter().map(|a| a.parse().expect("numbers: shots reps size")).collect();
     let (k, reps, size) = (args.first().copied().unwrap_or(1), args.get(1).copied().unwrap_or(5), args.get(2).copied().unwrap_or(480));
     ops::init_cpu_threads();
+    ops::init_cpu_pool(None).expect("rayon pool");
     ops::keep_freed_memory();
     let dev = Device::Cpu;
     let model = MmFormer::synthetic(preset, 0, &dev)?;

@@ -8,6 +8,7 @@ use mmformer::{ops, Device, Preset};
 fn main() -> mmformer::Result<()> {
     let reps: usize = std::env::args().nth(1).map_or(10, |a| a.parse().expect("reps"));
     ops::init_cpu_threads();
+    ops::init_cpu_pool(None).expect("rayon pool");
     ops::keep_freed_memory();
     let mut b = PosTrainBench::new(Preset::Cpu, 256, 4, &Device::Cpu)?;
     for rep in 0..reps {

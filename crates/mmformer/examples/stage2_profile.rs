@@ -16,6 +16,7 @@ fn main() -> mmformer::Result<()> {
     let reps: u64 = args.get(1).map_or(10, |a| a.parse().expect("reps"));
     let batch: u64 = args.get(2).map_or(4, |a| a.parse().expect("batch"));
     ops::init_cpu_threads();
+    ops::init_cpu_pool(None).expect("rayon pool");
     ops::keep_freed_memory();
     let dev = Device::Cpu;
     let d = StageTwoData::open(&shards)?;

@@ -40,6 +40,8 @@ fn resize(c: &mut Criterion) {
     // As the binaries run: candle's element-wise pool single-threaded, the heap kept.
     ops::init_cpu_threads();
     ops::keep_freed_memory();
+    // Ignored when a run of several groups built the pool already.
+    let _ = ops::init_cpu_pool(None);
     let mut g = c.benchmark_group("resize");
     for (name, shape, out, ac) in [
         ("mask_features_to_60", [1usize, 256, 120, 120], (60usize, 60usize), false),
