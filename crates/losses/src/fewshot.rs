@@ -46,7 +46,33 @@ fn clean_label(label: &Tensor, dtype: DType, what: &str) -> Result<Tensor> {
 /// `label`: (B, H, W) 0/1/255, 255 treated as background. A sigmoid is applied to both
 /// channels; per (sample, channel) the loss is `1 − 2Σpt / max(Σp² + Σt², 1e-8)` against the
 /// targets `(label == 0, label == 1)`; the 2B terms are summed and divided by B. Returns a scalar.
+///
+/// On CPU (f32, f64) the sums come from one fused op ([`ops::nn::sigmoid_dice_sums`]);
+/// elsewhere, or with the fused kernels off, [`weighted_dice_loss_composed`].
 pub fn weighted_dice_loss(pred2: &Tensor, label: &Tensor) -> Result<Tensor> {
+    let (b, _, h, w) = dice_dims(pred2, label)?;
+    if pred2.device().is_cpu() && matches!(pred2.dtype(), DType::F32 | DType::F64) && ops::fused_kernels_enabled() {
+        return weighted_dice_from_sums(pred2, label, (b, h * w));
+    }
+    weighted_dice_loss_composed(pred2, label)
+}
+
+/// [`weighted_dice_loss`] from candle ops on the whole prediction, on any device: the path off
+/// the CPU, and the CPU path's cross-check.
+pub fn weighted_dice_loss_composed(pred2: &Tensor, label: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = dice_dims(pred2, label)?;
+    let dt = pred2.dtype();
+    let l = clean_label(label, dt, "weighted_dice_loss")?;
+    let t = Tensor::stack(&[&l.eq(0f64)?, &l.eq(1f64)?], 1)?.to_dtype(dt)?.reshape((b, c, h * w))?;
+    let p = candle_nn::ops::sigmoid(pred2)?.reshape((b, c, h * w))?;
+    let inter = (&p * &t)?.sum(D::Minus1)?;
+    let denom = (p.sqr()?.sum(D::Minus1)? + t.sum(D::Minus1)?)?.maximum(DICE_EPS)?; // t² = t
+    let dice = (inter.affine(-2.0, 0.0)? / denom)?.affine(1.0, 1.0)?;
+    dice.sum_all()? / b as f64
+}
+
+/// (B, 2, H, W) of a two-channel prediction whose label is (B, H, W).
+fn dice_dims(pred2: &Tensor, label: &Tensor) -> Result<(usize, usize, usize, usize)> {
     let (b, c, h, w) = match pred2.dims() {
         &[b, 2, h, w] => (b, 2, h, w),
         _ => bail!("weighted_dice_loss: prediction must be (B, 2, H, W), got {:?}", pred2.shape()),
@@ -54,12 +80,42 @@ pub fn weighted_dice_loss(pred2: &Tensor, label: &Tensor) -> Result<Tensor> {
     if label.dims() != [b, h, w] {
         bail!("weighted_dice_loss: label {:?} must be (B={b}, H={h}, W={w})", label.shape());
     }
-    let dt = pred2.dtype();
-    let l = clean_label(label, dt, "weighted_dice_loss")?;
-    let t = Tensor::stack(&[&l.eq(0f64)?, &l.eq(1f64)?], 1)?.to_dtype(dt)?.reshape((b, c, h * w))?;
-    let p = candle_nn::ops::sigmoid(pred2)?.reshape((b, c, h * w))?;
-    let inter = (&p * &t)?.sum(D::Minus1)?;
-    let denom = (p.sqr()?.sum(D::Minus1)? + t.sum(D::Minus1)?)?.maximum(DICE_EPS)?; // t² = t
+    Ok((b, c, h, w))
+}
+
+/// [`weighted_dice_loss`] on CPU: the two targets built once from the label values (taken in
+/// the prediction's dtype, as the composed path compares them), the sums by
+/// [`ops::nn::sigmoid_dice_sums`] in one parallel pass each way, the rest on (B, 2) values.
+fn weighted_dice_from_sums(pred2: &Tensor, label: &Tensor, (b, n): (usize, usize)) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let values: Vec<f64> = match pred2.dtype() {
+        DType::F32 => label.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
+        _ => label.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+    };
+    // Per sample: [background target | foreground target]; 255 counts as background.
+    let mut targets = vec![0u8; b * 2 * n];
+    let counts: Vec<[f64; 2]> = targets
+        .par_chunks_mut(2 * n)
+        .zip(values.par_chunks(n))
+        .map(|(t, l)| {
+            let (bg, fg) = t.split_at_mut(n);
+            let mut count = [0.0; 2];
+            for ((tb, tf), &v) in bg.iter_mut().zip(fg.iter_mut()).zip(l) {
+                let v = if v == 255.0 { 0.0 } else { v };
+                *tb = u8::from(v == 0.0);
+                *tf = u8::from(v == 1.0);
+                count[0] += f64::from(*tb);
+                count[1] += f64::from(*tf);
+            }
+            count
+        })
+        .collect();
+    let dev = pred2.device();
+    let t = Tensor::from_vec(targets, (b * 2, n), dev)?;
+    let sums = ops::nn::sigmoid_dice_sums(&pred2.reshape((b * 2, n))?, &t)?; // (2B, 2)
+    let t_sum = Tensor::from_vec(counts.concat(), b * 2, dev)?.to_dtype(pred2.dtype())?;
+    let inter = sums.narrow(1, 0, 1)?.squeeze(1)?;
+    let denom = (sums.narrow(1, 1, 1)?.squeeze(1)? + t_sum)?.maximum(DICE_EPS)?; // t² = t
     let dice = (inter.affine(-2.0, 0.0)? / denom)?.affine(1.0, 1.0)?;
     dice.sum_all()? / b as f64
 }

@@ -4,7 +4,7 @@
 /// Wrapped so that `cargo test -p losses fewshot` selects these tests by name.
 mod fewshot {
     use candle_core::{Device, Tensor, Var};
-    use losses::fewshot::{co_loss, soft_iou, stage2_loss, weighted_dice_loss, Stage2Weights};
+    use losses::fewshot::{co_loss, soft_iou, stage2_loss, weighted_dice_loss, weighted_dice_loss_composed, Stage2Weights};
 
     fn t(v: &[f32], shape: &[usize]) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
@@ -171,5 +171,29 @@ mod fewshot {
         assert_eq!(both.em.dims(), &[2, 2]);
         let e = co_loss(&c, &i.narrow(1, 0, 3).unwrap()).unwrap_err().to_string();
         assert!(e.contains("ious"), "{e}");
+    }
+
+    /// The CPU path (targets built once, fused sums) gives the composed loss and gradient, with
+    /// labels of 0, 1, 255 (background) and another value (neither target), a sample without
+    /// foreground, both dtypes.
+    #[test]
+    fn dice_cpu_path_matches_composed() {
+        let (b, h, w) = (3usize, 37usize, 41usize);
+        let n = h * w;
+        let labels: Vec<f32> = (0..b * n)
+            .map(|i| if i < n { [0., 255., 2.][i % 3] } else { [0., 1., 1., 255., 2., 0., 1.][(i * 31 + i / 7) % 7] })
+            .collect();
+        let label = t(&labels, &[b, h, w]).to_dtype(candle_core::DType::U8).unwrap();
+        for (dtype, tol) in [(candle_core::DType::F64, 1e-12), (candle_core::DType::F32, 2e-5)] {
+            let xs: Vec<f32> = (0..b * 2 * n).map(|i| ((i as f32 * 0.37).sin() * 6.0)).collect();
+            let pred = Var::from_tensor(&t(&xs, &[b, 2, h, w]).to_dtype(dtype).unwrap()).unwrap();
+            let fused = weighted_dice_loss(&pred, &label).unwrap();
+            let composed = weighted_dice_loss_composed(&pred, &label).unwrap();
+            assert!((val(&fused) - val(&composed)).abs() <= tol, "{dtype:?}: {} vs {}", val(&fused), val(&composed));
+            let gf = fused.backward().unwrap().get(&pred).unwrap().to_dtype(candle_core::DType::F64).unwrap();
+            let gc = composed.backward().unwrap().get(&pred).unwrap().to_dtype(candle_core::DType::F64).unwrap();
+            let diff = (gf - gc).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff <= tol, "{dtype:?}: gradients differ by {diff:e}");
+        }
     }
 }

@@ -9,6 +9,7 @@ use candle_nn::{Init, Linear, Module, VarBuilder};
 use crate::fastmath::{fusable, guard_slice};
 use crate::util::ensure_float;
 
+mod dice;
 mod fused;
 mod matmul;
 
@@ -23,6 +24,38 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
         return x.contiguous()?.apply_op1(fused::SoftmaxLast { d });
     }
     softmax_composed(x, dim)
+}
+
+/// Per row of logits `x` (R, N) against 0/1 targets `t` (R, N) (u8, nonzero = 1): the (R, 2)
+/// sums `[Σ σ(x)·t, Σ σ(x)²]` of a sigmoid dice loss; gradients flow to `x`.
+///
+/// On CPU one parallel pass each way (σ from `exp(−|x|)`, sums in 16 lanes per chunk of 8192,
+/// then in f64); otherwise [`sigmoid_dice_sums_composed`].
+pub fn sigmoid_dice_sums(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let (rows, n) = dice_dims(x, t)?;
+    if fusable(x) && t.device().is_cpu() {
+        return x.contiguous()?.apply_op2(&t.contiguous()?, dice::SigmoidDiceSums { rows, n });
+    }
+    sigmoid_dice_sums_composed(x, t)
+}
+
+/// [`sigmoid_dice_sums`] from candle ops, on any device: the path off the CPU, and the fused
+/// kernel's cross-check.
+pub fn sigmoid_dice_sums_composed(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    dice_dims(x, t)?;
+    let p = candle_nn::ops::sigmoid(x)?;
+    let tf = t.ne(0u8)?.to_dtype(x.dtype())?;
+    Tensor::stack(&[(&p * &tf)?.sum(1)?, p.sqr()?.sum(1)?], 1)
+}
+
+/// (R, N) of float logits and u8 targets of the same shape.
+fn dice_dims(x: &Tensor, t: &Tensor) -> Result<(usize, usize)> {
+    ensure_float(x, "sigmoid_dice_sums")?;
+    let (rows, n) = x.dims2()?;
+    if t.dims() != [rows, n] || t.dtype() != DType::U8 {
+        bail!("sigmoid_dice_sums: targets must be u8 ({rows}, {n}), got {:?} {:?}", t.dtype(), t.shape());
+    }
+    Ok((rows, n))
 }
 
 /// (B, C, H, W) feature map -> (B, H·W, C) tokens, row-major over positions (contiguous). On

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Module;
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_close, check_grads, Rng};
-use ops::nn::{linear, linear_relu, softmax, softmax_composed, LayerNorm};
+use ops::nn::{linear, linear_relu, sigmoid_dice_sums, sigmoid_dice_sums_composed, softmax, softmax_composed, LayerNorm};
 
 fn grads_of(out: &Tensor, proj: &Tensor, vars: &[&Var]) -> Vec<Tensor> {
     let g = out
@@ -309,4 +309,36 @@ fn fused_linear_matches_candle() {
         "transposed operands",
     );
     assert!(linear(&x, &w.t().unwrap(), None).is_err());
+}
+
+/// The fused dice sums against the composed ones, value and gradient: rows of one chunk, of
+/// several, and rows that straddle chunks; logits at 0, ±0, ±100 and ±1e30 (σ saturates without
+/// overflow); targets 0, 1 and other nonzero values (which count as 1).
+#[test]
+fn sigmoid_dice_sums_match_composed() {
+    let mut rng = Rng::new(710);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        for (rows, n) in [(1usize, 1usize), (3, 5), (8, 65_536), (3, 2 * 8192 + 37)] {
+            let mut xv = rng.vec(rows * n, -6.0, 6.0);
+            for (i, v) in [0.0, -0.0, 100.0, -100.0, 1e30, -1e30].into_iter().enumerate() {
+                let len = xv.len();
+                if i < len {
+                    xv[(i * 7919) % len] = v;
+                }
+            }
+            let x = Var::from_tensor(&Tensor::from_vec(xv, (rows, n), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let tv: Vec<u8> = (0..rows * n).map(|i| [0u8, 1, 0, 7, 1][(rng.next_u64() as usize + i) % 5]).collect();
+            let t = Tensor::from_vec(tv, (rows, n), &Device::Cpu).unwrap();
+            let proj = rng.tensor(&[rows, 2], -1.0, 1.0, dtype);
+            let a = sigmoid_dice_sums(&x, &t).unwrap();
+            let b = sigmoid_dice_sums_composed(&x, &t).unwrap();
+            let what = format!("dice sums {dtype:?} {rows}x{n}");
+            // Relative to the sums' size (up to n).
+            assert_close(&a, &b, tol * n as f64, &what);
+            let (ga, gb) = (grads_of(&a, &proj, &[&x]), grads_of(&b, &proj, &[&x]));
+            assert_close(&ga[0], &gb[0], tol, &format!("{what} grad"));
+        }
+    }
+    let bad = sigmoid_dice_sums(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(), &Tensor::zeros((2, 4), DType::U8, &Device::Cpu).unwrap());
+    assert!(bad.unwrap_err().to_string().contains("targets must be u8 (2, 3)"));
 }
