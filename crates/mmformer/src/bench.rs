@@ -549,10 +549,10 @@ impl PosTrainBench {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.iter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let l = self.criterion.forward_with_rng(&out.all_predictions(), &self.targets, &self.label, &mut rng)?;
         let t2 = now()?;
-        let mut grads = l.total.backward()?;
+        let grads = l.total.backward()?;
         let t3 = now()?;
-        train::clip_grad_norm(&mut grads, &self.vars, 0.01)?;
-        self.opt.step(&grads, 1e-4)?;
+        let norm = train::grad_norm(&grads, &self.vars)?;
+        self.opt.step_scaled(&grads, 1e-4, train::clip_coefficient(norm, 0.01))?;
         let t4 = now()?;
         self.iter += 1;
         let loss = l.total.to_scalar::<f32>()? as f64;
@@ -832,10 +832,10 @@ pub fn timed_stage2_step(mm: &MaskMatching, opt: &mut AdamW, vars: &[train::Name
     let loss = stage2_loss(&out.two_channel()?, &b.query_label, &out.cosine, &out.proposal_probs, Stage2Weights::default())?;
     let _ = loss.total.to_scalar::<f32>()?;
     let t_loss = t.elapsed().as_secs_f64();
-    let mut grads = loss.total.backward()?;
+    let grads = loss.total.backward()?;
     let t_bwd = t.elapsed().as_secs_f64();
-    train::clip_grad_norm(&mut grads, vars, 0.01)?;
-    opt.step(&grads, 1e-4)?;
+    let norm = train::grad_norm(&grads, vars)?;
+    opt.step_scaled(&grads, 1e-4, train::clip_coefficient(norm, 0.01))?;
     let t_step = t.elapsed().as_secs_f64();
     Ok(Stage2StepTimes { forward_ms: t_fwd * 1e3, loss_ms: (t_loss - t_fwd) * 1e3, backward_ms: (t_bwd - t_loss) * 1e3, step_ms: (t_step - t_bwd) * 1e3 })
 }

@@ -15,7 +15,7 @@ mod vars;
 pub use checkpoint::{sha256_file, Checkpoint, CheckpointStore, TrainState};
 pub use init::{seeded_randn, seeded_var_builder};
 pub use log::{peak_rss_mb, JsonlLog};
-pub use optim::{clip_grad_norm, default_no_decay, AdamW, AdamWConfig, NamedVar, PolyLr};
+pub use optim::{clip_coefficient, clip_grad_norm, default_no_decay, grad_norm, AdamW, AdamWConfig, NamedVar, PolyLr};
 pub use progress::{NotesToStderr, Progress, Silent};
 pub use run::{apply_step, checkpoint_store, resume_or_start, save_checkpoints, train, Evaluation, LoopConfig, RunSpec, Stage, Step, StepLoss};
 pub use vars::{load_into, named_vars, varmap_tensors};

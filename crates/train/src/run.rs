@@ -286,8 +286,8 @@ pub fn apply_step(loss: &Tensor, vars: &[NamedVar], opt: &mut AdamW, clip: f64, 
     if !value.is_finite() {
         return Ok(Step::Skipped { loss: value, grad_norm: f64::NAN, parameter: None });
     }
-    let mut grads = loss.backward()?;
-    let gnorm = crate::clip_grad_norm(&mut grads, vars, clip)?;
+    let grads = loss.backward()?;
+    let gnorm = crate::grad_norm(&grads, vars)?;
     if !gnorm.is_finite() {
         let mut parameter = None;
         for v in vars {
@@ -301,6 +301,7 @@ pub fn apply_step(loss: &Tensor, vars: &[NamedVar], opt: &mut AdamW, clip: f64, 
         }
         return Ok(Step::Skipped { loss: value, grad_norm: gnorm, parameter });
     }
-    opt.step(&grads, lr)?;
+    // Clipping folded into the update: the same values as rescaling the gradients first.
+    opt.step_scaled(&grads, lr, crate::clip_coefficient(gnorm, clip))?;
     Ok(Step::Applied { loss: value, grad_norm: gnorm })
 }
