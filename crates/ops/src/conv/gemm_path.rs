@@ -459,16 +459,41 @@ pub(crate) fn tap_major(
     cin_g: usize,
     taps: usize,
 ) -> Vec<f32> {
+    assert_eq!(w.len(), groups * cout_g * cin_g * taps, "tap_major: weight size");
     let mut out = vec![0f32; w.len()];
-    for g in 0..groups {
-        for co in 0..cout_g {
-            for ci in 0..cin_g {
-                let src = &w[((g * cout_g + co) * cin_g + ci) * taps..][..taps];
-                for (t, v) in src.iter().enumerate() {
-                    out[((g * taps + t) * cout_g + co) * cin_g + ci] = *v;
+    if cin_g == 0 {
+        return out;
+    }
+    // Output rows (g, t, co) written contiguously, in parallel: the functional 3×3 convs (the
+    // POS's, whose weights are not pre-packed) reorder their weights on every call, and the
+    // scattered single-threaded writes took a few ms for a 256 → 256 kernel.
+    out.par_chunks_mut(cin_g).enumerate().with_min_len(64).for_each(|(r, row)| {
+        let (g, t, co) = (r / (taps * cout_g), (r / cout_g) % taps, r % cout_g);
+        let src = &w[(g * cout_g + co) * cin_g * taps + t..];
+        for (ci, o) in row.iter_mut().enumerate() {
+            *o = src[ci * taps];
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every weight lands at (group, tap, out channel, in channel), groups and all.
+    #[test]
+    fn tap_major_reorders_every_weight() {
+        let (groups, cout_g, cin_g, taps) = (3, 5, 70, 9);
+        let w: Vec<f32> = (0..groups * cout_g * cin_g * taps).map(|i| i as f32).collect();
+        let out = super::tap_major(&w, groups, cout_g, cin_g, taps);
+        for g in 0..groups {
+            for co in 0..cout_g {
+                for ci in 0..cin_g {
+                    for t in 0..taps {
+                        let want = w[((g * cout_g + co) * cin_g + ci) * taps + t];
+                        assert_eq!(out[((g * taps + t) * cout_g + co) * cin_g + ci], want, "g {g} co {co} ci {ci} t {t}");
+                    }
                 }
             }
         }
     }
-    out
 }
