@@ -587,18 +587,27 @@ impl LinearOp {
             });
         // SAFETY: each chunk's gemms wrote its dx rows and dW, and its bias sums were zeroed.
         let (dx, parts) = unsafe { (written(dx), written(parts)) };
-        let mut chunks = parts.chunks_exact(part);
-        let first = chunks.next().expect("n > 0 gives a chunk");
-        let (mut dw, mut db) = (first[..dout * din].to_vec(), first[dout * din..].to_vec());
-        for p in chunks {
-            for (s, &g) in dw.iter_mut().zip(&p[..dout * din]) {
-                *s += g;
+        // The chunks' dW summed in chunk order, in parallel over blocks of the weight (a
+        // 256 × 1024 dW from 4 chunks is a million additions).
+        const BLOCK: usize = 1 << 14;
+        let mut dw = unwritten::<T>(dout * din);
+        dw.par_chunks_mut(BLOCK).enumerate().for_each(|(k, out)| {
+            let at = k * BLOCK;
+            let out = init_copy(out, &parts[at..at + out.len()]);
+            for c in 1..n_chunks {
+                for (s, &g) in out.iter_mut().zip(&parts[c * part + at..]) {
+                    *s += g;
+                }
             }
-            for (s, &g) in db.iter_mut().zip(&p[dout * din..]) {
+        });
+        let mut db = parts[dout * din..part].to_vec();
+        for c in 1..n_chunks {
+            for (s, &g) in db.iter_mut().zip(&parts[c * part + dout * din..]) {
                 *s += g;
             }
         }
-        (dx, dw, db)
+        // SAFETY: the blocks cover dW.
+        (dx, unsafe { written(dw) }, db)
     }
 }
 
