@@ -58,7 +58,8 @@ fn channel_matmul(weight: &Tensor, x: &Tensor, what: &str) -> Result<Tensor> {
 /// When a gradient can be needed (a trainable weight or a tracked input) the convolution is
 /// `ops::conv::conv2d_trainable`, whose forward and backward run the fast gemm kernels (candle's
 /// matmul backward of a weight broadcast over the batch reduces through slow strided sums);
-/// otherwise it is `W · X` per image, a plain matmul.
+/// otherwise it is `ops::conv::conv2d` with the bias in its epilogue, or without a bias `W · X`
+/// per image, a plain matmul.
 #[derive(Debug, Clone)]
 pub struct Conv1x1 {
     weight: Tensor,
@@ -74,20 +75,22 @@ impl Conv1x1 {
 
     /// (B, Cin, H, W) -> (B, Cout, H, W)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, c, _, _) = dims4(x, "Conv1x1")?;
+        let cin = self.weight.dim(1)?;
+        if c != cin {
+            bail!("Conv1x1: input has {c} channels, layer expects {cin}");
+        }
         let trainable = self.weight.track_op() || x.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
         if trainable {
             // The bias is added (and its gradient summed) inside the op.
-            let (_, c, _, _) = dims4(x, "Conv1x1")?;
-            let cin = self.weight.dim(1)?;
-            if c != cin {
-                bail!("Conv1x1: input has {c} channels, layer expects {cin}");
-            }
             return ops::conv::conv2d_trainable(x, &self.weight, self.bias.as_ref(), [0; 4]);
         }
-        let y = conv(&self.weight, x, "Conv1x1")?;
         match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?),
-            None => Ok(y),
+            // The bias added in the convolution's parallel epilogue, not by a single-threaded
+            // broadcast add over the output (256 × 120² at the paper size: 11.1 → 10.1 ms, the
+            // same values).
+            Some(bias) => ops::conv::conv2d(x, &self.weight, Some(bias), ConvSpec::same_as_torch(1, 0), Activation::None, None),
+            None => conv(&self.weight, x, "Conv1x1"),
         }
     }
 }
