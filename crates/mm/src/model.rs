@@ -157,7 +157,7 @@ impl MmOutput {
 
     /// (B, 2, H, W) the official `few_shot_result` `[1 − out, out]`.
     pub fn two_channel(&self) -> Result<Tensor> {
-        Tensor::cat(&[&self.out.affine(-1.0, 1.0)?, &self.out], 1)
+        ops::nn::complement_pair(&self.out)
     }
 
     /// (B, H, W) u8 foreground prediction: the argmax over `[1 − out, out]`, i.e. `out > 0.5`.

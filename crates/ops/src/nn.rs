@@ -58,6 +58,35 @@ fn dice_dims(x: &Tensor, t: &Tensor) -> Result<(usize, usize)> {
     Ok((rows, n))
 }
 
+/// `[1 − x, x]` along dimension 1 of a (B, 1, …) tensor: (B, 2, …), MM-Former's two-channel
+/// `few_shot_result`; gradients flow to `x`. On CPU one pass each way (the composed form's
+/// backward copies each strided half of the gradient and adds them); the same values as
+/// [`complement_pair_composed`].
+pub fn complement_pair(x: &Tensor) -> Result<Tensor> {
+    let (b, n) = complement_dims(x)?;
+    if !fusable(x) || x.elem_count() == 0 {
+        return complement_pair_composed(x);
+    }
+    let mut dims = x.dims().to_vec();
+    dims[1] = 2;
+    x.contiguous()?.apply_op1(fused::ComplementPair { b, n })?.reshape(dims)
+}
+
+/// [`complement_pair`] from candle ops, on any device.
+pub fn complement_pair_composed(x: &Tensor) -> Result<Tensor> {
+    complement_dims(x)?;
+    Tensor::cat(&[&x.affine(-1.0, 1.0)?, x], 1)
+}
+
+/// (B, values per sample) of a (B, 1, …) float tensor.
+fn complement_dims(x: &Tensor) -> Result<(usize, usize)> {
+    ensure_float(x, "complement_pair")?;
+    match x.dims() {
+        [b, 1, ..] => Ok((*b, x.elem_count() / (*b).max(1))),
+        d => bail!("complement_pair: expected (B, 1, ...), got {d:?}"),
+    }
+}
+
 /// (B, C, H, W) feature map -> (B, H·W, C) tokens, row-major over positions (contiguous). On
 /// CPU a tiled parallel transposition (forward and backward) instead of candle's single-threaded
 /// strided copy (256 × 60² in f32 on 2 threads: 1.2–2.6 → 0.6 ms).

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Module;
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_close, check_grads, Rng};
-use ops::nn::{linear, linear_relu, sigmoid_dice_sums, sigmoid_dice_sums_composed, softmax, softmax_composed, LayerNorm};
+use ops::nn::{complement_pair, complement_pair_composed, linear, linear_relu, sigmoid_dice_sums, sigmoid_dice_sums_composed, softmax, softmax_composed, LayerNorm};
 
 fn grads_of(out: &Tensor, proj: &Tensor, vars: &[&Var]) -> Vec<Tensor> {
     let g = out
@@ -341,4 +341,28 @@ fn sigmoid_dice_sums_match_composed() {
     }
     let bad = sigmoid_dice_sums(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(), &Tensor::zeros((2, 4), DType::U8, &Device::Cpu).unwrap());
     assert!(bad.unwrap_err().to_string().contains("targets must be u8 (2, 3)"));
+}
+
+/// `[1 − x, x]` and its gradient equal the composed cat to the bit, f32 and f64, one and many
+/// tasks; a two-channel input is refused.
+#[test]
+fn complement_pair_matches_composed_to_the_bit() {
+    let mut rng = Rng::new(720);
+    for dtype in [DType::F64, DType::F32] {
+        for shape in [vec![3usize, 1, 5, 7], vec![2, 1, 256, 256], vec![4, 1, 9]] {
+            let x = Var::from_tensor(&rng.tensor(&shape, -3.0, 3.0, dtype)).unwrap();
+            let mut out_shape = shape.clone();
+            out_shape[1] = 2;
+            let proj = rng.tensor(&out_shape, -1.0, 1.0, dtype);
+            let a = complement_pair(&x).unwrap();
+            let b = complement_pair_composed(&x).unwrap();
+            let what = format!("complement pair {dtype:?} {shape:?}");
+            assert_eq!(a.dims(), &out_shape[..], "{what}");
+            assert_close(&a, &b, 0.0, &what);
+            let (ga, gb) = (grads_of(&a, &proj, &[&x]), grads_of(&b, &proj, &[&x]));
+            assert_close(&ga[0], &gb[0], 0.0, &format!("{what} grad"));
+        }
+    }
+    let e = complement_pair(&Tensor::zeros((2, 2, 3), DType::F32, &Device::Cpu).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("expected (B, 1, ...)"), "{e}");
 }

@@ -787,3 +787,73 @@ impl CustomOp1 for Transpose12 {
         Ok(Some(grad.contiguous()?.apply_op1(back)?))
     }
 }
+
+/// `[1 − x, x]` of `b` samples of `n` values each, (B, 2, n) out; its backward maps the
+/// (B, 2, n) gradient g back to `g₁ − g₀`, one pass each way (see `nn::complement_pair`).
+#[derive(Debug, Clone)]
+pub(crate) struct ComplementPair {
+    pub b: usize,
+    pub n: usize,
+}
+
+impl ComplementPair {
+    fn forward<T: Real>(&self, x: &[T]) -> Vec<T> {
+        let one = T::of(1.0);
+        let mut y = unwritten::<T>(self.b * 2 * self.n);
+        y.par_chunks_mut(2 * self.n).zip(x.par_chunks(self.n)).for_each(|(ys, xs)| {
+            let (bg, fg) = ys.split_at_mut(self.n);
+            // 1 − x as candle's affine computes it: x · (−1) + 1, the same value.
+            for ((b, f), &v) in bg.iter_mut().zip(fg.iter_mut()).zip(xs) {
+                b.write(v * T::of(-1.0) + one);
+                f.write(v);
+            }
+        });
+        // SAFETY: both halves of every sample were written.
+        unsafe { written(y) }
+    }
+
+    fn backward<T: Real>(&self, g: &[T]) -> Vec<T> {
+        let mut dx = unwritten::<T>(self.b * self.n);
+        dx.par_chunks_mut(self.n).zip(g.par_chunks(2 * self.n)).for_each(|(d, gs)| {
+            let (g0, g1) = gs.split_at(self.n);
+            // g₁ + (−g₀), as candle's backward adds the two paths' gradients.
+            for ((o, &a), &b) in d.iter_mut().zip(g0).zip(g1) {
+                o.write(b + a * T::of(-1.0));
+            }
+        });
+        // SAFETY: every sample's n values were written.
+        unsafe { written(dx) }
+    }
+}
+
+impl CustomOp1 for ComplementPair {
+    fn name(&self) -> &'static str {
+        "complement-pair"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l.shape().elem_count() != self.b * self.n {
+            bail!("complement pair: input {:?} is not {} × {}", l.shape(), self.b, self.n);
+        }
+        let out = match s {
+            CpuStorage::F32(_) => f32::into_storage(self.forward(storage_slice::<f32>(s, l, "complement pair")?)),
+            CpuStorage::F64(_) => f64::into_storage(self.forward(storage_slice::<f64>(s, l, "complement pair")?)),
+            _ => bail!("complement pair: only f32 and f64 are supported"),
+        };
+        Ok((out, Shape::from((self.b, 2, self.n))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        fn run<T: Real>(op: &ComplementPair, grad: &Tensor) -> Result<Vec<T>> {
+            let grad = grad.contiguous()?;
+            let g = grad.storage_and_layout();
+            Ok(op.backward(guard_slice::<T>(&g, "complement pair grad")?))
+        }
+        let dx = match grad.dtype() {
+            DType::F32 => Tensor::from_vec(run::<f32>(self, grad)?, arg.shape(), arg.device())?,
+            DType::F64 => Tensor::from_vec(run::<f64>(self, grad)?, arg.shape(), arg.device())?,
+            dt => bail!("complement pair: unsupported dtype {dt:?}"),
+        };
+        Ok(Some(dx))
+    }
+}
