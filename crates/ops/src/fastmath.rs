@@ -403,6 +403,19 @@ pub(crate) fn init_fill<T: Copy>(dst: &mut [std::mem::MaybeUninit<T>], v: T) -> 
     unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
 
+/// `out` written with the sum, in order, of `count ≥ 1` partials `parts[first + c·stride..]`
+/// (each `out.len()` long), then seen as initialised: the first partial copied, the others added.
+pub(crate) fn sum_partials<'a, T: Real>(out: &'a mut [std::mem::MaybeUninit<T>], parts: &[T], first: usize, stride: usize, count: usize) -> &'a mut [T] {
+    let len = out.len();
+    let out = init_copy(out, &parts[first..first + len]);
+    for c in 1..count {
+        for (s, &g) in out.iter_mut().zip(&parts[first + c * stride..][..len]) {
+            *s += g;
+        }
+    }
+    out
+}
+
 /// The elements of an [`unwritten`] vector once all of them have been written.
 ///
 /// # Safety

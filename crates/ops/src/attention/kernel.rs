@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fastmath::{dot, gemm, guard_slice, init_copy, softmax_row, storage_slice, unwritten, written, Real};
+use crate::fastmath::{dot, gemm, guard_slice, softmax_row, storage_slice, sum_partials, unwritten, written, Real};
 
 /// A mask (or its rows): additive, or forbidden pairs (nonzero).
 #[derive(Clone, Copy)]
@@ -396,13 +396,7 @@ impl Sdpa {
         // SAFETY: every chunk wrote its whole partial (each head's dh columns of all Lk rows).
         let parts = unsafe { written(parts) };
         let sum_parts = |bi: usize, half: usize, out: &mut [MaybeUninit<T>]| {
-            let part = |c: usize| &parts[(bi * chunks + c) * part_len + half * lk * e..][..lk * e];
-            let out = init_copy(out, part(0));
-            for c in 1..chunks {
-                for (x, &y) in out.iter_mut().zip(part(c)) {
-                    *x += y;
-                }
-            }
+            sum_partials(out, &parts, bi * chunks * part_len + half * lk * e, part_len, chunks);
         };
         dk.par_chunks_mut(lk * e)
             .zip(dv.par_chunks_mut(lk * e))

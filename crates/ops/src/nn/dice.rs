@@ -19,7 +19,7 @@ pub(super) struct SigmoidDiceSums {
 
 /// σ(x) for the fused kernels: from `exp(−|x|)` (never overflows), branch-free so that loops over
 /// it vectorise; within a few ulp of `1 / (1 + exp(−x))`.
-pub(super) trait Sigmoid: Real {
+trait Sigmoid: Real {
     fn sigmoid(self) -> Self;
 }
 

@@ -5,7 +5,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fastmath::{dot, gemm, guard_slice, init_copy, init_fill, softmax_row, softmax_short_rows, storage_slice, sum, unwritten, written, Real, LANES};
+use crate::fastmath::{dot, gemm, guard_slice, init_copy, init_fill, softmax_row, softmax_short_rows, storage_slice, sum, sum_partials, unwritten, written, Real, LANES};
 use crate::util::SyncPtr;
 
 /// Elements per parallel task: below this a row loop runs inline (rayon would cost more).
@@ -592,22 +592,12 @@ impl LinearOp {
         const BLOCK: usize = 1 << 14;
         let mut dw = unwritten::<T>(dout * din);
         dw.par_chunks_mut(BLOCK).enumerate().for_each(|(k, out)| {
-            let at = k * BLOCK;
-            let out = init_copy(out, &parts[at..at + out.len()]);
-            for c in 1..n_chunks {
-                for (s, &g) in out.iter_mut().zip(&parts[c * part + at..]) {
-                    *s += g;
-                }
-            }
+            sum_partials(out, &parts, k * BLOCK, part, n_chunks);
         });
-        let mut db = parts[dout * din..part].to_vec();
-        for c in 1..n_chunks {
-            for (s, &g) in db.iter_mut().zip(&parts[c * part + dout * din..]) {
-                *s += g;
-            }
-        }
-        // SAFETY: the blocks cover dW.
-        (dx, unsafe { written(dw) }, db)
+        let mut db = unwritten::<T>(dout);
+        sum_partials(&mut db, &parts, dout * din, part, n_chunks);
+        // SAFETY: the blocks cover dW; db was written whole.
+        (dx, unsafe { written(dw) }, unsafe { written(db) })
     }
 }
 
