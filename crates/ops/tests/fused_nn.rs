@@ -269,7 +269,7 @@ fn fused_linear_matches_candle() {
             let mut out_shape = shape.clone();
             *out_shape.last_mut().unwrap() = d_out;
             let proj = rng.tensor(&out_shape, -1.0, 1.0, dtype);
-            for (with_bias, relu) in [(true, false), (false, false), (true, true)] {
+            for (with_bias, relu) in [(true, false), (false, false), (true, true), (false, true)] {
                 let bias = with_bias.then(|| b.as_tensor());
                 let (a, c) = if relu {
                     let c = candle_nn::Linear::new(w.as_tensor().clone(), bias.cloned())

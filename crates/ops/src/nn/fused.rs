@@ -353,6 +353,15 @@ impl CustomOp3 for LayerNormLast {
 const FEW_ROWS: usize = 1024;
 const LARGE_WEIGHT: usize = 1 << 19;
 
+/// `v = relu(v + b)` elementwise, with [`relu_in_place`]'s rule (NaN becomes 0).
+fn bias_relu_in_place<T: Real>(v: &mut [T], b: &[T]) {
+    let zero = T::of(0.0);
+    for (x, &b) in v.iter_mut().zip(b) {
+        let s = *x + b;
+        *x = if s > zero { s } else { zero };
+    }
+}
+
 fn relu_in_place<T: Real>(v: &mut [T]) {
     let zero = T::of(0.0);
     for x in v.iter_mut() {
@@ -432,20 +441,25 @@ impl LinearOp {
             .enumerate()
             .for_each(|(c, yc)| {
                 let n = yc.len() / dout;
-                for r in yc.chunks_exact_mut(dout) {
-                    init_copy(r, b);
+                // With a ReLU the gemm writes the products and one pass then adds the bias and
+                // rectifies; without, the rows start as the bias and the gemm adds into them.
+                // Either way the output is crossed once besides the gemm (4725×256→1024 + ReLU:
+                // one pass fewer than bias, gemm, ReLU).
+                if !self.relu {
+                    for r in yc.chunks_exact_mut(dout) {
+                        init_copy(r, b);
+                    }
                 }
-                // SAFETY: every row of yc was written just above.
-                let yc = unsafe { &mut *(yc as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-                // SAFETY: yc is n×dout, the x rows n×din, W dout×din; all in bounds.
+                // SAFETY: yc is n×dout, the x rows n×din, W dout×din; all in bounds. The gemm
+                // reads yc only where its rows were written above (accumulate = !relu).
                 unsafe {
                     gemm(
                         n,
                         dout,
                         din,
-                        yc.as_mut_ptr(),
+                        yc.as_mut_ptr().cast::<T>(),
                         dout,
-                        true,
+                        !self.relu,
                         x.as_ptr().add(c * rows * din),
                         din,
                         1,
@@ -455,8 +469,12 @@ impl LinearOp {
                         T::of(1.0),
                     );
                 }
+                // SAFETY: the gemm wrote every element of yc.
+                let yc = unsafe { &mut *(yc as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
                 if self.relu {
-                    relu_in_place(yc);
+                    for r in yc.chunks_exact_mut(dout) {
+                        bias_relu_in_place(r, b);
+                    }
                 }
             });
         // SAFETY: every chunk wrote all its rows.
