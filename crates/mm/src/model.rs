@@ -57,7 +57,7 @@ impl Conv1x1 {
             let weight = self.weight.reshape((c_out, c_in, 1, 1))?;
             return ops::conv::conv2d_trainable(x, &weight, None, [0; 4]);
         }
-        self.weight.broadcast_matmul(&x.reshape((b, c, h * w))?)?.reshape((b, c_out, h, w))
+        ops::nn::weight_matmul(&self.weight, &x.reshape((b, c, h * w))?)?.reshape((b, c_out, h, w))
     }
 }
 

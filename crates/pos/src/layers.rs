@@ -46,10 +46,7 @@ fn channel_matmul(weight: &Tensor, x: &Tensor, what: &str) -> Result<Tensor> {
     if c != cin {
         bail!("{what}: input has {c} channels, layer expects {cin}");
     }
-    weight
-        .reshape((cout, cin))?
-        .broadcast_matmul(&x.reshape((b, cin, h * w))?)?
-        .reshape((b, cout, h, w))
+    ops::nn::weight_matmul(&weight.reshape((cout, cin))?, &x.reshape((b, cin, h * w))?)?.reshape((b, cout, h, w))
 }
 
 /// `nn.Conv2d(cin, cout, 1)`. Parameters keep torch's names and shapes: `weight`
