@@ -169,8 +169,9 @@ pub fn softmax_composed(x: &Tensor, dim: usize) -> Result<Tensor> {
 }
 
 /// `lhs.matmul(rhs)`, (.., M, K) · (.., K, N) -> (.., M, N) with the same batch dimensions.
-/// On CPU the forward runs single-threaded gemms over blocks of the output in parallel (about
-/// 1.5–2× candle's matmul on 2 threads), and the backward computes only the gradients of
+/// On CPU the forward runs single-threaded gemms over blocks of the output in parallel (on 2
+/// threads 8% faster than candle's matmul for the POS's mask logits, twice as fast for the
+/// small level-size ones), and the backward computes only the gradients of
 /// tracked operands (candle's computes both, and a zero-filled gradient buffer for each) and
 /// orients each gradient gemm so that gemm never packs a large operand column-major. Elsewhere
 /// candle's matmul.
