@@ -353,19 +353,12 @@ impl CustomOp3 for LayerNormLast {
 const FEW_ROWS: usize = 1024;
 const LARGE_WEIGHT: usize = 1 << 19;
 
-/// `v = relu(v + b)` elementwise, with [`relu_in_place`]'s rule (NaN becomes 0).
+/// `v = relu(v + b)` elementwise (NaN becomes 0).
 fn bias_relu_in_place<T: Real>(v: &mut [T], b: &[T]) {
     let zero = T::of(0.0);
     for (x, &b) in v.iter_mut().zip(b) {
         let s = *x + b;
         *x = if s > zero { s } else { zero };
-    }
-}
-
-fn relu_in_place<T: Real>(v: &mut [T]) {
-    let zero = T::of(0.0);
-    for x in v.iter_mut() {
-        *x = if *x > zero { *x } else { zero };
     }
 }
 
@@ -427,11 +420,12 @@ impl LinearOp {
         if self.n * dout == 0 {
             return Vec::new();
         }
-        // Every row starts as the bias (written before gemm adds into it), so no zero fill.
+        // Every element is written before it is read (the bias, or with a ReLU the products), so no
+        // zero fill.
         let mut y = unwritten::<T>(self.n * dout);
         if self.n < FEW_ROWS && din * dout >= LARGE_WEIGHT {
             self.forward_few_rows(x, w, b, y.as_mut_ptr().cast::<T>());
-            // SAFETY: forward_few_rows writes the bias into every row first.
+            // SAFETY: forward_few_rows writes every element (its column blocks tile the rows).
             return unsafe { written(y) };
         }
         // One chunk per thread: each chunk's gemm packs W again, which costs more than the
@@ -501,9 +495,13 @@ impl LinearOp {
             let yp = out.get();
             // SAFETY: tasks write disjoint column ranges c0..c1 of the n×dout output; x is n×din,
             // wt din×dout; all in bounds.
+            // The bias as in the row-chunked forward: added while rectifying with a ReLU, else
+            // the rows start as it.
             unsafe {
-                for r in 0..n {
-                    std::ptr::copy_nonoverlapping(b[c0..c1].as_ptr(), yp.add(r * dout + c0), c1 - c0);
+                if !self.relu {
+                    for r in 0..n {
+                        std::ptr::copy_nonoverlapping(b[c0..c1].as_ptr(), yp.add(r * dout + c0), c1 - c0);
+                    }
                 }
                 gemm(
                     n,
@@ -511,7 +509,7 @@ impl LinearOp {
                     din,
                     yp.add(c0),
                     dout,
-                    true,
+                    !self.relu,
                     x.as_ptr(),
                     din,
                     1,
@@ -522,7 +520,7 @@ impl LinearOp {
                 );
                 if self.relu {
                     for r in 0..n {
-                        relu_in_place(std::slice::from_raw_parts_mut(yp.add(r * dout + c0), c1 - c0));
+                        bias_relu_in_place(std::slice::from_raw_parts_mut(yp.add(r * dout + c0), c1 - c0), &b[c0..c1]);
                     }
                 }
             }
