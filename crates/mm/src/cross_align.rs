@@ -85,9 +85,23 @@ fn tokens(x: &Tensor) -> Result<Tensor> {
     ops::nn::map_to_tokens(x)
 }
 
-/// `ops::resize::resize_bilinear` (align_corners=False) to `hw`, then tokens.
-fn kv_tokens(x: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
-    tokens(&ops::resize::resize_bilinear(x, hw, false)?)
+/// Tokens of an `hw` map resized (bilinear, align_corners=False) to `to`, still tokens.
+fn kv_tokens(t: &Tensor, hw: (usize, usize), to: (usize, usize)) -> Result<Tensor> {
+    ops::resize::resize_bilinear_tokens(t, hw, to, false)
+}
+
+/// The positional encodings must have the shapes of the features they go with.
+fn check_positions(query: &Tensor, support: &Tensor, pos_query: &Tensor, pos_support: &Tensor) -> Result<()> {
+    if pos_query.dims() != query.dims() || pos_support.dims() != support.dims() {
+        bail!(
+            "CrossAT: positional encodings {:?}/{:?} must match the features {:?}/{:?}",
+            pos_query.shape(),
+            pos_support.shape(),
+            query.shape(),
+            support.shape()
+        );
+    }
+    Ok(())
 }
 
 /// One level's `CrossAT` block (`crossat_{i}`): `num_cross_layers` pairs of
@@ -138,62 +152,74 @@ impl CrossAt {
         pos_query: &Tensor,
         pos_support: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (q, s) = self.forward_tokens(query, support, pos_query, pos_support, None)?;
-        let ((_, _, h, w), (_, _, sh, sw)) = (query.dims4()?, support.dims4()?);
+        let ((b, c, h, w), (sb, sc, sh, sw)) = (query.dims4()?, support.dims4()?);
+        if (sb, sc) != (b, c) {
+            bail!("CrossAT: support {:?} does not match query {:?} in batch/channels", support.shape(), query.shape());
+        }
+        check_positions(query, support, pos_query, pos_support)?;
+        let (q, s) = self.forward_tokens(
+            &tokens(query)?,
+            (h, w),
+            &tokens(support)?,
+            (sh, sw),
+            &tokens(pos_query)?,
+            &tokens(pos_support)?,
+            None,
+        )?;
         Ok((tokens_to_map(&q, (h, w))?, tokens_to_map(&s, (sh, sw))?))
     }
 
-    /// [`Self::forward`] with the aligned maps left as tokens, `(query (B, h·w, C), support
-    /// (B, sh·sw, C))`, row-major over positions: what the prototype pooling reads directly,
-    /// without transposing them back to (B, C, h, w) (and the gradients through it).
+    /// [`Self::forward`] on tokens, the layout the mask matching keeps its features in:
+    /// `query`, `pos_query` (B, h·w, C) of an `hw` map, `support`, `pos_support` (B, sh·sw, C)
+    /// of an `shw` map, each row-major over positions; returns the aligned `(query (B, h·w, C),
+    /// support (B, sh·sw, C))`, what the prototype pooling reads directly. The keys/values are
+    /// resized as tokens (the same values as resizing the maps).
     ///
     /// With `support_rows` (flat indices into the B·sh·sw support tokens, B·L_sel of them, each
     /// element's L_sel rows together), the support is aligned at those rows only and returned as
     /// (B, L_sel, C): every row of that direction is computed on its own (see
     /// [`crate::prototype::SupportMask`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_tokens(
         &self,
         query: &Tensor,
+        (h, w): (usize, usize),
         support: &Tensor,
+        (sh, sw): (usize, usize),
         pos_query: &Tensor,
         pos_support: &Tensor,
         support_rows: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let (b, c, h, w) = query.dims4()?;
-        let (sb, sc, sh, sw) = support.dims4()?;
+        let (b, l, c) = query.dims3()?;
+        let (sb, sl, sc) = support.dims3()?;
         if (sb, sc) != (b, c) {
             bail!("CrossAT: support {:?} does not match query {:?} in batch/channels", support.shape(), query.shape());
         }
-        if pos_query.dims() != query.dims() || pos_support.dims() != support.dims() {
-            bail!(
-                "CrossAT: positional encodings {:?}/{:?} must match the features {:?}/{:?}",
-                pos_query.shape(),
-                pos_support.shape(),
-                query.shape(),
-                support.shape()
-            );
+        if l != h * w || sl != sh * sw {
+            bail!("CrossAT: {l} query tokens for {h}x{w} and {sl} support tokens for {sh}x{sw}");
         }
+        check_positions(query, support, pos_query, pos_support)?;
         let m = self.kv_min_size;
         let (q_kv, pq_kv, s_kv, ps_kv) = if h == m || w == m {
-            (tokens(query)?, tokens(pos_query)?, tokens(support)?, tokens(pos_support)?)
+            (query.clone(), pos_query.clone(), support.clone(), pos_support.clone())
         } else {
             let (qs, ss) = (kv_size(h, w, m), kv_size(sh, sw, m));
-            (kv_tokens(query, qs)?, kv_tokens(pos_query, qs)?, kv_tokens(support, ss)?, kv_tokens(pos_support, ss)?)
+            let (qhw, shw) = ((h, w), (sh, sw));
+            (kv_tokens(query, qhw, qs)?, kv_tokens(pos_query, qhw, qs)?, kv_tokens(support, shw, ss)?, kv_tokens(pos_support, shw, ss)?)
         };
-        let (q, pq) = (tokens(query)?, tokens(pos_query)?);
-        let (s, ps) = (tokens(support)?, tokens(pos_support)?);
+        let (q, pq) = (query, pos_query);
         let (s, ps) = match support_rows {
-            None => (s, ps),
+            None => (support.clone(), pos_support.clone()),
             Some(rows) => {
                 let n = rows.dims1()?;
                 if n % b != 0 {
                     bail!("CrossAT: {n} selected support rows for a batch of {b}");
                 }
                 let pick = |t: &Tensor| t.reshape((b * sh * sw, c))?.index_select(rows, 0)?.reshape((b, n / b, c));
-                (pick(&s)?, pick(&ps)?)
+                (pick(support)?, pick(pos_support)?)
             }
         };
-        let q_out = self.attend(&q, &pq, &s_kv, &ps_kv)?;
+        let q_out = self.attend(q, pq, &s_kv, &ps_kv)?;
         let s_out = self.attend(&s, &ps, &q_kv, &pq_kv)?;
         Ok((q_out, s_out))
     }

@@ -8,7 +8,7 @@ use ops::nn::tokens_to_map;
 
 use crate::config::MmConfig;
 use crate::cross_align::CrossAt;
-use crate::prototype::{cosine_similarity, support_prototype, ProposalMasks, SupportMask};
+use crate::prototype::{cosine_similarity, support_prototype_tokens, ProposalMasks, SupportMask};
 use crate::self_align::self_align;
 
 /// Backbone features of one image at the three matching levels, low to high resolution:
@@ -58,6 +58,12 @@ impl Conv1x1 {
             return ops::conv::conv2d_trainable(x, &weight, None, [0; 4]);
         }
         ops::nn::weight_matmul(&self.weight, &x.reshape((b, c, h * w))?)?.reshape((b, c_out, h, w))
+    }
+
+    /// [`Self::forward`] as tokens: `x` (B, C_in, H, W) -> (B, H·W, C_out), row-major over
+    /// positions, what the cross-alignment reads, without transposing the map.
+    pub fn forward_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        ops::nn::pointwise_conv_tokens(x, &self.weight)
     }
 }
 
@@ -124,6 +130,15 @@ impl Trace {
             tr.tensors.insert(name(), t.clone());
         }
     }
+
+    /// [`Self::record`] of tokens (B, h·w, C) as the (B, C, h, w) map the names refer to
+    /// (transposed only when tracing).
+    fn record_map(trace: &mut Option<&mut Trace>, name: impl FnOnce() -> String, tokens: &Tensor, hw: (usize, usize)) -> Result<()> {
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.tensors.insert(name(), tokens_to_map(tokens, hw)?);
+        }
+        Ok(())
+    }
 }
 
 /// The result of one episode.
@@ -176,9 +191,13 @@ enum Proposals<'a> {
 }
 
 /// The query's per-level features after self-alignment and channel reduction, with their
-/// positional encodings. Computed once per episode whatever the shot count.
+/// positional encodings, as tokens. Computed once per episode whatever the shot count.
 struct QuerySide {
+    /// (B, h·w, C) per level.
     feats: Vec<Tensor>,
+    /// Each level's map size (h, w).
+    hw: Vec<(usize, usize)>,
+    /// (B, h·w, C) sine encodings per level.
     pos: Vec<Tensor>,
     /// The proposals resized to each level, for the query prototypes of every shot.
     masks: Vec<ProposalMasks>,
@@ -187,9 +206,10 @@ struct QuerySide {
 impl QuerySide {
     /// The query side repeated `k` times along the batch, for `k` stacked shots.
     fn repeat(&self, k: usize) -> Result<Self> {
-        let rep = |ts: &[Tensor]| ts.iter().map(|t| t.repeat((k, 1, 1, 1))).collect::<Result<Vec<_>>>();
+        let rep = |ts: &[Tensor]| ts.iter().map(|t| t.repeat((k, 1, 1))).collect::<Result<Vec<_>>>();
         Ok(Self {
             feats: rep(&self.feats)?,
+            hw: self.hw.clone(),
             pos: rep(&self.pos)?,
             masks: self.masks.iter().map(|m| m.repeat(k)).collect::<Result<Vec<_>>>()?,
         })
@@ -463,30 +483,33 @@ impl MaskMatching {
     }
 
     fn query_side(&self, feats: &LevelFeatures, proposals: &Tensor, trace: &mut Option<&mut Trace>) -> Result<QuerySide> {
-        let mut out = QuerySide { feats: Vec::with_capacity(3), pos: Vec::with_capacity(3), masks: Vec::with_capacity(3) };
+        let mut out = QuerySide { feats: Vec::with_capacity(3), hw: Vec::with_capacity(3), pos: Vec::with_capacity(3), masks: Vec::with_capacity(3) };
         for (i, f) in feats.iter().enumerate() {
-            let x = self.reduce(f, i, trace, "query")?;
-            let (b, _, h, w) = x.dims4()?;
-            let pos = self.position(b, h, w, &x)?;
-            Trace::record(trace, || format!("query.pos.l{i}"), &pos);
-            out.masks.push(ProposalMasks::new(proposals, (h, w))?);
+            let (x, hw) = self.reduce(f, i, trace, "query")?;
+            let pos = self.position(x.dim(0)?, hw, &x)?;
+            Trace::record_map(trace, || format!("query.pos.l{i}"), &pos, hw)?;
+            out.masks.push(ProposalMasks::new(proposals, hw)?);
             out.feats.push(x);
+            out.hw.push(hw);
             out.pos.push(pos);
         }
         Ok(out)
     }
 
-    /// Self-alignment (unless ablated) and `conv_{i}`, recording both under `prefix`.
-    fn reduce(&self, f: &Tensor, i: usize, trace: &mut Option<&mut Trace>, prefix: &str) -> Result<Tensor> {
+    /// Self-alignment (unless ablated) and `conv_{i}`, recording both under `prefix`: the
+    /// reduced map as tokens (B, h·w, C), and its size.
+    fn reduce(&self, f: &Tensor, i: usize, trace: &mut Option<&mut Trace>, prefix: &str) -> Result<(Tensor, (usize, usize))> {
         let x = if self.cfg.self_alignment { self_align(f)? } else { f.clone() };
         Trace::record(trace, || format!("{prefix}.self_aligned.l{i}"), &x);
-        let x = self.conv[i].forward(&x)?;
-        Trace::record(trace, || format!("{prefix}.conv.l{i}"), &x);
-        Ok(x)
+        let (_, _, h, w) = x.dims4()?;
+        let t = self.conv[i].forward_tokens(&x)?;
+        Trace::record_map(trace, || format!("{prefix}.conv.l{i}"), &t, (h, w))?;
+        Ok((t, (h, w)))
     }
 
-    fn position(&self, b: usize, h: usize, w: usize, like: &Tensor) -> Result<Tensor> {
-        ops::position::sine_position_encoding(b, h, w, self.cfg.hidden_dim / 2, like.device())?.to_dtype(like.dtype())
+    /// The sine encoding of an (h, w) map as tokens (B, h·w, hidden), in `like`'s dtype.
+    fn position(&self, b: usize, (h, w): (usize, usize), like: &Tensor) -> Result<Tensor> {
+        ops::position::sine_position_tokens(b, h, w, self.cfg.hidden_dim / 2, like.device())?.to_dtype(like.dtype())
     }
 
     /// One shot: support features through self-alignment, reduction, masking (`addmask`),
@@ -505,39 +528,33 @@ impl MaskMatching {
             .map_err(|e| candle_core::Error::Msg(format!("MaskMatching: support label of shot {s}: {e}")))?;
         let (mut qps, mut sps) = (Vec::with_capacity(3), Vec::with_capacity(3));
         for (i, f) in feats.iter().enumerate() {
-            let x = self.reduce(f, i, trace, &format!("shot{s}.support"))?;
-            let (_, _, h, w) = x.dims4()?;
-            // addmask: features and positions times the label resized with align_corners=False.
-            let m = ops::resize::resize_bilinear(&mask, (h, w), false)?;
+            let (x, (h, w)) = self.reduce(f, i, trace, &format!("shot{s}.support"))?;
+            // addmask: features and positions times the label resized with align_corners=False
+            // (per token: one weight per row).
+            let m = ops::resize::resize_bilinear(&mask, (h, w), false)?.reshape((b, h * w, 1))?;
             let x = x.broadcast_mul(&m)?;
             // The sine encoding depends only on the size: reuse the query's when they agree.
-            let pos = match query.pos[i].dims4()? {
-                (_, _, qh, qw) if (qh, qw) == (h, w) => query.pos[i].clone(),
-                _ => self.position(b, h, w, &x)?,
-            };
+            let pos = if query.hw[i] == (h, w) { query.pos[i].clone() } else { self.position(b, (h, w), &x)? };
             let pos = pos.broadcast_mul(&m)?;
-            Trace::record(trace, || format!("shot{s}.support.masked.l{i}"), &x);
-            Trace::record(trace, || format!("shot{s}.support.pos_masked.l{i}"), &pos);
+            Trace::record_map(trace, || format!("shot{s}.support.masked.l{i}"), &x, (h, w))?;
+            Trace::record_map(trace, || format!("shot{s}.support.pos_masked.l{i}"), &pos, (h, w))?;
+            let qhw = query.hw[i];
             match self.crossat.get(i) {
                 Some(cat) => {
                     // Pooled straight from the aligned tokens; maps only for a trace. Untraced,
                     // the support is aligned only where its prototype reads it.
                     let pooling = SupportMask::new(&mask, (h, w), trace.is_none())?;
-                    let (qa, sa) = cat.forward_tokens(&query.feats[i], &x, &query.pos[i], &pos, pooling.rows())?;
-                    if trace.is_some() {
-                        let qh = query.feats[i].dims4()?;
-                        let qm = tokens_to_map(&qa, (qh.2, qh.3))?;
-                        Trace::record(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &qm);
-                        Trace::record(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &tokens_to_map(&sa, (h, w))?);
-                    }
+                    let (qa, sa) = cat.forward_tokens(&query.feats[i], qhw, &x, (h, w), &query.pos[i], &pos, pooling.rows())?;
+                    Trace::record_map(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &qa, qhw)?;
+                    Trace::record_map(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &sa, (h, w))?;
                     sps.push(pooling.pool(&sa)?);
                     qps.push(query.masks[i].pool_tokens(&qa)?);
                 }
                 None => {
-                    Trace::record(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &query.feats[i]);
-                    Trace::record(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &x);
-                    sps.push(support_prototype(&x, &mask)?);
-                    qps.push(query.masks[i].pool(&query.feats[i])?);
+                    Trace::record_map(trace, || format!("shot{s}.cross_aligned.query.l{i}"), &query.feats[i], qhw)?;
+                    Trace::record_map(trace, || format!("shot{s}.cross_aligned.support.l{i}"), &x, (h, w))?;
+                    sps.push(support_prototype_tokens(&x, (h, w), &mask)?);
+                    qps.push(query.masks[i].pool_tokens(&query.feats[i])?);
                 }
             }
         }

@@ -12,6 +12,7 @@ use crate::util::ensure_float;
 mod dice;
 mod fused;
 mod matmul;
+mod pointwise;
 
 /// Numerically stable softmax over `dim`; gradients flow to `x`.
 ///
@@ -109,6 +110,28 @@ pub fn tokens_to_map(t: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
         return t.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w));
     }
     t.contiguous()?.apply_op1(fused::Transpose12 { b, r: l, c })?.reshape((b, c, h, w))
+}
+
+/// A bias-free 1×1 convolution from a channel-major map to tokens: `x` (B, C_in, H, W),
+/// `weight` (C_out, C_in) -> (B, H·W, C_out), i.e. `map_to_tokens(conv1x1(x))` without the
+/// transposition of the map (or of its gradient). Gradients reach `weight` and `x` where they
+/// track. On CPU single-threaded gemms over blocks of the output read the map in place;
+/// elsewhere [`weight_matmul`] and [`map_to_tokens`].
+pub fn pointwise_conv_tokens(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (c_out, c_in) = weight.dims2()?;
+    let (b, c, h, w) = match *x.dims() {
+        [b, c, h, w] => (b, c, h, w),
+        _ => bail!("pointwise_conv_tokens: expected a (B, C, H, W) map, got {:?}", x.shape()),
+    };
+    if c != c_in {
+        bail!("pointwise_conv_tokens: input has {c} channels, the weight ({c_out}, {c_in}) expects {c_in}");
+    }
+    if fusable(x) && weight.dtype() == x.dtype() && weight.device().is_cpu() {
+        let op = pointwise::PointwiseTokens { b, c_in, l: h * w, c_out };
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, op);
+    }
+    let y = weight_matmul(weight, &x.reshape((b, c, h * w))?)?.reshape((b, c_out, h, w))?;
+    map_to_tokens(&y)
 }
 
 /// MM-Former's self-alignment gate (`MySelfAlignLayer.spatial_pool`):

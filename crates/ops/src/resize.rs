@@ -113,6 +113,33 @@ pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) 
     resize_bilinear_matmul(x, out_hw, align_corners)
 }
 
+/// [`resize_bilinear`] of tokens: `t` (B, h·w, C), row-major over the positions of an (h, w)
+/// map, -> (B, oh·ow, C), the same values as resizing the map, without transposing to it and
+/// back. On CPU (f32 / f64) a kernel with the plane kernel's arithmetic (the same bits), its
+/// backward the adjoint; elsewhere through the map.
+pub fn resize_bilinear_tokens(t: &Tensor, in_hw: (usize, usize), out_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
+    ensure_float(t, "resize_bilinear_tokens")?;
+    let (_, l, c) = match *t.dims() {
+        [b, l, c] => (b, l, c),
+        _ => bail!("resize_bilinear_tokens: expected (B, h·w, C) tokens, got {:?}", t.shape()),
+    };
+    let ((h, w), (oh, ow)) = (in_hw, out_hw);
+    if l != h * w {
+        bail!("resize_bilinear_tokens: {l} tokens for a {h}x{w} map");
+    }
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        bail!("resize_bilinear_tokens: cannot resize between {h}x{w} and {oh}x{ow} (zero-sized)");
+    }
+    if out_hw == in_hw {
+        return Ok(t.clone());
+    }
+    if fusable(t) {
+        let plane = kernel::Bilinear::new(in_hw, out_hw, align_corners, t.dtype() == DType::F32, false);
+        return t.contiguous()?.apply_op1(kernel::BilinearTokens::new(plane, c));
+    }
+    crate::nn::map_to_tokens(&resize_bilinear(&crate::nn::tokens_to_map(t, in_hw)?, out_hw, align_corners)?)
+}
+
 /// [`resize_bilinear`] as two gemms with the dense interpolation matrices, on any device: the
 /// path off the CPU, and the CPU kernel's cross-check.
 pub fn resize_bilinear_matmul(x: &Tensor, out_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {

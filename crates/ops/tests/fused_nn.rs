@@ -195,6 +195,36 @@ fn map_tokens_round_trip_with_gradients() {
     assert!(tokens_to_map(&map_to_tokens(&x).unwrap(), (3, 5)).unwrap_err().to_string().contains("3x5"));
 }
 
+/// The 1×1 convolution to tokens equals `map_to_tokens(weight · x)` (the composed path with
+/// candle's matmul) forward and in both gradients, over shapes that split positions or output
+/// channels, one or several batch items, an empty channel axis; and names a misfit.
+#[test]
+fn pointwise_conv_tokens_matches_composed() {
+    use ops::nn::{map_to_tokens, pointwise_conv_tokens};
+    let mut rng = Rng::new(709);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        for (b, cin, cout, h, w) in [(4usize, 40usize, 128usize, 32usize, 32usize), (4, 320, 128, 8, 8), (1, 2048, 256, 15, 15), (3, 7, 5, 1, 3), (2, 0, 6, 2, 2)] {
+            let what = format!("pointwise {dtype:?} ({b}, {cin}, {h}, {w}) -> {cout}");
+            let x = Var::from_tensor(&rng.tensor(&[b, cin, h, w], -1.0, 1.0, dtype)).unwrap();
+            let wt = Var::from_tensor(&rng.tensor(&[cout, cin], -0.5, 0.5, dtype)).unwrap();
+            let got = pointwise_conv_tokens(&x, &wt).unwrap();
+            let want = map_to_tokens(&wt.broadcast_matmul(&x.reshape((b, cin, h * w)).unwrap()).unwrap().reshape((b, cout, h, w)).unwrap()).unwrap();
+            assert_close(&got, &want, tol, &what);
+            // Untracked operands: the same values.
+            assert_close(&pointwise_conv_tokens(x.as_tensor(), wt.as_tensor()).unwrap(), &want, tol, &format!("{what} untracked"));
+            let proj = rng.tensor(&[b, h * w, cout], -1.0, 1.0, dtype);
+            let (ga, gb) = (grads_of(&got, &proj, &[&x, &wt]), grads_of(&want, &proj, &[&x, &wt]));
+            assert_close(&ga[0], &gb[0], tol, &format!("{what} dx"));
+            assert_close(&ga[1], &gb[1], tol * 4.0, &format!("{what} dW"));
+        }
+    }
+    let x = rng.tensor(&[2, 5, 3, 3], -1.0, 1.0, DType::F32);
+    let err = pointwise_conv_tokens(&x, &rng.tensor(&[4, 6], -1.0, 1.0, DType::F32)).unwrap_err().to_string();
+    assert!(err.contains("5 channels") && err.contains("(4, 6)"), "{err}");
+    let err = pointwise_conv_tokens(&x.flatten_from(2).unwrap(), &rng.tensor(&[4, 5], -1.0, 1.0, DType::F32)).unwrap_err().to_string();
+    assert!(err.contains("(B, C, H, W)"), "{err}");
+}
+
 #[test]
 fn layer_norm_non_contiguous_input() {
     let mut rng = Rng::new(702);

@@ -33,6 +33,9 @@ fn sine_position_encoding_parity_with_fixture() {
         let (b, c, h, w) = want.dims4().unwrap();
         let got = sine_position_encoding(b, h, w, c / 2, &Device::Cpu).unwrap();
         assert_close(&got, want, 2e-6, key);
+        // The token layout holds the same values.
+        let tokens = ops::position::sine_position_tokens(b, h, w, c / 2, &Device::Cpu).unwrap();
+        assert_close(&tokens, &ops::nn::map_to_tokens(&got).unwrap(), 0.0, &format!("{key} as tokens"));
         checked += 1;
     }
     assert!(checked >= 2, "expected the l0 and l1 fixtures");

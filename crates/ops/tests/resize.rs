@@ -202,3 +202,40 @@ fn the_kernel_matches_the_matrix_products() {
         }
     }
 }
+
+/// The token-layout resize equals the plane kernel on the same map to the bit, forward and
+/// gradient, over up/down/one axis unchanged/size 1, both corner modes, channel counts that
+/// split into one or several blocks; and names a misfit.
+#[test]
+fn the_token_kernel_equals_the_plane_kernel() {
+    use candle_core::Var;
+    use ops::nn::{map_to_tokens, tokens_to_map};
+    use ops::resize::resize_bilinear_tokens;
+    let dev = Device::Cpu;
+    let cases = [((7, 9), (30, 41), 3), ((32, 32), (15, 15), 128), ((8, 8), (15, 15), 40), ((5, 6), (5, 17), 17), ((12, 4), (3, 4), 2), ((1, 1), (4, 3), 1), ((6, 5), (1, 1), 33)];
+    for dt in [DType::F64, DType::F32] {
+        for (i, &(hw, out, c)) in cases.iter().enumerate() {
+            for ac in [false, true] {
+                let what = format!("{dt:?} {hw:?} -> {out:?} C={c} ac={ac}");
+                let n = 3 * c * hw.0 * hw.1;
+                let x = (Tensor::arange(0u32, n as u32, &dev).unwrap().to_dtype(dt).unwrap() * (0.37 + i as f64)).unwrap().sin().unwrap();
+                let x = Var::from_tensor(&x.reshape((3, c, hw.0, hw.1)).unwrap()).unwrap();
+                let tokens = Var::from_tensor(&map_to_tokens(x.as_tensor()).unwrap()).unwrap();
+                let m = 3 * c * out.0 * out.1;
+                let proj = (Tensor::arange(0u32, m as u32, &dev).unwrap().to_dtype(dt).unwrap() * 1.3).unwrap().cos().unwrap().reshape((3, c, out.0, out.1)).unwrap();
+                let plane = resize_bilinear(x.as_tensor(), out, ac).unwrap();
+                let tok = resize_bilinear_tokens(tokens.as_tensor(), hw, out, ac).unwrap();
+                assert_eq!(tok.dims(), &[3, out.0 * out.1, c], "{what}");
+                assert_values(&tokens_to_map(&tok, out).unwrap(), &common::to_vec(&plane), 0.0, &format!("{what}: values"));
+                let gp = (&plane * &proj).unwrap().sum_all().unwrap().backward().unwrap().get(&x).unwrap().clone();
+                let proj_t = map_to_tokens(&proj).unwrap();
+                let gt = (&tok * &proj_t).unwrap().sum_all().unwrap().backward().unwrap().get(&tokens).unwrap().clone();
+                assert_values(&tokens_to_map(&gt, hw).unwrap(), &common::to_vec(&gp), 0.0, &format!("{what}: gradient"));
+            }
+        }
+    }
+    let t = Tensor::zeros((2, 12, 4), DType::F32, &dev).unwrap();
+    let err = resize_bilinear_tokens(&t, (3, 5), (6, 6), false).unwrap_err().to_string();
+    assert!(err.contains("12 tokens") && err.contains("3x5"), "{err}");
+    assert!(resize_bilinear_tokens(&t.flatten_all().unwrap(), (3, 4), (6, 6), false).unwrap_err().to_string().contains("(B, h·w, C)"));
+}

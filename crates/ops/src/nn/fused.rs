@@ -366,7 +366,7 @@ fn bias_relu_in_place<T: Real>(v: &mut [T], b: &[T]) {
 /// rows, reading 8 input rows at a time: few enough lines that power-of-two strides (a 2048-wide
 /// weight is 8 KiB a row) do not evict one another from L1 (measured on 2048×256 and 256×2048:
 /// 0.3 ms single-threaded either way, against 0.7–1.2 ms for square 16/32 tiles).
-fn transposed<T: Real>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
+pub(super) fn transposed<T: Real>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
     let mut t = unwritten::<T>(rows * cols);
     transpose_into(a, rows, cols, &mut t);
     // SAFETY: `transpose_into` writes every element.
