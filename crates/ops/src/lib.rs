@@ -8,10 +8,11 @@
 //!
 //! - [`conv`]: fast CPU convolution (NCHW, f32).
 //! - [`nn`]: gradient-carrying [`nn::softmax`], [`nn::LayerNorm`] (also `LN(x + r)`),
-//!   [`nn::GroupNorm`], [`nn::linear`], the map ↔ token transpositions, MM-Former's
-//!   self-alignment gate and the Mask2Former [`nn::Mlp`].
-//! - [`resize`]: bilinear resize with torch `F.interpolate` semantics (differentiable) and torch
-//!   `nearest` resize for labels.
+//!   [`nn::GroupNorm`], [`nn::linear`], the map ↔ token transpositions,
+//!   [`nn::pointwise_conv_tokens`], MM-Former's self-alignment gate and the Mask2Former
+//!   [`nn::Mlp`].
+//! - [`resize`]: bilinear resize with torch `F.interpolate` semantics (differentiable; of maps or
+//!   of tokens) and torch `nearest` resize for labels.
 //! - [`sample`]: torch `F.grid_sample` (bilinear, zero padding, `align_corners=False`) with
 //!   gradients for input and grid, and Mask2Former's `point_sample`.
 //! - [`deform`]: multi-scale deformable attention (Deformable-DETR `MSDeformAttn`).

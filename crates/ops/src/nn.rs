@@ -1,7 +1,7 @@
-//! Normalisation layers, softmax, the linear layer, map ↔ token transpositions, MM-Former's
-//! self-alignment gate and the Mask2Former MLP, built from gradient-carrying candle primitives
-//! (candle's fused softmax / layer-norm kernels have no backward), with fused CPU kernels where
-//! they pay.
+//! Normalisation layers, softmax, the linear layer, map ↔ token transpositions, the 1×1
+//! convolution from a map to tokens, MM-Former's self-alignment gate and the Mask2Former MLP,
+//! built from gradient-carrying candle primitives (candle's fused softmax / layer-norm kernels
+//! have no backward), with fused CPU kernels where they pay.
 
 use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
