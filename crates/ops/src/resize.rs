@@ -119,8 +119,8 @@ pub fn resize_bilinear(x: &Tensor, out_hw: (usize, usize), align_corners: bool) 
 /// backward the adjoint; elsewhere through the map.
 pub fn resize_bilinear_tokens(t: &Tensor, in_hw: (usize, usize), out_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
     ensure_float(t, "resize_bilinear_tokens")?;
-    let (_, l, c) = match *t.dims() {
-        [b, l, c] => (b, l, c),
+    let (l, c) = match *t.dims() {
+        [_, l, c] => (l, c),
         _ => bail!("resize_bilinear_tokens: expected (B, h·w, C) tokens, got {:?}", t.shape()),
     };
     let ((h, w), (oh, ow)) = (in_hw, out_hw);

@@ -12,6 +12,23 @@ use crate::util::SyncPtr;
 /// operand again.
 const MIN_BLOCK: usize = 64;
 
+/// Blocks of an output side of `long` (> 0) per batch item (> 0): equal shares, `batch · blocks`
+/// a multiple of the threads, with the fewest blocks (more blocks per thread were slower: each
+/// packs its share of the other operand again), each at least [`MIN_BLOCK`] and in whole
+/// 16-lane panels. Returns (block length, blocks).
+pub(super) fn output_blocks(batch: usize, long: usize) -> (usize, usize) {
+    let threads = rayon::current_num_threads().max(1);
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let per_item = threads / gcd(batch, threads);
+    let block = long.div_ceil(per_item).max(MIN_BLOCK).next_multiple_of(16).min(long);
+    (block, long.div_ceil(block))
+}
+
 /// `(.., m, k) · (.., k, n)` of contiguous row-major operands: tasks over (batch item, block of
 /// the longer output side), the same number for every thread, each one single-threaded gemm. candle's
 /// matmul lets the gemm split the work itself: on 2 threads the POS's mask logits (100 × 256 ·
@@ -21,20 +38,9 @@ pub(crate) fn blocked_matmul<T: Real>(a: &[T], b: &[T], (batch, m, n, k): (usize
     if out.is_empty() {
         return Vec::new();
     }
-    let threads = rayon::current_num_threads().max(1);
     // Split the longer side; the shorter one each task covers whole.
     let (split_cols, long) = if n >= m { (true, n) } else { (false, m) };
-    // Equal shares: batch · blocks a multiple of the threads, with the fewest blocks (more
-    // blocks per thread were slower: each packs its share of the other operand again).
-    let gcd = |mut a: usize, mut b: usize| {
-        while b != 0 {
-            (a, b) = (b, a % b);
-        }
-        a
-    };
-    let per_item = threads / gcd(batch, threads);
-    let block = long.div_ceil(per_item).max(MIN_BLOCK).next_multiple_of(16).min(long);
-    let blocks = long.div_ceil(block);
+    let (block, blocks) = output_blocks(batch, long);
     let dst = SyncPtr(out.as_mut_ptr().cast::<T>());
     (0..batch * blocks).into_par_iter().for_each(|t| {
         let (bi, j) = (t / blocks, t % blocks);

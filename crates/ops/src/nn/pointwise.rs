@@ -9,10 +9,7 @@ use crate::fastmath::{gemm, guard_slice, storage_slice, unwritten, written, Real
 use crate::util::SyncPtr;
 
 use super::fused::transposed;
-
-/// Rows (positions) or columns (output channels) per task at least: each task's gemm packs
-/// its share of the other operand again.
-const MIN_BLOCK: usize = 64;
+use super::matmul::output_blocks;
 
 /// `y[b] = x[b]ᵀ · Wᵀ`: `x` (B, C_in, L) channel-major, `W` (C_out, C_in) -> `y` (B, L, C_out).
 #[derive(Debug, Clone, Copy)]
@@ -21,22 +18,6 @@ pub(super) struct PointwiseTokens {
     pub c_in: usize,
     pub l: usize,
     pub c_out: usize,
-}
-
-/// Blocks of `long` per batch item so that `batch · blocks` is a multiple of the threads (equal
-/// shares, the fewest blocks), each at least [`MIN_BLOCK`] and in whole 16-lane panels; returns
-/// (block length, blocks).
-fn split(batch: usize, long: usize) -> (usize, usize) {
-    let threads = rayon::current_num_threads().max(1);
-    let gcd = |mut a: usize, mut b: usize| {
-        while b != 0 {
-            (a, b) = (b, a % b);
-        }
-        a
-    };
-    let per_item = threads / gcd(batch.max(1), threads);
-    let block = long.div_ceil(per_item).max(MIN_BLOCK).next_multiple_of(16).min(long).max(1);
-    (block, long.div_ceil(block))
 }
 
 impl PointwiseTokens {
@@ -51,7 +32,7 @@ impl PointwiseTokens {
         let wt = transposed(w, cout, cin);
         // Split the longer output side; the other each task covers whole.
         let split_rows = l >= cout;
-        let (block, blocks) = split(b, if split_rows { l } else { cout });
+        let (block, blocks) = output_blocks(b, if split_rows { l } else { cout });
         let dst = SyncPtr(y.as_mut_ptr().cast::<T>());
         (0..b * blocks).into_par_iter().for_each(|t| {
             let (bi, j) = (t / blocks, t % blocks);
@@ -86,7 +67,7 @@ impl PointwiseTokens {
             return vec![T::of(0.0); cout * cin];
         }
         let split_rows = cin >= cout;
-        let (block, blocks) = split(1, if split_rows { cin } else { cout });
+        let (block, blocks) = output_blocks(1, if split_rows { cin } else { cout });
         let dst = SyncPtr(dwt.as_mut_ptr().cast::<T>());
         (0..blocks).into_par_iter().for_each(|j| {
             // SAFETY: the task writes rows (input channels) lo..hi or columns lo..hi of the
