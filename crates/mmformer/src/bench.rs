@@ -43,6 +43,10 @@ pub struct BenchRow {
     /// CPU time, spread and standalone cross-check (`bench episode`), when measured.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub detail: Option<RowDetail>,
+    /// Operations of the matrix products our CPU kernels ran in the measured work, in GFLOP
+    /// (median over the repetitions; see `ops::gemm_flops`), when counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gemm_gflop: Option<f64>,
 }
 
 /// What `bench episode` records besides the wall-time medians: the CPU-time medians, the spread
@@ -426,6 +430,7 @@ pub fn bench_episode(out: &mut dyn Write, paper_size: usize, threads: usize, rep
                     torch_ms,
                     ratio: torch_ms.map(|t| ow / t),
                     detail: Some(detail),
+                    gemm_gflop: None,
                 });
             }
             if let (Some(oa), Some(ta)) = (ours_alone, torch_alone) {
@@ -595,7 +600,7 @@ fn pos_row(out: &mut dyn Write, name: &str, ours: Samples, torch: Samples) -> Re
     let (ow, oc) = (median(ours.wall), median(ours.cpu));
     let tw = (!torch.wall.is_empty()).then(|| median(torch.wall.clone()));
     let tc = (!torch.cpu.is_empty()).then(|| median(torch.cpu));
-    let row = BenchRow { name: name.into(), ours_ms: ow, torch_ms: tw, ratio: tw.map(|t| ow / t), detail: None };
+    let row = BenchRow { name: name.into(), ours_ms: ow, torch_ms: tw, ratio: tw.map(|t| ow / t), detail: None, gemm_gflop: None };
     match (tw, tc) {
         (Some(tw), Some(tc)) => writeln!(out, 
             "{:<36} ours {:>8.1} ms  torch {:>8.1} ms  ours/torch {:>5.2}  | cpu ms: ours {:>8.1}  torch {:>8.1}  ratio {:>5.2}",
@@ -867,7 +872,7 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
     let aug = data::AugmentConfig::with_crop_size(size);
     let train_samples = ds.samples(data::Split::Train);
 
-    let (mut t_read, mut t_step, mut t_live) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut t_read, mut t_step, mut t_live, mut flops) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps + 1 {
         let n0 = rep as u64 * batch as u64;
         // Stage 2 from shards: read + tensors, then forward/loss/backward/step.
@@ -875,8 +880,10 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
         let eps = (0..batch as u64).map(|j| train.episode(n0 + j)).collect::<data::Result<Vec<_>>>()?;
         let b = EpisodeBatch::new(&eps, device)?;
         let read = t.elapsed().as_secs_f64();
+        let f0 = ops::gemm_flops();
         let phases = timed_stage2_step(&mm, &mut opt, &vars, &b)?;
         let step = phases.total_ms() / 1e3;
+        let step_flops = (ops::gemm_flops() - f0) as f64;
         if std::env::var_os("MMFORMER_BENCH_VERBOSE").is_some() {
             writeln!(out, "forward {:.1} ms, loss {:.1} ms, backward {:.1} ms, clip+step {:.1} ms", phases.forward_ms, phases.loss_ms, phases.backward_ms, phases.step_ms)?;
         }
@@ -905,18 +912,24 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
             t_read.push(read * 1e3);
             t_step.push(step * 1e3);
             t_live.push(live * 1e3);
+            flops.push(step_flops / 1e9);
         }
     }
     let (r, s, l) = (median(t_read), median(t_step), median(t_live));
+    // Zero where the products ran elsewhere (a GPU).
+    let gflop = Some(median(flops)).filter(|&f| f > 0.0);
     writeln!(out, "stage-2 training step, {:?} preset, batch {batch}, 1-shot, median of {reps}:", m.preset)?;
     writeln!(out, "  from shards: {:8.1} ms  (read {r:.1} ms + MM forward/backward/step {s:.1} ms)", r + s)?;
     writeln!(out, "  live:        {:8.1} ms  (decode+augment+backbone+POS {:.1} ms + the same MM step)", l, l - s)?;
     writeln!(out, "  ratio live / shards: {:.1}x", l / (r + s))?;
-    let row = |name: &str, ms: f64| BenchRow { name: name.into(), ours_ms: ms, torch_ms: None, ratio: None, detail: None };
+    if let Some(g) = gflop {
+        writeln!(out, "  MM step products: {g:.2} GFLOP, {:.0} GFLOP/s over the whole step", g / (s / 1e3))?;
+    }
+    let row = |name: &str, ms: f64| BenchRow { name: name.into(), ours_ms: ms, torch_ms: None, ratio: None, detail: None, gemm_gflop: None };
     Ok(vec![
         row("stage2_step_from_shards", r + s),
         row("stage2_step_shard_read", r),
-        row("stage2_step_mm", s),
+        BenchRow { gemm_gflop: gflop, ..row("stage2_step_mm", s) },
         row("stage2_step_live", l),
     ])
 }

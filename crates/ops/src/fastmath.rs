@@ -315,6 +315,24 @@ pub(crate) fn softmax_short_rows<T: Real>(rows: &mut [T], d: usize) {
     }
 }
 
+/// Floating-point operations of the matrix products run so far (see [`gemm_flops`]).
+static GEMM_FLOPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts one m×n×k product (2·m·n·k operations) in [`gemm_flops`].
+#[inline]
+pub(crate) fn count_gemm(m: usize, n: usize, k: usize) {
+    GEMM_FLOPS.fetch_add(2 * (m as u64) * (n as u64) * (k as u64), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Floating-point operations (2·m·n·k a product) of every matrix product this crate's CPU
+/// kernels have run in this process, on all threads: the linears, attention, 1×1 and gemm-path
+/// convolutions, Winograd tiles and `nn::matmul`. A benchmark divides the change over a phase
+/// by its time to see how near the gemm's peak the phase runs. Products candle computes itself
+/// (its `matmul`) and the element-wise work are not counted.
+pub fn gemm_flops() -> u64 {
+    GEMM_FLOPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Single-threaded `dst = beta·lhs·rhs` (`accumulate`: `dst += beta·lhs·rhs`) with the `gemm`
 /// crate; `(rs, cs)` are the row and column strides of each m×k / k×n / m×n matrix.
 ///
@@ -341,6 +359,7 @@ pub(crate) unsafe fn gemm<T: Real>(
     if m == 0 || n == 0 {
         return;
     }
+    count_gemm(m, n, k);
     if k == 0 {
         if !accumulate {
             for i in 0..m {

@@ -34,7 +34,7 @@ pub mod resize;
 pub mod sample;
 
 pub(crate) mod fastmath;
-pub use fastmath::{fused_kernels_enabled, set_fused_kernels};
+pub use fastmath::{fused_kernels_enabled, gemm_flops, set_fused_kernels};
 
 /// Makes candle run its element-wise CPU ops on the calling thread (`CANDLE_NUM_THREADS=1`)
 /// unless the environment already sets `CANDLE_NUM_THREADS`; returns the value in effect.

@@ -150,6 +150,7 @@ unsafe fn sgemm(
     rhs: *const f32,
     rhs_rs: usize,
 ) {
+    crate::fastmath::count_gemm(m, n, k);
     gemm19::gemm(
         m,
         n,
@@ -389,6 +390,7 @@ fn conv_shifted(
                     // SAFETY: lhs is tap (ky, kx)'s (cout_g x cin_g) row-major matrix; rhs
                     // columns p0 + shift .. p1 + shift of each padded plane lie inside it
                     // (checked above); acc holds cout_g x n.
+                    crate::fastmath::count_gemm(cout_g, n, cin_g);
                     unsafe {
                         gemm19::gemm(
                             cout_g,

@@ -231,6 +231,7 @@ fn weight_grad_f32(x: &[f32], g: &[f32], geo: &Geometry) -> Vec<f32> {
             // SAFETY: dst is (cout x cin) row-major; lhs is (cout x lw) row-major; rhs element
             // (p, ci) is rhs[shift + p + ci * plane], inside the image's planes (asserted above:
             // the shift plus the wide length ends within the slack of the last plane).
+            crate::fastmath::count_gemm(cout, cin, lw);
             unsafe {
                 gemm19::gemm(
                     cout,
