@@ -27,8 +27,12 @@ fn main() -> mmformer::Result<()> {
     }
     let labels = vec![Tensor::from_vec(m, (1, size, size), &dev)?; k];
     for r in 0..reps {
-        let (w, _) = time_episode(&model, &query, &supports, &labels)?;
-        println!("rep {r}: backbone {:.1} pos {:.1} supports {:.1} mm {:.1} total {:.1} ms", w[0], w[1], w[2], w[3], w[4]);
+        let t = time_episode(&model, &query, &supports, &labels)?;
+        let (w, g) = (t.wall, t.gemm_gflop);
+        println!(
+            "rep {r}: backbone {:.1} pos {:.1} supports {:.1} mm {:.1} total {:.1} ms; products {:.1} / {:.1} / {:.1} / {:.1} GFLOP",
+            w[0], w[1], w[2], w[3], w[4], g[0], g[1], g[2], g[3]
+        );
     }
     Ok(())
 }

@@ -219,17 +219,23 @@ pub fn process_cpu_ms() -> Option<f64> {
     Some(total as f64 / 1e6)
 }
 
-/// Wall and CPU time (ms) of the four stages of one episode and of the whole; the query's
-/// backbone + POS run once whatever the number of shots.
-pub fn time_episode(
-    model: &MmFormer,
-    query: &Tensor,
-    supports: &[Tensor],
-    labels: &[Tensor],
-) -> Result<([f64; 5], [f64; 5])> {
+/// One episode's four stages and the whole ([`EPISODE_STAGES`] order).
+#[derive(Debug, Clone, Copy)]
+pub struct EpisodeTimes {
+    /// Wall time, ms.
+    pub wall: [f64; 5],
+    /// CPU time of all threads, ms.
+    pub cpu: [f64; 5],
+    /// GFLOP of the matrix products our CPU kernels ran (`ops::gemm_flops`; 0 on a GPU).
+    pub gemm_gflop: [f64; 5],
+}
+
+/// Times the four stages of one episode and the whole; the query's backbone + POS run once
+/// whatever the number of shots.
+pub fn time_episode(model: &MmFormer, query: &Tensor, supports: &[Tensor], labels: &[Tensor]) -> Result<EpisodeTimes> {
     let (_, _, h, w) = query.dims4()?;
     let mut marks = Vec::with_capacity(5);
-    let mut mark = || marks.push((Instant::now(), process_cpu_ms().unwrap_or(f64::NAN)));
+    let mut mark = || marks.push((Instant::now(), process_cpu_ms().unwrap_or(f64::NAN), ops::gemm_flops()));
     mark();
     let f = model.backbone.forward(query)?;
     mark();
@@ -244,10 +250,13 @@ pub fn time_episode(
     mark();
     let wall = |a: usize, b: usize| (marks[b].0 - marks[a].0).as_secs_f64() * 1e3;
     let cpu = |a: usize, b: usize| marks[b].1 - marks[a].1;
-    Ok((
-        [wall(0, 1), wall(1, 2), wall(2, 3), wall(3, 4), wall(0, 4)],
-        [cpu(0, 1), cpu(1, 2), cpu(2, 3), cpu(3, 4), cpu(0, 4)],
-    ))
+    let gflop = |a: usize, b: usize| (marks[b].2 - marks[a].2) as f64 / 1e9;
+    let spans = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 4)];
+    Ok(EpisodeTimes {
+        wall: spans.map(|(a, b)| wall(a, b)),
+        cpu: spans.map(|(a, b)| cpu(a, b)),
+        gemm_gflop: spans.map(|(a, b)| gflop(a, b)),
+    })
 }
 
 /// Per-stage samples of one side ([`EPISODE_STAGES`] order).
@@ -370,10 +379,12 @@ pub fn bench_episode(out: &mut dyn Write, paper_size: usize, threads: usize, rep
             }
             // 1. Interleaved, round by round.
             let (mut ours, mut theirs) = (stage_samples(), stage_samples());
+            let mut gflop = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..reps {
-                let (w, c) = time_episode(&model, &query, &supports[..k], &labels[..k])?;
+                let t = time_episode(&model, &query, &supports[..k], &labels[..k])?;
                 for (i, s) in ours.iter_mut().enumerate() {
-                    s.push(w[i], c[i]);
+                    s.push(t.wall[i], t.cpu[i]);
+                    gflop[i].push(t.gemm_gflop[i]);
                 }
                 if let Some(s) = server.as_deref_mut() {
                     push_torch_stages(&mut theirs, &s.request(&req(1))?)?;
@@ -384,7 +395,7 @@ pub fn bench_episode(out: &mut dyn Write, paper_size: usize, threads: usize, rep
             let mut torch_alone = None;
             if let Some(s) = server.as_deref_mut() {
                 for _ in 0..alone {
-                    ours_alone.push(time_episode(&model, &query, &supports[..k], &labels[..k])?.0[4]);
+                    ours_alone.push(time_episode(&model, &query, &supports[..k], &labels[..k])?.wall[4]);
                 }
                 let mut t = stage_samples();
                 push_torch_stages(&mut t, &s.request(&req(alone))?)?;
@@ -430,8 +441,16 @@ pub fn bench_episode(out: &mut dyn Write, paper_size: usize, threads: usize, rep
                     torch_ms,
                     ratio: torch_ms.map(|t| ow / t),
                     detail: Some(detail),
-                    gemm_gflop: None,
+                    gemm_gflop: Some(median(gflop[i].clone())).filter(|&g| g > 0.0),
                 });
+            }
+            // How near the products' peak each stage runs (zero where a GPU ran them).
+            let g: Vec<f64> = gflop.iter().map(|v| median(v.clone())).collect();
+            if g[4] > 0.0 {
+                let rate = |i: usize| g[i] / (median(ours[i].wall.clone()) / 1e3);
+                let parts: Vec<String> =
+                    EPISODE_STAGES.iter().enumerate().map(|(i, st)| format!("{st} {:.1} ({:.0} GFLOP/s)", g[i], rate(i))).collect();
+                writeln!(out, "  ours' matrix products, GFLOP (rate over the stage's wall time): {}", parts.join(", "))?;
             }
             if let (Some(oa), Some(ta)) = (ours_alone, torch_alone) {
                 let (oi, ti) = (median(ours[4].wall.clone()), median(theirs[4].wall.clone()));

@@ -171,8 +171,8 @@ mod profile_episode {
         time_episode(&model, &q, &s, &l).unwrap();
         let mut per: Vec<Vec<f64>> = vec![Vec::new(); 10];
         for _ in 0..reps {
-            let (w, c) = time_episode(&model, &q, &s, &l).unwrap();
-            for (v, x) in per.iter_mut().zip(w.into_iter().chain(c)) {
+            let t = time_episode(&model, &q, &s, &l).unwrap();
+            for (v, x) in per.iter_mut().zip(t.wall.into_iter().chain(t.cpu)) {
                 v.push(x);
             }
         }
