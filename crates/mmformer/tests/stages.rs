@@ -270,4 +270,19 @@ fn bench_shards_are_made_once_and_reused() {
     std::fs::remove_file(&manifest).unwrap();
     mmformer::bench::bench_shards(Preset::Cpu, &dir, &Device::Cpu).unwrap();
     assert_eq!(StageTwoData::open(&shards).unwrap().train.unwrap().len(), n);
+
+    // The bench itself on them: its rows, the step's products counted, the live side slower.
+    let mut text = Vec::new();
+    let rows = mmformer::bench::bench_stage2(&mut text, &shards, 2, 2, &Device::Cpu).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["stage2_step_from_shards", "stage2_step_shard_read", "stage2_step_mm", "stage2_step_live"]);
+    let ms = |i: usize| rows[i].ours_ms;
+    assert!(ms(1) >= 0.0 && ms(2) > 0.0 && (ms(0) - ms(1) - ms(2)).abs() < 1e-6, "{text}");
+    assert!(ms(3) > ms(2), "the live step includes the MM step: {text}");
+    let gflop = rows[2].gemm_gflop.expect("the MM step's products are counted");
+    // A batch-4 step of the demo's shards runs 14.9 GFLOP; these batches of 2 about half (6.7).
+    assert!((3.0..12.0).contains(&gflop), "{gflop} GFLOP");
+    assert!(text.contains("MM step products:"), "{text}");
+    assert!(rows.iter().enumerate().all(|(i, r)| (i == 2) == r.gemm_gflop.is_some()));
 }
