@@ -280,11 +280,13 @@ fn bench_shards_are_made_once_and_reused() {
     let ms = |i: usize| rows[i].ours_ms;
     assert!(ms(1) >= 0.0 && ms(2) > 0.0 && (ms(0) - ms(1) - ms(2)).abs() < 1e-6, "{text}");
     assert!(ms(3) > ms(2), "the live step includes the MM step: {text}");
-    let gflop = rows[2].gemm_gflop.expect("the MM step's products are counted");
-    // A batch-4 step of the demo's shards runs 14.9 GFLOP, these batches of 2 about 6.7. The
-    // counter is process-wide and other tests of this binary may run products meanwhile, so only
-    // the lower bound holds for sure.
-    assert!(gflop > 3.0, "{gflop} GFLOP");
-    assert!(text.contains("MM step products:"), "{text}");
-    assert!(rows.iter().enumerate().all(|(i, r)| (i == 2) == r.gemm_gflop.is_some()));
+    assert!(rows.iter().enumerate().all(|(i, r)| i == 2 || r.gemm_gflop.is_none()));
+    if mmformer::ops::fused_kernels_enabled() {
+        let gflop = rows[2].gemm_gflop.expect("the MM step's products are counted");
+        // A batch-4 step of the demo's shards runs 14.9 GFLOP, these batches of 2 about 6.7.
+        // The counter is process-wide and other tests of this binary may run products
+        // meanwhile, so only the lower bound holds for sure.
+        assert!(gflop > 3.0, "{gflop} GFLOP");
+        assert!(text.contains("MM step products:"), "{text}");
+    }
 }

@@ -326,9 +326,10 @@ pub(crate) fn count_gemm(m: usize, n: usize, k: usize) {
 
 /// Floating-point operations (2·m·n·k a product) of every matrix product this crate's CPU
 /// kernels have run in this process, on all threads: the linears, attention, 1×1 and gemm-path
-/// convolutions, Winograd tiles and `nn::matmul`. A benchmark divides the change over a phase
-/// by its time to see how near the gemm's peak the phase runs. Products candle computes itself
-/// (its `matmul`) and the element-wise work are not counted.
+/// convolutions, Winograd tiles and `nn::matmul`'s forward. A benchmark divides the change over
+/// a phase by its time to see how near the gemm's peak the phase runs. Products candle computes
+/// itself (its `matmul`: `nn::matmul`'s backward, a few small ones in the models and losses)
+/// and the element-wise work are not counted, so a phase's count is a lower bound.
 pub fn gemm_flops() -> u64 {
     GEMM_FLOPS.load(std::sync::atomic::Ordering::Relaxed)
 }
