@@ -379,12 +379,11 @@ pub fn bench_episode(out: &mut dyn Write, paper_size: usize, threads: usize, rep
             }
             // 1. Interleaved, round by round.
             let (mut ours, mut theirs) = (stage_samples(), stage_samples());
-            let mut gflop = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..reps {
                 let t = time_episode(&model, &query, &supports[..k], &labels[..k])?;
                 for (i, s) in ours.iter_mut().enumerate() {
                     s.push(t.wall[i], t.cpu[i]);
-                    gflop[i].push(t.gemm_gflop[i]);
+                    s.gflop.push(t.gemm_gflop[i]);
                 }
                 if let Some(s) = server.as_deref_mut() {
                     push_torch_stages(&mut theirs, &s.request(&req(1))?)?;
@@ -441,15 +440,19 @@ pub fn bench_episode(out: &mut dyn Write, paper_size: usize, threads: usize, rep
                     torch_ms,
                     ratio: torch_ms.map(|t| ow / t),
                     detail: Some(detail),
-                    gemm_gflop: Some(median(gflop[i].clone())).filter(|&g| g > 0.0),
+                    gemm_gflop: products(o),
                 });
             }
-            // How near the products' peak each stage runs (zero where a GPU ran them).
-            let g: Vec<f64> = gflop.iter().map(|v| median(v.clone())).collect();
-            if g[4] > 0.0 {
-                let rate = |i: usize| g[i] / (median(ours[i].wall.clone()) / 1e3);
-                let parts: Vec<String> =
-                    EPISODE_STAGES.iter().enumerate().map(|(i, st)| format!("{st} {:.1} ({:.0} GFLOP/s)", g[i], rate(i))).collect();
+            // How near the products' peak each stage runs (none counted where a GPU ran them).
+            if products(&ours[4]).is_some() {
+                let parts: Vec<String> = EPISODE_STAGES
+                    .iter()
+                    .zip(&ours)
+                    .map(|(st, o)| {
+                        let g = products(o).unwrap_or(0.0);
+                        format!("{st} {g:.1} ({:.0} GFLOP/s)", g / (median(o.wall.clone()) / 1e3))
+                    })
+                    .collect();
                 writeln!(out, "  ours' matrix products, GFLOP (rate over the stage's wall time): {}", parts.join(", "))?;
             }
             if let (Some(oa), Some(ta)) = (ours_alone, torch_alone) {
@@ -588,11 +591,13 @@ impl PosTrainBench {
     }
 }
 
-/// Wall and CPU milliseconds of repeated runs.
+/// Wall and CPU milliseconds of repeated runs, and (ours only) the GFLOP of their matrix
+/// products (`ops::gemm_flops`).
 #[derive(Default)]
 struct Samples {
     wall: Vec<f64>,
     cpu: Vec<f64>,
+    gflop: Vec<f64>,
 }
 
 impl Samples {
@@ -614,12 +619,19 @@ impl Samples {
     }
 }
 
-/// One benchmark line: the row (wall medians) plus the CPU-time medians of both sides.
+/// The median GFLOP of ours' products, when any were counted (none where a GPU ran them).
+fn products(ours: &Samples) -> Option<f64> {
+    (!ours.gflop.is_empty()).then(|| median(ours.gflop.clone())).filter(|&g| g > 0.0)
+}
+
+/// One benchmark line: the row (wall medians) plus the CPU-time medians of both sides, and ours'
+/// product GFLOP with their rate when counted.
 fn pos_row(out: &mut dyn Write, name: &str, ours: Samples, torch: Samples) -> Result<BenchRow> {
+    let gflop = products(&ours);
     let (ow, oc) = (median(ours.wall), median(ours.cpu));
     let tw = (!torch.wall.is_empty()).then(|| median(torch.wall.clone()));
     let tc = (!torch.cpu.is_empty()).then(|| median(torch.cpu));
-    let row = BenchRow { name: name.into(), ours_ms: ow, torch_ms: tw, ratio: tw.map(|t| ow / t), detail: None, gemm_gflop: None };
+    let row = BenchRow { name: name.into(), ours_ms: ow, torch_ms: tw, ratio: tw.map(|t| ow / t), detail: None, gemm_gflop: gflop };
     match (tw, tc) {
         (Some(tw), Some(tc)) => writeln!(out, 
             "{:<36} ours {:>8.1} ms  torch {:>8.1} ms  ours/torch {:>5.2}  | cpu ms: ours {:>8.1}  torch {:>8.1}  ratio {:>5.2}",
@@ -632,6 +644,9 @@ fn pos_row(out: &mut dyn Write, name: &str, ours: Samples, torch: Samples) -> Re
             oc / tc
         )?,
         _ => writeln!(out, "{name:<36} ours {ow:>8.1} ms  | cpu ms: ours {oc:>8.1}")?,
+    }
+    if let Some(g) = gflop {
+        writeln!(out, "  ours' matrix products: {g:.2} GFLOP, {:.0} GFLOP/s over the wall time", g / (ow / 1e3))?;
     }
     Ok(row)
 }
@@ -649,9 +664,10 @@ fn interleave(
 ) -> Result<BenchRow> {
     ours()?;
     let timed = |f: &mut dyn FnMut() -> Result<()>, into: &mut Samples| -> Result<()> {
-        let (c0, w0) = (process_cpu_ms().unwrap_or(f64::NAN), Instant::now());
+        let (c0, g0, w0) = (process_cpu_ms().unwrap_or(f64::NAN), ops::gemm_flops(), Instant::now());
         f()?;
         into.push(w0.elapsed().as_secs_f64() * 1e3, process_cpu_ms().unwrap_or(f64::NAN) - c0);
+        into.gflop.push((ops::gemm_flops() - g0) as f64 / 1e9);
         Ok(())
     };
     let (mut o, mut t) = (Samples::default(), Samples::default());
@@ -730,9 +746,10 @@ pub fn bench_pos(out: &mut dyn Write, paper_size: usize, threads: usize, reps: u
     let mut solver = String::new();
     let req = format!("pos_train_cpu {size} 1 {batch}");
     for _ in 0..reps {
-        let c0 = process_cpu_ms().unwrap_or(f64::NAN);
+        let (c0, g0) = (process_cpu_ms().unwrap_or(f64::NAN), ops::gemm_flops());
         let (p, _) = bench.step()?;
         o.push(p.iter().sum::<f64>(), process_cpu_ms().unwrap_or(f64::NAN) - c0);
+        o.gflop.push((ops::gemm_flops() - g0) as f64 / 1e9);
         for (v, x) in ours_p.iter_mut().zip(p) {
             v.push(x);
         }
@@ -965,4 +982,32 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
         BenchRow { gemm_gflop: gflop, ..row("stage2_step_mm", s) },
         row("stage2_step_live", l),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(wall: &[f64], gflop: &[f64]) -> Samples {
+        Samples { wall: wall.to_vec(), cpu: wall.to_vec(), gflop: gflop.to_vec() }
+    }
+
+    /// A line's row carries ours' median product count and the text its rate; nothing is
+    /// claimed where none were counted (a GPU ran them, or a side without products).
+    #[test]
+    fn a_line_reports_ours_products_when_counted() {
+        let mut out = Vec::new();
+        let row = pos_row(&mut out, "x", samples(&[100.0, 200.0, 300.0], &[2.0, 2.0, 2.0]), samples(&[400.0], &[])).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(row.gemm_gflop, Some(2.0));
+        assert_eq!((row.ours_ms, row.torch_ms, row.ratio), (200.0, Some(400.0), Some(0.5)));
+        assert!(text.contains("ours' matrix products: 2.00 GFLOP, 10 GFLOP/s"), "{text}");
+
+        let mut out = Vec::new();
+        let row = pos_row(&mut out, "y", samples(&[50.0], &[0.0]), Samples::default()).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(row.gemm_gflop, None);
+        assert!(!text.contains("matrix products"), "{text}");
+        assert_eq!(products(&Samples::default()), None);
+    }
 }
