@@ -913,15 +913,15 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
     // The shard steps run back to back, then the live front ends over the same episodes: in
     // training from shards nothing else runs between steps, and a backbone + POS pass between
     // them evicted the MM's weights, optimizer state and buffers from the caches.
-    let episodes = |rep: usize| -> data::Result<Vec<_>> {
-        let n0 = rep as u64 * batch as u64;
-        (0..batch as u64).map(|j| train.episode(n0 + j)).collect()
-    };
     let (mut t_read, mut t_step, mut flops) = (Vec::new(), Vec::new(), Vec::new());
+    // Per repetition, the (image, view) of each episode's query and then its supports: what the
+    // live side decodes again.
+    let mut views_of = Vec::with_capacity(reps + 1);
     for rep in 0..reps + 1 {
         // Stage 2 from shards: read + tensors, then forward/loss/backward/step.
         let t = Instant::now();
-        let eps = episodes(rep)?;
+        let n0 = rep as u64 * batch as u64;
+        let eps = (0..batch as u64).map(|j| train.episode(n0 + j)).collect::<data::Result<Vec<_>>>()?;
         let b = EpisodeBatch::new(&eps, device)?;
         let read = t.elapsed().as_secs_f64();
         let f0 = ops::gemm_flops();
@@ -936,27 +936,26 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
             t_step.push(step * 1e3);
             flops.push(step_flops / 1e9);
         }
+        let per = 1 + eps[0].supports.len();
+        let refs: Vec<_> = eps.iter().flat_map(|e| std::iter::once(&e.query).chain(&e.supports)).map(|r| (r.image_id.clone(), r.view)).collect();
+        views_of.push((refs, per));
     }
     let mut t_live = Vec::new();
-    for rep in 0..reps + 1 {
+    for (rep, (refs, per)) in views_of.iter().enumerate() {
         // Live: decode + augment the same views, backbone on query and support, POS on the
         // query; then the same MM step, timed above.
-        let eps = episodes(rep)?;
         let t = Instant::now();
         let mut views = Vec::new();
-        for e in &eps {
-            for r in std::iter::once(&e.query).chain(&e.supports) {
-                let idx = ds.find(data::Split::Train, &r.image_id).context("image of the shards not in the dataset")?;
-                let k = match r.view {
-                    data::shard::ShardView::Augmented(k) => k,
-                    data::shard::ShardView::Test => 0,
-                };
-                views.push(data::cached::cached_train_view(&train_samples[idx], idx, k, &aug, m.seed)?.0);
-            }
+        for (image_id, view) in refs {
+            let idx = ds.find(data::Split::Train, image_id).context("image of the shards not in the dataset")?;
+            let k = match *view {
+                data::shard::ShardView::Augmented(k) => k,
+                data::shard::ShardView::Test => 0,
+            };
+            views.push(data::cached::cached_train_view(&train_samples[idx], idx, k, &aug, m.seed)?.0);
         }
-        let per = 1 + eps[0].supports.len();
-        let queries: Vec<_> = views.iter().step_by(per).collect();
-        let supports: Vec<_> = views.iter().skip(1).step_by(per).collect();
+        let queries: Vec<_> = views.iter().step_by(*per).collect();
+        let supports: Vec<_> = views.iter().skip(1).step_by(*per).collect();
         let fq = backbone.forward(&eval::images_to_tensor(&queries, device)?)?;
         let p = pos.forward_proposals(&pos_features(&fq))?;
         let fs = backbone.forward(&eval::images_to_tensor(&supports, device)?)?;

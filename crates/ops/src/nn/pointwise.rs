@@ -59,13 +59,13 @@ impl PointwiseTokens {
     /// (C_in, C_out) product, each summing over the batch in its gemm's accumulator order.
     fn weight_grad<T: Real>(&self, x: &[T], dy: &[T]) -> Vec<T> {
         let (b, cin, l, cout) = (self.b, self.c_in, self.l, self.c_out);
-        let mut dwt = unwritten::<T>(cin * cout);
-        if dwt.is_empty() {
+        if cin * cout == 0 {
             return Vec::new();
         }
         if b * l == 0 {
             return vec![T::of(0.0); cout * cin];
         }
+        let mut dwt = unwritten::<T>(cin * cout);
         let split_rows = cin >= cout;
         let (block, blocks) = output_blocks(1, if split_rows { cin } else { cout });
         let dst = SyncPtr(dwt.as_mut_ptr().cast::<T>());
@@ -121,8 +121,8 @@ impl CustomOp2 for PointwiseTokens {
         let dx = match x.track_op() {
             true => {
                 let (b, cin, l, cout) = (self.b, self.c_in, self.l, self.c_out);
-                let w = w.detach().unsqueeze(0)?.broadcast_as((b, cout, cin))?.contiguous()?;
-                let dt = super::matmul(&grad, &w)?; // (B, L, C_in)
+                // All B·L token rows against the one weight: no per-item copy of it.
+                let dt = super::matmul(&grad.reshape((b * l, cout))?, &w.detach())?.reshape((b, l, cin))?;
                 Some(super::tokens_to_map(&dt, (1, l))?.reshape(x.shape())?)
             }
             false => None,
