@@ -124,6 +124,28 @@ fn truncated_and_corrupted_shards_are_named() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A shard cut short while a reader has it open (another process rewriting the folder) is an
+/// error naming the shard and the record, for every record past the cut; the records before it
+/// still read. (Through a memory map this was a SIGBUS that killed the process.)
+#[test]
+fn a_shard_shortened_after_opening_is_an_error_not_a_crash() {
+    let dir = tmpdir("shortened");
+    let s = spec(StoredDType::F32, StoredDType::F32);
+    write_all(&dir, &s, 6, 6, &[0]);
+    ShardIndex::merge(&dir).unwrap();
+    let r = ShardReader::open(&dir, &ShardExpectation::default()).unwrap();
+    let cut = r.records()[3].offset + 1;
+    std::fs::OpenOptions::new().write(true).open(dir.join("shard-00000.mms")).unwrap().set_len(cut).unwrap();
+    for i in 0..3 {
+        assert_eq!(r.get_at(i).unwrap(), record(i), "record {i} lies before the cut");
+    }
+    for i in 3..6 {
+        let e = r.get_at(i).unwrap_err().to_string();
+        assert!(e.contains("shard-00000.mms") && e.contains(&format!("img{i:03}")) && e.contains("changed after it was opened"), "{e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn resume_after_kill_gives_the_same_index_as_one_run() {
     let s = spec(StoredDType::F16, StoredDType::U8Prob);

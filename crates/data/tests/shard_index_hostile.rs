@@ -1,4 +1,4 @@
-//! A shard folder's `index.bin` is trusted with offsets and counts into memory-mapped files, so
+//! A shard folder's `index.bin` is trusted with offsets and counts into the shard files, so
 //! a corrupted, stale or hand-made one must be refused on open with an error naming the file
 //! (and the record), never a panic or a read out of bounds.
 

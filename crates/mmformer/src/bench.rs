@@ -19,7 +19,9 @@ use train::{AdamW, AdamWConfig, CheckpointStore};
 use crate::error::{bail, Context, Result};
 use crate::model::{load_backbone, mm_features, pos_features};
 use crate::stage1::{load_pos, KIND as POS_KIND};
+use crate::prefetch::Prefetcher;
 use crate::stage2::{EpisodeBatch, StageTwoData};
+use crate::PREFETCH_DEPTH;
 use crate::{MmFormer, Preset};
 
 /// Where `tools/` lives (the workspace root).
@@ -883,9 +885,12 @@ pub fn timed_stage2_step(mm: &MaskMatching, opt: &mut AdamW, vars: &[train::Name
 
 /// One stage-2 training step read from the shards, against the same step with the backbone and
 /// POS run live on the same episodes (what stage 2 would cost without the stage boundary).
-/// The steps run back to back first, then the live front ends over the same episodes, each
-/// added to its episode's step time; medians over the repetitions. Writes the table and returns
-/// the rows (no PyTorch column: both sides are ours).
+/// The steps run back to back first, as `train-mm` runs them (batches read ahead), then the
+/// live front ends over the same episodes, each added to its episode's step time; medians over
+/// the repetitions. Both sides leave out what training reads ahead of a step (the shards; the
+/// images' decoding and augmentation), and report it. Writes the table and returns the rows
+/// `stage2_step_{from_shards, batch_wait, shard_read, mm, live, live_decode}` (no PyTorch
+/// column: both sides are ours).
 pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usize, device: &Device) -> Result<Vec<BenchRow>> {
     let d = StageTwoData::open(shards)?;
     let m = &d.manifest;
@@ -910,40 +915,56 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
     let aug = data::AugmentConfig::with_crop_size(size);
     let train_samples = ds.samples(data::Split::Train);
 
-    // The shard steps run back to back, then the live front ends over the same episodes: in
-    // training from shards nothing else runs between steps, and a backbone + POS pass between
-    // them evicted the MM's weights, optimizer state and buffers from the caches.
-    let (mut t_read, mut t_step, mut flops) = (Vec::new(), Vec::new(), Vec::new());
+    // The shard steps run as `train-mm` runs them: back to back, each batch read ahead on a
+    // background thread (`Prefetcher`, the same `training_batch`). So the step pays what
+    // training pays for the shards: any wait for its batch (reads that did not keep up) and the
+    // batch's tensors; the read itself is timed on the read-ahead thread. The live front ends
+    // run afterwards over the same episodes: a backbone + POS pass between the steps would
+    // evict the MM's weights, optimizer state and buffers from the caches, which training from
+    // shards never does.
+    let (mut t_wait, mut t_step, mut flops) = (Vec::new(), Vec::new(), Vec::new());
+    let read_ms = std::sync::Mutex::new(Vec::new());
+    let make = |it: u64| {
+        let t = Instant::now();
+        let eps = crate::stage2::training_batch(&train, batch as u64, it);
+        read_ms.lock().expect("read times").push((it, t.elapsed().as_secs_f64() * 1e3));
+        eps
+    };
     // Per repetition, the (image, view) of each episode's query and then its supports: what the
     // live side decodes again.
     let mut views_of = Vec::with_capacity(reps + 1);
-    for rep in 0..reps + 1 {
-        // Stage 2 from shards: read + tensors, then forward/loss/backward/step.
-        let t = Instant::now();
-        let n0 = rep as u64 * batch as u64;
-        let eps = (0..batch as u64).map(|j| train.episode(n0 + j)).collect::<data::Result<Vec<_>>>()?;
-        let b = EpisodeBatch::new(&eps, device)?;
-        let read = t.elapsed().as_secs_f64();
-        let f0 = ops::gemm_flops();
-        let phases = timed_stage2_step(&mm, &mut opt, &vars, &b)?;
-        let step = phases.total_ms() / 1e3;
-        let step_flops = (ops::gemm_flops() - f0) as f64;
-        if std::env::var_os("MMFORMER_BENCH_VERBOSE").is_some() {
-            writeln!(out, "forward {:.1} ms, loss {:.1} ms, backward {:.1} ms, clip+step {:.1} ms", phases.forward_ms, phases.loss_ms, phases.backward_ms, phases.step_ms)?;
+    std::thread::scope(|scope| -> Result<()> {
+        let mut batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH, reps as u64 + 1);
+        for rep in 0..reps + 1 {
+            let t = Instant::now();
+            let eps = batches.get(rep as u64)?;
+            let b = EpisodeBatch::new(&eps, device)?;
+            let wait = t.elapsed().as_secs_f64();
+            let f0 = ops::gemm_flops();
+            let phases = timed_stage2_step(&mm, &mut opt, &vars, &b)?;
+            let step = phases.total_ms() / 1e3;
+            let step_flops = (ops::gemm_flops() - f0) as f64;
+            if std::env::var_os("MMFORMER_BENCH_VERBOSE").is_some() {
+                writeln!(out, "batch {:.1} ms, forward {:.1} ms, loss {:.1} ms, backward {:.1} ms, clip+step {:.1} ms", wait * 1e3, phases.forward_ms, phases.loss_ms, phases.backward_ms, phases.step_ms)?;
+            }
+            if rep > 0 {
+                t_wait.push(wait * 1e3);
+                t_step.push(step * 1e3);
+                flops.push(step_flops / 1e9);
+            }
+            let per = 1 + eps[0].supports.len();
+            let refs: Vec<_> = eps.iter().flat_map(|e| std::iter::once(&e.query).chain(&e.supports)).map(|r| (r.image_id.clone(), r.view)).collect();
+            views_of.push((refs, per));
         }
-        if rep > 0 {
-            t_read.push(read * 1e3);
-            t_step.push(step * 1e3);
-            flops.push(step_flops / 1e9);
-        }
-        let per = 1 + eps[0].supports.len();
-        let refs: Vec<_> = eps.iter().flat_map(|e| std::iter::once(&e.query).chain(&e.supports)).map(|r| (r.image_id.clone(), r.view)).collect();
-        views_of.push((refs, per));
-    }
-    let mut t_live = Vec::new();
+        Ok(())
+    })?;
+    // Reads of the timed steps' batches (not the first, which nobody read ahead of).
+    let t_read: Vec<f64> = read_ms.into_inner().expect("read times").into_iter().filter(|&(it, _)| it > 0 && it <= reps as u64).map(|(_, ms)| ms).collect();
+    let (mut t_live, mut t_views) = (Vec::new(), Vec::new());
     for (rep, (refs, per)) in views_of.iter().enumerate() {
-        // Live: decode + augment the same views, backbone on query and support, POS on the
-        // query; then the same MM step, timed above.
+        // Live: decode + augment the same views (timed apart: live training reads them ahead
+        // as stage 1 does), backbone on query and support, POS on the query; then the same MM
+        // step, timed above.
         let t = Instant::now();
         let mut views = Vec::new();
         for (image_id, view) in refs {
@@ -954,6 +975,8 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
             };
             views.push(data::cached::cached_train_view(&train_samples[idx], idx, k, &aug, m.seed)?.0);
         }
+        let decoded = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
         let queries: Vec<_> = views.iter().step_by(*per).collect();
         let supports: Vec<_> = views.iter().skip(1).step_by(*per).collect();
         let fq = backbone.forward(&eval::images_to_tensor(&queries, device)?)?;
@@ -962,24 +985,28 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
         let _keep: (Tensor, [Tensor; 3], [Tensor; 3]) = (p, mm_features(&fq), mm_features(&fs));
         if rep > 0 {
             t_live.push(t.elapsed().as_secs_f64() * 1e3 + t_step[rep - 1]);
+            t_views.push(decoded);
         }
     }
-    let (r, s, l) = (median(t_read), median(t_step), median(t_live));
+    let (w, s, l, r, v) = (median(t_wait), median(t_step), median(t_live), median(t_read), median(t_views));
     // Zero where the products ran elsewhere (a GPU).
     let gflop = Some(median(flops)).filter(|&f| f > 0.0);
     writeln!(out, "stage-2 training step, {:?} preset, batch {batch}, 1-shot, median of {reps}:", m.preset)?;
-    writeln!(out, "  from shards: {:8.1} ms  (read {r:.1} ms + MM forward/backward/step {s:.1} ms)", r + s)?;
-    writeln!(out, "  live:        {:8.1} ms  (decode+augment+backbone+POS {:.1} ms + the same MM step)", l, l - s)?;
-    writeln!(out, "  ratio live / shards: {:.1}x", l / (r + s))?;
+    writeln!(out, "  from shards: {:8.1} ms  (batch {w:.1} ms: its wait and tensors, + MM forward/backward/step {s:.1} ms)", w + s)?;
+    writeln!(out, "               reading a batch from the shards: {r:.1} ms, ahead of its step on a background thread, as train-mm does")?;
+    writeln!(out, "  live:        {:8.1} ms  (backbone+POS {:.1} ms + the same MM step; decode+augment {v:.1} ms, read ahead as stage 1 does)", l, l - s)?;
+    writeln!(out, "  ratio live / shards: {:.1}x", l / (w + s))?;
     if let Some(g) = gflop {
         writeln!(out, "  MM step products: {g:.2} GFLOP, {:.0} GFLOP/s over the whole step", g / (s / 1e3))?;
     }
     let row = |name: &str, ms: f64| BenchRow { name: name.into(), ours_ms: ms, torch_ms: None, ratio: None, detail: None, gemm_gflop: None };
     Ok(vec![
-        row("stage2_step_from_shards", r + s),
+        row("stage2_step_from_shards", w + s),
+        row("stage2_step_batch_wait", w),
         row("stage2_step_shard_read", r),
         BenchRow { gemm_gflop: gflop, ..row("stage2_step_mm", s) },
         row("stage2_step_live", l),
+        row("stage2_step_live_decode", v),
     ])
 }
 

@@ -279,6 +279,13 @@ fn write_full_model(
     Ok(path)
 }
 
+/// The episodes of training iteration `it` (`batch` of them, read in parallel): what
+/// `train-mm` reads ahead of each step, and what `bench stage2` times. Episode n depends only on
+/// (seed, n), so a resumed run sees what the uninterrupted one would.
+pub fn training_batch(train: &ShardDataset, batch: u64, it: u64) -> data::Result<Vec<ShardEpisode>> {
+    (0..batch).into_par_iter().map(|j| train.episode(it * batch + j)).collect()
+}
+
 /// Trains the mask matching on the shards at `opts.shards`, on `device`, resuming from
 /// `opts.out` when a run with the same options was interrupted there. Writes `config.json`,
 /// `log.jsonl`, `checkpoints/{iter_*,best}` and the full model `mmformer.safetensors` (best
@@ -318,8 +325,7 @@ pub fn train_mm(opts: &Stage2Options, device: &Device, progress: &dyn Progress) 
     let novel = novel.iter().map(|&c| c as u32).collect();
     let spec = RunSpec { kind: KIND, config, out: &opts.out, device };
     let batch = opts.batch as u64;
-    // Episode n depends only on (seed, n): a resumed run sees what the uninterrupted one would.
-    let make = |it: u64| (0..batch).into_par_iter().map(|j| train.episode(it * batch + j)).collect::<data::Result<Vec<_>>>();
+    let make = |it: u64| training_batch(&train, batch, it);
     let (state, frozen) = std::thread::scope(|scope| -> Result<_> {
         let batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH, opts.iters);
         let mut stage = MmStage { opts, device, manifest, batches, val_reader, val, novel, mm, vm: &vm, cfg: cfg.clone(), weights, frozen, last: None };
