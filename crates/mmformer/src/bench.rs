@@ -915,10 +915,10 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
     let aug = data::AugmentConfig::with_crop_size(size);
     let train_samples = ds.samples(data::Split::Train);
 
-    // The shard steps run as `train-mm` runs them: back to back, each batch read ahead on a
-    // background thread (`Prefetcher`, the same `training_batch`). So the step pays what
-    // training pays for the shards: any wait for its batch (reads that did not keep up) and the
-    // batch's tensors; the read itself is timed on the read-ahead thread. The live front ends
+    // The shard steps run as `train-mm` runs them: back to back, each batch read and made into
+    // tensors ahead on a background thread (`Prefetcher`, the same `training_batch`). So the
+    // step pays what training pays for the shards: any wait for its batch (a read-ahead that did
+    // not keep up) and its move to the device; the read-ahead itself is timed on its thread. The live front ends
     // run afterwards over the same episodes: a backbone + POS pass between the steps would
     // evict the MM's weights, optimizer state and buffers from the caches, which training from
     // shards never does.
@@ -926,9 +926,9 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
     let read_ms = std::sync::Mutex::new(Vec::new());
     let make = |it: u64| {
         let t = Instant::now();
-        let eps = crate::stage2::training_batch(&train, batch as u64, it);
+        let b = crate::stage2::training_batch(&train, batch as u64, it);
         read_ms.lock().expect("read times").push((it, t.elapsed().as_secs_f64() * 1e3));
-        eps
+        b
     };
     // Per repetition, the (image, view) of each episode's query and then its supports: what the
     // live side decodes again.
@@ -937,8 +937,7 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
         let mut batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH, reps as u64 + 1);
         for rep in 0..reps + 1 {
             let t = Instant::now();
-            let eps = batches.get(rep as u64)?;
-            let b = EpisodeBatch::new(&eps, device)?;
+            let b = batches.get(rep as u64)?.to_device(device)?;
             let wait = t.elapsed().as_secs_f64();
             let f0 = ops::gemm_flops();
             let phases = timed_stage2_step(&mm, &mut opt, &vars, &b)?;
@@ -952,13 +951,19 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
                 t_step.push(step * 1e3);
                 flops.push(step_flops / 1e9);
             }
-            let per = 1 + eps[0].supports.len();
-            let refs: Vec<_> = eps.iter().flat_map(|e| std::iter::once(&e.query).chain(&e.supports)).map(|r| (r.image_id.clone(), r.view)).collect();
+            // The same episodes' records, from the sampler and the index (no payloads read).
+            let sampler = train.sampler().context("training shard dataset without a sampler")?;
+            let (mut refs, mut per) = (Vec::new(), 1);
+            for j in 0..batch as u64 {
+                let spec = sampler.episode(rep as u64 * batch as u64 + j)?;
+                per = 1 + spec.supports.len();
+                refs.extend(std::iter::once(spec.query).chain(spec.supports).map(|i| (reader.records()[i].image_id.clone(), reader.records()[i].view)));
+            }
             views_of.push((refs, per));
         }
         Ok(())
     })?;
-    // Reads of the timed steps' batches (not the first, which nobody read ahead of).
+    // Read-aheads of the timed steps' batches (not the first, which nothing ran ahead of).
     let t_read: Vec<f64> = read_ms.into_inner().expect("read times").into_iter().filter(|&(it, _)| it > 0 && it <= reps as u64).map(|(_, ms)| ms).collect();
     let (mut t_live, mut t_views) = (Vec::new(), Vec::new());
     for (rep, (refs, per)) in views_of.iter().enumerate() {
@@ -992,8 +997,8 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
     // Zero where the products ran elsewhere (a GPU).
     let gflop = Some(median(flops)).filter(|&f| f > 0.0);
     writeln!(out, "stage-2 training step, {:?} preset, batch {batch}, 1-shot, median of {reps}:", m.preset)?;
-    writeln!(out, "  from shards: {:8.1} ms  (batch {w:.1} ms: its wait and tensors, + MM forward/backward/step {s:.1} ms)", w + s)?;
-    writeln!(out, "               reading a batch from the shards: {r:.1} ms, ahead of its step on a background thread, as train-mm does")?;
+    writeln!(out, "  from shards: {:8.1} ms  (waiting for the batch {w:.1} ms + MM forward/backward/step {s:.1} ms)", w + s)?;
+    writeln!(out, "               reading a batch from the shards into tensors: {r:.1} ms, ahead of its step on a background thread, as train-mm does")?;
     writeln!(out, "  live:        {:8.1} ms  (backbone+POS {:.1} ms + the same MM step; decode+augment {v:.1} ms, read ahead as stage 1 does)", l, l - s)?;
     writeln!(out, "  ratio live / shards: {:.1}x", l / (w + s))?;
     if let Some(g) = gflop {

@@ -281,8 +281,8 @@ fn bench_shards_are_made_once_and_reused() {
         ["stage2_step_from_shards", "stage2_step_batch_wait", "stage2_step_shard_read", "stage2_step_mm", "stage2_step_live", "stage2_step_live_decode"]
     );
     let ms = |i: usize| rows[i].ours_ms;
-    // The step = its batch (wait + tensors) + the MM step; the read ahead ran and was timed.
-    assert!(ms(1) > 0.0 && ms(2) > 0.0 && ms(3) > 0.0 && (ms(0) - ms(1) - ms(3)).abs() < 1e-6, "{text}");
+    // The step = the wait for its batch + the MM step; the read-ahead ran and was timed.
+    assert!(ms(1) >= 0.0 && ms(2) > 0.0 && ms(3) > 0.0 && (ms(0) - ms(1) - ms(3)).abs() < 1e-6, "{text}");
     assert!(ms(4) > ms(3) && ms(5) > 0.0, "the live step includes the MM step: {text}");
     assert!(rows.iter().enumerate().all(|(i, r)| i == 3 || r.gemm_gflop.is_none()));
     assert!(text.contains("ahead of its step on a background thread"), "{text}");
