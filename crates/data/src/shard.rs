@@ -341,13 +341,13 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<(ShardSpec, usize)> {
     Ok((spec, 16 + n))
 }
 
-/// The header of a shard file, read without mapping or reading the payloads.
+/// The header of a shard file, read without reading the payloads.
 fn read_header_of(path: &Path) -> Result<ShardSpec> {
     let f = fs::File::open(path).map_err(|e| io_err(path, e))?;
     Ok(read_header_from(path, &f)?.0)
 }
 
-/// The header of an open shard file and its length in bytes.
+/// The header of an open shard file, and the header's length in bytes.
 fn read_header_from(path: &Path, mut f: &fs::File) -> Result<(ShardSpec, usize)> {
     use std::io::Read;
     let mut head = [0u8; 16];
@@ -612,13 +612,17 @@ pub struct ShardExpectation {
 /// Random-access reader of a shard folder.
 ///
 /// Each record is read with one positional read into its own buffer, not through a memory map:
-/// on a cold page cache a mapped record faults in page by page (measured: eight 328 KB records
-/// from freshly dropped caches, 29–34 ms mapped against 3.3–4.1 ms read), and a shard shortened
-/// after opening is then an I/O error naming it instead of a SIGBUS.
+/// on a cold page cache a mapped record faults in a few pages at a time (measured: a stage-2
+/// training batch's 8 records of 328 KB from freshly dropped caches, median 12.7–15.3 ms mapped
+/// against 4.5–5.0 read), and a shard shortened after opening is then an I/O error naming it
+/// instead of a SIGBUS. The shard is opened for each read rather than kept open: a COCO folder
+/// has thousands of shards, more than a process's usual limit of open files, and an open costs
+/// little beside a 328 KB read.
 pub struct ShardReader {
     dir: PathBuf,
     pub index: ShardIndex,
-    files: HashMap<u32, fs::File>,
+    /// The shards `open` checked against the index (size, header, spec).
+    shards: std::collections::HashSet<u32>,
     by_key: HashMap<(String, ShardView), usize>,
 }
 
@@ -636,7 +640,7 @@ impl ShardReader {
                 }
             }
         }
-        let mut files = HashMap::new();
+        let mut shards = std::collections::HashSet::new();
         let mut payload_start = HashMap::new();
         for &(k, len) in &index.shards {
             let path = dir.join(shard_name(k));
@@ -649,7 +653,7 @@ impl ShardReader {
             if spec != index.spec {
                 return Err(ShardError::Mismatch { path, what: "spec", found: format!("{spec:?}"), expected: format!("{:?}", index.spec) });
             }
-            files.insert(k, f);
+            shards.insert(k);
             payload_start.insert(k, header_len as u64);
         }
         // `load` checked every record against the listed lengths, now equal to the real ones;
@@ -666,7 +670,7 @@ impl ShardReader {
             }
         }
         let by_key = index.records.iter().enumerate().map(|(i, r)| ((r.image_id.clone(), r.view), i)).collect();
-        Ok(Self { dir: dir.to_path_buf(), index, files, by_key })
+        Ok(Self { dir: dir.to_path_buf(), index, shards, by_key })
     }
 
     pub fn spec(&self) -> &ShardSpec {
@@ -698,7 +702,9 @@ impl ShardReader {
     /// The `i`-th record of the index, checksum-verified.
     ///
     /// `open` validated the index against the files, so the slicing below cannot fail; it still
-    /// goes through `get`, so that a bug there is an error naming the record, not a panic.
+    /// goes through `get`, so that a bug there is an error naming the record, not a panic. The
+    /// read itself fails, naming the shard and the record, if the shard was removed or shortened
+    /// since; a shard rewritten since fails the record's checksum.
     pub fn get_at(&self, i: usize) -> Result<ProposalRecord> {
         let meta = self.index.records.get(i).ok_or_else(|| io_err(&self.dir, format!("record {i} out of range")))?;
         let path = self.dir.join(shard_name(meta.shard));
@@ -707,18 +713,21 @@ impl ShardReader {
             let start = usize::try_from(offset).ok()?;
             Some(start..start.checked_add(usize::try_from(len).ok()?)?)
         };
-        let file = self.files.get(&meta.shard).ok_or_else(|| bad(format!("names shard {}, which is not open", meta.shard)))?;
+        if !self.shards.contains(&meta.shard) {
+            return Err(bad(format!("names shard {}, which is not open", meta.shard)));
+        }
+        let changed = |e: std::io::Error| io_err(&path, format!("record `{}` ({}): {e} (the shard changed after it was opened?)", meta.image_id, meta.view));
+        let file = fs::File::open(&path).map_err(changed)?;
         // `open` checked every record against the file's length, so the length is bounded by it.
         let len = usize::try_from(meta.len).map_err(|_| bad("payload length overflows".into()))?;
         // Words, so that the payload's 64-byte-aligned tensors can be read in place as f32/f16.
         let mut words = vec![0u32; len.div_ceil(4)];
         let payload = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..len];
-        read_exact_at(file, payload, meta.offset)
-            .map_err(|e| io_err(&path, format!("record `{}` ({}): {e} (the shard changed after it was opened?)", meta.image_id, meta.view)))?;
+        read_exact_at(&file, payload, meta.offset).map_err(changed)?;
         let payload = &*payload;
         let crc = crc32fast::hash(payload);
         if crc != meta.crc32 {
-            return Err(io_err(&path, format!("record `{}` ({}) fails its checksum: the shard is corrupted", meta.image_id, meta.view)));
+            return Err(io_err(&path, format!("record `{}` ({}) fails its checksum: the shard is corrupted, or was rewritten after it was opened", meta.image_id, meta.view)));
         }
         let bytes = |t: &StoredTensorMeta| -> Result<&[u8]> {
             range(t.offset, t.nbytes).and_then(|r| payload.get(r)).ok_or_else(|| bad(format!("tensor `{}` lies outside the record", t.name)))
@@ -744,7 +753,9 @@ impl ShardReader {
     }
 }
 
-/// Fills `buf` from `file` at `offset` without moving a shared cursor (safe from several threads).
+/// Fills `buf` from `file` at `offset`. Each read names its own offset, so reads of one file from
+/// several threads do not interfere (on Windows `seek_read` also moves the file's cursor, which
+/// nothing here uses).
 #[cfg(unix)]
 fn read_exact_at(file: &fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)

@@ -124,9 +124,9 @@ fn truncated_and_corrupted_shards_are_named() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A shard cut short while a reader has it open (another process rewriting the folder) is an
-/// error naming the shard and the record, for every record past the cut; the records before it
-/// still read. (Through a memory map this was a SIGBUS that killed the process.)
+/// A shard cut short or removed while a reader has the folder open (another process rewriting
+/// it) is an error naming the shard and the record, for every record past the cut; the records
+/// before it still read. (Through a memory map a cut was a SIGBUS that killed the process.)
 #[test]
 fn a_shard_shortened_after_opening_is_an_error_not_a_crash() {
     let dir = tmpdir("shortened");
@@ -143,6 +143,10 @@ fn a_shard_shortened_after_opening_is_an_error_not_a_crash() {
         let e = r.get_at(i).unwrap_err().to_string();
         assert!(e.contains("shard-00000.mms") && e.contains(&format!("img{i:03}")) && e.contains("changed after it was opened"), "{e}");
     }
+    // Removed altogether: named too.
+    std::fs::remove_file(dir.join("shard-00000.mms")).unwrap();
+    let e = r.get_at(0).unwrap_err().to_string();
+    assert!(e.contains("shard-00000.mms") && e.contains("img000") && e.contains("changed after it was opened"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
