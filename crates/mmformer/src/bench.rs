@@ -918,10 +918,10 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
     // The shard steps run as `train-mm` runs them: back to back, each batch read and made into
     // tensors ahead on a background thread (`Prefetcher`, the same `training_batch`). So the
     // step pays what training pays for the shards: any wait for its batch (a read-ahead that did
-    // not keep up) and its move to the device; the read-ahead itself is timed on its thread. The live front ends
-    // run afterwards over the same episodes: a backbone + POS pass between the steps would
-    // evict the MM's weights, optimizer state and buffers from the caches, which training from
-    // shards never does.
+    // not keep up) and its move to the device; the read-ahead itself is timed on its thread.
+    // The live front ends run afterwards over the same episodes: a backbone + POS pass between
+    // the steps would evict the MM's weights, optimizer state and buffers from the caches,
+    // which training from shards never does.
     let (mut t_wait, mut t_step, mut flops) = (Vec::new(), Vec::new(), Vec::new());
     let read_ms = std::sync::Mutex::new(Vec::new());
     let make = |it: u64| {
@@ -930,9 +930,6 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
         read_ms.lock().expect("read times").push((it, t.elapsed().as_secs_f64() * 1e3));
         b
     };
-    // Per repetition, the (image, view) of each episode's query and then its supports: what the
-    // live side decodes again.
-    let mut views_of = Vec::with_capacity(reps + 1);
     std::thread::scope(|scope| -> Result<()> {
         let mut batches = Prefetcher::new(scope, &make, PREFETCH_DEPTH, reps as u64 + 1);
         for rep in 0..reps + 1 {
@@ -951,30 +948,25 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
                 t_step.push(step * 1e3);
                 flops.push(step_flops / 1e9);
             }
-            // The same episodes' records, from the sampler and the index (no payloads read).
-            let sampler = train.sampler().context("training shard dataset without a sampler")?;
-            let (mut refs, mut per) = (Vec::new(), 1);
-            for j in 0..batch as u64 {
-                let spec = sampler.episode(rep as u64 * batch as u64 + j)?;
-                per = 1 + spec.supports.len();
-                refs.extend(std::iter::once(spec.query).chain(spec.supports).map(|i| (reader.records()[i].image_id.clone(), reader.records()[i].view)));
-            }
-            views_of.push((refs, per));
         }
         Ok(())
     })?;
     // Read-aheads of the timed steps' batches (not the first, which nothing ran ahead of).
-    let t_read: Vec<f64> = read_ms.into_inner().expect("read times").into_iter().filter(|&(it, _)| it > 0 && it <= reps as u64).map(|(_, ms)| ms).collect();
+    let t_read: Vec<f64> = read_ms.into_inner().expect("read times").into_iter().filter(|&(it, _)| it > 0).map(|(_, ms)| ms).collect();
+    let sampler = train.sampler().context("training shard dataset without a sampler")?;
     let (mut t_live, mut t_views) = (Vec::new(), Vec::new());
-    for (rep, (refs, per)) in views_of.iter().enumerate() {
+    for rep in 0..reps + 1 {
         // Live: decode + augment the same views (timed apart: live training reads them ahead
         // as stage 1 does), backbone on query and support, POS on the query; then the same MM
-        // step, timed above.
+        // step, timed above. The episodes' records come from the sampler and the index.
+        let specs = (0..batch as u64).map(|j| sampler.episode(rep as u64 * batch as u64 + j)).collect::<data::Result<Vec<_>>>()?;
+        let per = 1 + specs[0].supports.len();
         let t = Instant::now();
         let mut views = Vec::new();
-        for (image_id, view) in refs {
+        for i in specs.iter().flat_map(|e| std::iter::once(e.query).chain(e.supports.iter().copied())) {
+            let (image_id, view) = (&reader.records()[i].image_id, reader.records()[i].view);
             let idx = ds.find(data::Split::Train, image_id).context("image of the shards not in the dataset")?;
-            let k = match *view {
+            let k = match view {
                 data::shard::ShardView::Augmented(k) => k,
                 data::shard::ShardView::Test => 0,
             };
@@ -982,8 +974,8 @@ pub fn bench_stage2(out: &mut dyn Write, shards: &Path, batch: usize, reps: usiz
         }
         let decoded = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        let queries: Vec<_> = views.iter().step_by(*per).collect();
-        let supports: Vec<_> = views.iter().skip(1).step_by(*per).collect();
+        let queries: Vec<_> = views.iter().step_by(per).collect();
+        let supports: Vec<_> = views.iter().skip(1).step_by(per).collect();
         let fq = backbone.forward(&eval::images_to_tensor(&queries, device)?)?;
         let p = pos.forward_proposals(&pos_features(&fq))?;
         let fs = backbone.forward(&eval::images_to_tensor(&supports, device)?)?;

@@ -428,10 +428,9 @@ fn heads_transposed<T: Real>(x: &[T], b: usize, l: usize, heads: usize, dh: usiz
         let rows = &x[bi * l * e..(bi + 1) * l * e];
         // Column by column of the head: the stores stream through the fresh (uncached) output
         // in order, and the head's L input rows stay in cache across its dh columns (in L1 for
-        // the cross-alignment's 225 keys). Row by row,
-        // each row's stores scattered over dh output lines: twice the time in the stage-2
-        // step (its 24 calls, 3.5–3.9 → 1.7–2.2 ms), while in a warm microbenchmark the two
-        // orders cost the same.
+        // the cross-alignment's 225 keys). Row by row, each row's stores scattered over dh
+        // output lines: twice the time in the stage-2 step (its 24 calls, 3.5–3.9 → 1.7–2.2
+        // ms), while in a warm microbenchmark the two orders cost the same.
         for (d, out) in block.chunks_exact_mut(l).enumerate() {
             for (o, row) in out.iter_mut().zip(rows.chunks_exact(e)) {
                 o.write(row[h * dh + d]);
